@@ -1,0 +1,17 @@
+"""Models: pure-functional decoder-only transformers, checkpoints and tokenizers."""
+
+from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.transformer import (
+    KVCache,
+    apply,
+    causal_mask,
+    decode_step,
+    forward,
+    init_cache,
+    init_params,
+    param_axes,
+    param_shapes,
+    positions_from_mask,
+    prefill,
+    unembed,
+)

@@ -1,0 +1,124 @@
+"""Model configuration shared by every architecture family.
+
+One decoder-only transformer covers three families:
+
+* ``gpt2``  -- learned positions, LayerNorm (with bias), GELU MLP, sequential residual
+  blocks, biases on every projection, head tied to the token embedding.
+* ``llama`` -- RMSNorm, rotary embeddings (HF "rotate_half" convention), SwiGLU MLP,
+  grouped-query attention, no biases, tied or untied head.
+* ``gptj``  -- one LayerNorm per block feeding attention and MLP *in parallel*,
+  partial interleaved rotary (``rotary_dim`` of each head), GELU MLP with biases,
+  no biases on q/k/v/o, untied head with a bias.
+
+Parameter pytree (plain nested ``dict`` of arrays; per-layer leaves are stacked on a
+leading ``layers`` axis so the block stack runs under ``lax.scan``)::
+
+    embed/embedding            [V, D]          (vocab, embed)
+    pos_embed/embedding        [P, D]          (gpt2 only)
+    layers/attn_norm/scale     [L, D]          (+ bias for gpt2/gptj)
+    layers/attn/q/kernel       [L, D, H, Dh]   (layers, embed, heads, head_dim)
+    layers/attn/k/kernel       [L, D, K, Dh]   (layers, embed, kv_heads, head_dim)
+    layers/attn/v/kernel       [L, D, K, Dh]
+    layers/attn/o/kernel       [L, H, Dh, D]   (layers, heads, head_dim, embed)
+    layers/attn/{q,k,v}/bias   [L, H|K, Dh]    (gpt2 only); layers/attn/o/bias [L, D] (gpt2)
+    layers/mlp_norm/scale      [L, D]          (gpt2, llama; + bias for gpt2)
+    layers/mlp/gate/kernel     [L, D, F]       (llama only)
+    layers/mlp/up/kernel       [L, D, F]       (layers, embed, mlp)   (+ bias [L, F] gpt2/gptj)
+    layers/mlp/down/kernel     [L, F, D]       (layers, mlp, embed)   (+ bias [L, D] gpt2/gptj)
+    final_norm/scale           [D]             (+ bias for gpt2/gptj)
+    lm_head/kernel             [D, V]          (untied only; + bias [V] for gptj)
+
+``gfn_jax.models.transformer.param_axes(config)`` returns the same tree with a tuple of
+logical axis names per leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+FAMILIES = ("gpt2", "llama", "gptj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static (hashable) description of a decoder-only transformer."""
+
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rotary_dim: Optional[int] = None  # gptj: rotary applied to the first rotary_dim dims
+    tie_embeddings: bool = True
+    activation: str = ""  # "" -> family default (gelu_new for gpt2/gptj, silu for llama)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each block in the backward pass
+    qkv_bias: Optional[bool] = None  # None -> family default (gpt2: True, else False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"unsupported architecture family {self.family!r}; expected one of {FAMILIES}"
+            )
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.family == "gptj" and self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if self.family == "gptj" and self.tie_embeddings:
+            object.__setattr__(self, "tie_embeddings", False)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.family == "gpt2")
+        if not self.activation:
+            object.__setattr__(
+                self, "activation", "silu" if self.family == "llama" else "gelu_new"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16")
+
+    # --- derived properties -------------------------------------------------
+    @property
+    def uses_rope(self) -> bool:
+        return self.family in ("llama", "gptj")
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        return cls(**d)

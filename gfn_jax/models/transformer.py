@@ -1,0 +1,459 @@
+"""Decoder-only transformer as pure functions of a parameter pytree.
+
+Entry points:
+
+* :func:`init_params` / :func:`param_axes` -- parameters and their logical axis names.
+* :func:`forward` -- full-sequence logits for (left-)padded batches.
+* :func:`apply` -- the general form: explicit positions, an explicit ``[B, T, S]``
+  attention mask (used by one-pass suffix scoring) and an optional KV cache.
+* :func:`init_cache`, :func:`prefill`, :func:`decode_step` -- static-shape KV-cache
+  decoding, equal to the full forward.
+
+Every linear layer adds a bias when its parameter dict has one, so the same code serves
+GPT-2 (biases everywhere), GPT-J (biased MLP and head) and Llama (no biases, or q/k/v
+biases for Qwen-style checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gfn_jax.models.config import ModelConfig
+
+Params = Dict[str, Any]
+NEG_INF = -1e30
+
+
+# ---------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------
+def _layer_shapes(cfg: ModelConfig) -> Dict[str, Any]:
+    """Per-layer parameter shapes (without the leading layers axis) and logical axes."""
+    D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    norm_bias = cfg.family in ("gpt2", "gptj")
+    out: Dict[str, Any] = {}
+
+    def norm():
+        n = {"scale": ((D,), ("embed",))}
+        if norm_bias:
+            n["bias"] = ((D,), ("embed",))
+        return n
+
+    out["attn_norm"] = norm()
+    attn = {
+        "q": {"kernel": ((D, H, Dh), ("embed", "heads", "head_dim"))},
+        "k": {"kernel": ((D, K, Dh), ("embed", "kv_heads", "head_dim"))},
+        "v": {"kernel": ((D, K, Dh), ("embed", "kv_heads", "head_dim"))},
+        "o": {"kernel": ((H, Dh, D), ("heads", "head_dim", "embed"))},
+    }
+    if cfg.qkv_bias:
+        attn["q"]["bias"] = ((H, Dh), ("heads", "head_dim"))
+        attn["k"]["bias"] = ((K, Dh), ("kv_heads", "head_dim"))
+        attn["v"]["bias"] = ((K, Dh), ("kv_heads", "head_dim"))
+    if cfg.family == "gpt2":
+        attn["o"]["bias"] = ((D,), ("embed",))
+    out["attn"] = attn
+    if cfg.family != "gptj":
+        out["mlp_norm"] = norm()
+    mlp = {
+        "up": {"kernel": ((D, F), ("embed", "mlp"))},
+        "down": {"kernel": ((F, D), ("mlp", "embed"))},
+    }
+    if cfg.family == "llama":
+        mlp["gate"] = {"kernel": ((D, F), ("embed", "mlp"))}
+    else:
+        mlp["up"]["bias"] = ((F,), ("mlp",))
+        mlp["down"]["bias"] = ((D,), ("embed",))
+    out["mlp"] = mlp
+    return out
+
+
+def _spec(cfg: ModelConfig) -> Dict[str, Any]:
+    """Full tree of (shape, logical_axes) leaves."""
+    D, V = cfg.d_model, cfg.vocab_size
+    is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+    layers = jax.tree_util.tree_map(
+        lambda s: ((cfg.n_layers,) + s[0], ("layers",) + s[1]),
+        _layer_shapes(cfg),
+        is_leaf=is_leaf,
+    )
+    spec: Dict[str, Any] = {"embed": {"embedding": ((V, D), ("vocab", "embed"))}}
+    if cfg.family == "gpt2":
+        spec["pos_embed"] = {"embedding": ((cfg.max_seq_len, D), ("positions", "embed"))}
+    spec["layers"] = layers
+    spec["final_norm"] = {"scale": ((D,), ("embed",))}
+    if cfg.family in ("gpt2", "gptj"):
+        spec["final_norm"]["bias"] = ((D,), ("embed",))
+    if not cfg.tie_embeddings:
+        spec["lm_head"] = {"kernel": ((D, V), ("embed", "vocab"))}
+        if cfg.family == "gptj":
+            spec["lm_head"]["bias"] = ((V,), ("vocab",))
+    return spec
+
+
+def _is_spec_leaf(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Tree of ``jax.ShapeDtypeStruct`` for the parameters (no allocation)."""
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s[0], cfg.params_dtype), _spec(cfg), is_leaf=_is_spec_leaf
+    )
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Tree of logical axis-name tuples, one per parameter leaf."""
+    return jax.tree_util.tree_map(lambda s: s[1], _spec(cfg), is_leaf=_is_spec_leaf)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters: N(0, std) kernels/embeddings, unit norm scales, zero biases."""
+    spec = _spec(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for (path, (shape, _)), key in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            x = jnp.ones(shape, cfg.params_dtype)
+        elif "bias" in name:
+            x = jnp.zeros(shape, cfg.params_dtype)
+        else:
+            x = (std * jax.random.normal(key, shape, jnp.float32)).astype(cfg.params_dtype)
+        out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    if cfg.family == "llama":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+        return (p["scale"].astype(jnp.float32) * y).astype(x.dtype)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + cfg.norm_eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _act(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _w(p: Params, name: str, dtype: Any) -> jax.Array:
+    return p[name].astype(dtype)
+
+
+def _rope_llama(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """HF Llama rotary (rotate_half). x: [B, T, N, Dh], positions: [B, T]."""
+    dh = x.shape[-1]
+    inv = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : dh // 2], xf[..., dh // 2 :]
+    rot = jnp.concatenate([-x2, x1], -1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def _rope_gptj(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
+    """GPT-J rotary: interleaved pairs on the first ``rotary_dim`` dims of each head."""
+    rd = rotary_dim
+    inv = 1.0 / (theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rd/2]
+    cos = jnp.repeat(jnp.cos(ang), 2, axis=-1)[:, :, None, :]
+    sin = jnp.repeat(jnp.sin(ang), 2, axis=-1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    xr, xp = xf[..., :rd], xf[..., rd:]
+    even, odd = xr[..., 0::2], xr[..., 1::2]
+    rot = jnp.stack([-odd, even], axis=-1).reshape(xr.shape)
+    xr = xr * cos + rot * sin
+    return jnp.concatenate([xr, xp], -1).astype(x.dtype)
+
+
+def _rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+    if cfg.family == "llama":
+        return _rope_llama(x, positions, cfg.rope_theta)
+    if cfg.family == "gptj":
+        return _rope_gptj(x, positions, cfg.rotary_dim, cfg.rope_theta)
+    return x
+
+
+def _attention(
+    cfg: ModelConfig,
+    p: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    kv: Optional[Tuple[jax.Array, jax.Array]],
+    index: Optional[jax.Array],
+) -> Tuple[jax.Array, Optional[Tuple[jax.Array, jax.Array]]]:
+    dt = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, _w(p["q"], "kernel", dt))
+    k = jnp.einsum("btd,dhk->bthk", x, _w(p["k"], "kernel", dt))
+    v = jnp.einsum("btd,dhk->bthk", x, _w(p["v"], "kernel", dt))
+    if "bias" in p["q"]:
+        q = q + p["q"]["bias"].astype(dt)
+        k = k + p["k"]["bias"].astype(dt)
+        v = v + p["v"]["bias"].astype(dt)
+    q = _rope(cfg, q, positions)
+    k = _rope(cfg, k, positions)
+    new_kv = None
+    if kv is not None:
+        ck, cv = kv
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+        new_kv = (ck, cv)
+        k, v = ck.astype(dt), cv.astype(dt)
+    B, T, H, Dh = q.shape
+    K = cfg.n_kv_heads
+    G = H // K
+    q = q.reshape(B, T, K, G, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(Dh)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    out = jnp.einsum("bthk,hkd->btd", out, _w(p["o"], "kernel", dt))
+    if "bias" in p["o"]:
+        out = out + p["o"]["bias"].astype(dt)
+    return out, new_kv
+
+
+def _mlp(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    up = x @ _w(p["up"], "kernel", dt)
+    if "bias" in p["up"]:
+        up = up + p["up"]["bias"].astype(dt)
+    if "gate" in p:
+        h = _act(cfg.activation, x @ _w(p["gate"], "kernel", dt)) * up
+    else:
+        h = _act(cfg.activation, up)
+    out = h @ _w(p["down"], "kernel", dt)
+    if "bias" in p["down"]:
+        out = out + p["down"]["bias"].astype(dt)
+    return out
+
+
+def _block(cfg, p, x, positions, mask, kv, index):
+    h = _norm(cfg, p["attn_norm"], x)
+    a, new_kv = _attention(cfg, p["attn"], h, positions, mask, kv, index)
+    if cfg.family == "gptj":
+        return x + a + _mlp(cfg, p["mlp"], h), new_kv
+    x = x + a
+    return x + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x)), new_kv
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------
+@flax.struct.dataclass
+class KVCache:
+    """Static-shape cache. ``k``/``v``: [L, B, S, K, Dh]; ``valid``: [B, S] key mask;
+    ``index``: next slot to write (shared by all rows); ``next_pos``: [B] next position id."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache of ``max_len`` slots per row."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+        next_pos=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Forward passes
+# ---------------------------------------------------------------------------
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids for a left-padded batch: 0 at each row's first real token."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T, T] bool: query t may attend key s iff s <= t and key s is a real token."""
+    T = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def _embed(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array):
+    dt = cfg.compute_dtype
+    x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dt)
+    if cfg.family == "gpt2":
+        x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(dt)
+    return x
+
+
+def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+    dt = hidden.dtype
+    if cfg.tie_embeddings:
+        logits = hidden @ params["embed"]["embedding"].astype(dt).T
+    else:
+        logits = hidden @ params["lm_head"]["kernel"].astype(dt)
+        if "bias" in params["lm_head"]:
+            logits = logits + params["lm_head"]["bias"].astype(dt)
+    return logits.astype(jnp.float32)
+
+
+def apply(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: Optional[KVCache] = None,
+    *,
+    return_hidden: bool = False,
+    compute_logits: bool = True,
+):
+    """General forward.
+
+    Args:
+      tokens: int [B, T].
+      positions: int [B, T] position ids.
+      mask: bool [B, T, S]; S = T without a cache, the cache length with one. With a
+        cache, ``tokens`` are written at slots ``cache.index .. cache.index + T``.
+      cache: optional :class:`KVCache` (returned updated, ``index`` advanced by T).
+      return_hidden: also return the final-normed hidden states [B, T, D].
+      compute_logits: set False to skip the vocabulary projection (returns None logits).
+
+    Returns ``(logits, cache)`` or ``(logits, cache, hidden)``; logits are float32.
+    """
+    x = _embed(cfg, params, tokens, positions)
+    layers = params["layers"]
+    index = None if cache is None else cache.index
+
+    def body(carry, xs):
+        h = carry
+        if cache is None:
+            lp = xs
+            h, _ = _block(cfg, lp, h, positions, mask, None, None)
+            return h, None
+        lp, ck, cv = xs
+        h, (ck, cv) = _block(cfg, lp, h, positions, mask, (ck, cv), index)
+        return h, (ck, cv)
+
+    if cfg.remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    xs = layers if cache is None else (layers, cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, xs)
+    hidden = _norm(cfg, params["final_norm"], x)
+    logits = unembed(cfg, params, hidden) if compute_logits else None
+    new_cache = None
+    if cache is not None:
+        T = tokens.shape[1]
+        new_cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + T)
+    if return_hidden:
+        return logits, new_cache, hidden
+    return logits, new_cache
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    attention_mask: Optional[jax.Array] = None,
+    *,
+    return_hidden: bool = False,
+):
+    """Logits [B, T, V] (float32) for a (left-)padded batch.
+
+    ``attention_mask`` is 1 for real tokens and 0 for padding; positions restart at 0 on
+    each row's first real token, so a left-padded row gives the same logits as unpadded.
+    With ``return_hidden`` returns ``(logits, hidden)``.
+    """
+    tokens = jnp.asarray(tokens)
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    check_length(cfg, tokens.shape[-1])
+    positions = positions_from_mask(attention_mask)
+    mask = causal_mask(attention_mask)
+    out = apply(cfg, params, tokens, positions, mask, None, return_hidden=return_hidden)
+    if return_hidden:
+        return out[0], out[2]
+    return out[0]
+
+
+def check_length(cfg: ModelConfig, length: int) -> None:
+    """Raise a clear error when a sequence does not fit the model's context."""
+    if length > cfg.max_seq_len:
+        raise ValueError(
+            f"sequence of {length} tokens is longer than the model's context "
+            f"(max_seq_len={cfg.max_seq_len})"
+        )
+
+
+def prefill(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    max_len: int,
+    cache_dtype: Any = None,
+) -> Tuple[jax.Array, KVCache]:
+    """Run the (left-padded) prompt through the model, filling a fresh cache of
+    ``max_len`` slots. Returns (logits [B, P, V], cache)."""
+    B, P = tokens.shape
+    check_length(cfg, max_len)
+    cache = init_cache(cfg, B, max_len, cache_dtype)
+    am = attention_mask.astype(bool)
+    valid = cache.valid.at[:, :P].set(am)
+    positions = positions_from_mask(attention_mask)
+    causal = jnp.arange(max_len)[None, :] <= jnp.arange(P)[:, None]  # [P, S]
+    mask = causal[None] & valid[:, None, :]
+    cache = cache.replace(valid=valid)
+    logits, cache = apply(cfg, params, tokens, positions, mask, cache)
+    return logits, cache.replace(next_pos=jnp.sum(am, axis=-1).astype(jnp.int32))
+
+
+def decode_step(
+    cfg: ModelConfig, params: Params, cache: KVCache, token: jax.Array
+) -> Tuple[jax.Array, KVCache]:
+    """Append one token per row ([B]) and return (logits [B, V], cache)."""
+    idx = cache.index
+    valid = jax.lax.dynamic_update_slice_in_dim(
+        cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), idx, axis=1
+    )
+    positions = cache.next_pos[:, None]
+    mask = valid[:, None, :]
+    cache = cache.replace(valid=valid)
+    logits, cache = apply(cfg, params, token[:, None], positions, mask, cache)
+    return logits[:, 0], cache.replace(next_pos=cache.next_pos + 1)
