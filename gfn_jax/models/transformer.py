@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.lora import merge_tree
 
 Params = Dict[str, Any]
 NEG_INF = -1e30
@@ -342,6 +343,7 @@ def apply(
     *,
     return_hidden: bool = False,
     compute_logits: bool = True,
+    adapters: Optional[Params] = None,
 ):
     """General forward.
 
@@ -353,27 +355,34 @@ def apply(
       cache: optional :class:`KVCache` (returned updated, ``index`` advanced by T).
       return_hidden: also return the final-normed hidden states [B, T, D].
       compute_logits: set False to skip the vocabulary projection (returns None logits).
+      adapters: optional LoRA adapters ``{"scale": s, "tree": {...}}`` (see
+        :mod:`gfn_jax.models.lora`); per-layer adapters are merged inside the layer scan
+        so only one layer's merged weights exist at a time. None = base model.
 
     Returns ``(logits, cache)`` or ``(logits, cache, hidden)``; logits are float32.
     """
+    layer_adapters = None
+    if adapters is not None:
+        scale = adapters["scale"]
+        top = {k: v for k, v in adapters["tree"].items() if k != "layers"}
+        params = merge_tree(params, top, scale)
+        layer_adapters = adapters["tree"].get("layers")
     x = _embed(cfg, params, tokens, positions)
     layers = params["layers"]
     index = None if cache is None else cache.index
 
     def body(carry, xs):
         h = carry
-        if cache is None:
-            lp = xs
-            h, _ = _block(cfg, lp, h, positions, mask, None, None)
-            return h, None
-        lp, ck, cv = xs
-        h, (ck, cv) = _block(cfg, lp, h, positions, mask, (ck, cv), index)
-        return h, (ck, cv)
+        lp, la, kv = xs
+        if la is not None:
+            lp = merge_tree(lp, la, scale)
+        h, new_kv = _block(cfg, lp, h, positions, mask, kv, index)
+        return h, new_kv
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    xs = layers if cache is None else (layers, cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, xs)
+    kv_xs = None if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, kv_xs))
     hidden = _norm(cfg, params["final_norm"], x)
     logits = unembed(cfg, params, hidden) if compute_logits else None
     new_cache = None
@@ -392,6 +401,7 @@ def forward(
     attention_mask: Optional[jax.Array] = None,
     *,
     return_hidden: bool = False,
+    adapters: Optional[Params] = None,
 ):
     """Logits [B, T, V] (float32) for a (left-)padded batch.
 
@@ -406,7 +416,9 @@ def forward(
     check_length(cfg, tokens.shape[-1])
     positions = positions_from_mask(attention_mask)
     mask = causal_mask(attention_mask)
-    out = apply(cfg, params, tokens, positions, mask, None, return_hidden=return_hidden)
+    out = apply(
+        cfg, params, tokens, positions, mask, None, return_hidden=return_hidden, adapters=adapters
+    )
     if return_hidden:
         return out[0], out[2]
     return out[0]
@@ -428,6 +440,7 @@ def prefill(
     attention_mask: jax.Array,
     max_len: int,
     cache_dtype: Any = None,
+    adapters: Optional[Params] = None,
 ) -> Tuple[jax.Array, KVCache]:
     """Run the (left-padded) prompt through the model, filling a fresh cache of
     ``max_len`` slots. Returns (logits [B, P, V], cache)."""
@@ -440,12 +453,16 @@ def prefill(
     causal = jnp.arange(max_len)[None, :] <= jnp.arange(P)[:, None]  # [P, S]
     mask = causal[None] & valid[:, None, :]
     cache = cache.replace(valid=valid)
-    logits, cache = apply(cfg, params, tokens, positions, mask, cache)
+    logits, cache = apply(cfg, params, tokens, positions, mask, cache, adapters=adapters)
     return logits, cache.replace(next_pos=jnp.sum(am, axis=-1).astype(jnp.int32))
 
 
 def decode_step(
-    cfg: ModelConfig, params: Params, cache: KVCache, token: jax.Array
+    cfg: ModelConfig,
+    params: Params,
+    cache: KVCache,
+    token: jax.Array,
+    adapters: Optional[Params] = None,
 ) -> Tuple[jax.Array, KVCache]:
     """Append one token per row ([B]) and return (logits [B, V], cache)."""
     idx = cache.index
@@ -455,5 +472,5 @@ def decode_step(
     positions = cache.next_pos[:, None]
     mask = valid[:, None, :]
     cache = cache.replace(valid=valid)
-    logits, cache = apply(cfg, params, token[:, None], positions, mask, cache)
+    logits, cache = apply(cfg, params, token[:, None], positions, mask, cache, adapters=adapters)
     return logits[:, 0], cache.replace(next_pos=cache.next_pos + 1)
