@@ -15,3 +15,4 @@ from gfn_jax.models.transformer import (
     prefill,
     unembed,
 )
+from gfn_jax.models.hf import load_hf, save_hf
