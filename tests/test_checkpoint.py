@@ -1,0 +1,429 @@
+"""Checkpointer (Orbax) round trips, retention, failure modes, preemption and sharding."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gfn_jax.checkpoint import (
+    MANIFEST_NAME,
+    Checkpointer,
+    CheckpointError,
+    PreemptionHandler,
+    decode_replay,
+    encode_replay,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_state(seed: int = 0):
+    """A realistic train state: LoRA-like params, adamw state after one update, step, keys, log Z."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "lora": {
+            "layers": {
+                "attn": {
+                    "q": {"a": rng.normal(size=(2, 8, 4)).astype(np.float32),
+                          "b": rng.normal(size=(2, 4, 8)).astype(np.float32)},
+                },
+            },
+            "scale": np.float32(2.0),
+        },
+        "log_z": {"w": rng.normal(size=(8,)).astype(np.float32), "b": np.float32(0.5)},
+    }
+    params = jax.tree.map(jnp.asarray, params)
+    opt = optax.adamw(1e-2)
+    opt_state = opt.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.asarray(7 + seed, jnp.int32),
+        "rng": jax.random.key(seed),  # new-style typed key
+        "legacy_rng": jax.random.PRNGKey(seed + 100),  # raw uint32 key
+    }
+
+
+def abstract_of(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def assert_identical(a, b):
+    """Same tree structure and byte-identical leaves (keys compared by key data)."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert (jnp.issubdtype(x.dtype, jax.dtypes.prng_key)) == (jnp.issubdtype(y.dtype, jax.dtypes.prng_key))
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            assert jax.random.key_impl(x) == jax.random.key_impl(y)
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+REPLAY = {
+    "tokens": np.arange(24, dtype=np.int32).reshape(4, 6),
+    "log_r": np.array([-1.5, np.nan, -np.inf, 3.0], np.float32),
+    "mask": np.array([[True, False], [False, True]]),
+    "texts": np.array(["a", "bcd"]),
+    "empty": np.zeros((0, 3), np.float64),
+    "size": 4,
+    "ptr": np.int64(2),
+    "cfg": {"capacity": 16, "name": "buf", "tuple": (1, 2)},
+}
+
+
+def assert_replay_equal(got, want):
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, np.ndarray):
+            assert isinstance(got[k], np.ndarray) and got[k].dtype == v.dtype and got[k].shape == v.shape
+            assert got[k].tobytes() == v.tobytes()
+        elif isinstance(v, np.generic):
+            assert type(got[k]) is type(v) and got[k] == v
+    assert got["size"] == 4 and got["cfg"] == {"capacity": 16, "name": "buf", "tuple": [1, 2]}
+
+
+def test_replay_codec_roundtrip():
+    assert_replay_equal(decode_replay(encode_replay(REPLAY)), REPLAY)
+    assert decode_replay(encode_replay(None)) is None
+    with pytest.raises(TypeError, match="object arrays"):
+        encode_replay({"x": np.array([{}, 1], dtype=object)})
+    with pytest.raises(TypeError, match="not a string"):
+        encode_replay({1: 2})
+
+
+def test_roundtrip_byte_identical(tmp_path):
+    state = make_state()
+    meta = {"config": {"lr": 1e-2, "objective": "subtb"}, "data_pos": np.int64(123),
+            "history": {"loss": [1.0, 0.5]}}
+    ck = Checkpointer(tmp_path / "ck")
+    assert ck.latest_step() is None
+    assert ck.save(7, state, meta, REPLAY)
+    assert ck.latest_step() == 7 and ck.all_steps() == [7]
+    ck.close()
+
+    ck2 = Checkpointer(tmp_path / "ck")
+    got, got_meta, got_replay = ck2.restore(abstract_state=abstract_of(state))
+    assert_identical(got, state)
+    assert got_meta == {"config": {"lr": 1e-2, "objective": "subtb"}, "data_pos": 123,
+                        "history": {"loss": [1.0, 0.5]}}
+    assert_replay_equal(got_replay, REPLAY)
+    # The restored optimizer state works with optax (namedtuples restored).
+    opt = optax.adamw(1e-2)
+    opt.update(jax.tree.map(jnp.ones_like, got["params"]), got["opt_state"], got["params"])
+    # Without abstract_state: same leaves, keys re-wrapped.
+    raw, _, none_replay = ck2.restore(7)
+    assert jnp.issubdtype(raw["rng"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(np.asarray(raw["params"]["log_z"]["w"]), np.asarray(state["params"]["log_z"]["w"]))
+    ck2.close()
+
+
+def test_keep_last_k_interval_and_latest(tmp_path):
+    d = tmp_path / "ck"
+    ck = Checkpointer(d, keep=2, save_interval_steps=2)
+    states = {s: make_state(s) for s in range(1, 8)}
+    saved = {s: ck.save(s, states[s], {"s": s}, None) for s in range(1, 8)}
+    assert saved == {1: False, 2: True, 3: False, 4: True, 5: False, 6: True, 7: False}
+    assert ck.save(7, states[7], {"s": 7}, None, force=True)
+    assert ck.save(7, states[7], {"s": 7}, None, force=True) is False  # never overwrite
+    assert ck.all_steps() == [6, 7]
+    assert sorted(n for n in os.listdir(d) if n.isdigit()) == ["6", "7"]
+    ck.close()
+    ck = Checkpointer(d)
+    assert ck.latest_step() == 7
+    got, meta, replay = ck.restore(abstract_state=abstract_of(states[7]))
+    assert_identical(got, states[7])
+    assert meta == {"s": 7} and replay is None
+    got6, meta6, _ = ck.restore(6, abstract_state=abstract_of(states[6]))
+    assert_identical(got6, states[6])
+
+
+def test_async_save(tmp_path):
+    state = make_state(3)
+    ck = Checkpointer(tmp_path / "ck", async_save=True)
+    assert ck.save(1, state, {"a": 1}, REPLAY)
+    ck.wait()
+    assert os.path.isfile(tmp_path / "ck" / "1" / MANIFEST_NAME)
+    got, meta, rep = ck.restore(abstract_state=abstract_of(state))
+    assert_identical(got, state)
+    assert_replay_equal(rep, REPLAY)
+    ck.close()
+
+
+# --------------------------------------------------------------------------------------
+# failure modes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_dir(tmp_path):
+    d = tmp_path / "ck"
+    ck = Checkpointer(d, keep=3)
+    for s in (1, 2):
+        ck.save(s, make_state(s), {"s": s}, REPLAY)
+    ck.close()
+    return d
+
+
+def test_missing_and_empty_directory(tmp_path):
+    missing = tmp_path / "nope"
+    assert Checkpointer(missing).latest_step() is None
+    with pytest.raises(CheckpointError, match=r"nope does not exist"):
+        Checkpointer(missing).restore()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*empty: the directory is empty"):
+        Checkpointer(empty).restore()
+
+
+def test_unknown_step(saved_dir):
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 9 .*complete steps: \[1, 2\]"):
+        Checkpointer(saved_dir).restore(9)
+
+
+def test_uncommitted_tmp_checkpoint(saved_dir):
+    shutil.copytree(saved_dir / "2", saved_dir / "3.orbax-checkpoint-tmp-1234")
+    ck = Checkpointer(saved_dir)
+    assert ck.latest_step() == 2
+    with pytest.raises(CheckpointError, match=r"step 3 .*never committed.*interrupted"):
+        ck.restore(3)
+    got, meta, _ = ck.restore()
+    assert meta == {"s": 2}
+
+
+def test_only_partial_checkpoints(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "5.orbax-checkpoint-tmp-99").mkdir()
+    with pytest.raises(CheckpointError, match=r"only incomplete/interrupted saves"):
+        Checkpointer(d).restore()
+
+
+def test_missing_manifest_is_incomplete(saved_dir):
+    os.remove(saved_dir / "2" / MANIFEST_NAME)
+    ck = Checkpointer(saved_dir)
+    assert ck.latest_step() == 1
+    with pytest.raises(CheckpointError, match=r"step 2\) is incomplete: it has no gfn_manifest.json"):
+        ck.restore(2)
+    assert ck.restore()[1] == {"s": 1}
+
+
+def _largest_state_file(step_dir):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_corrupt_checkpoint(saved_dir, damage):
+    path = _largest_state_file(saved_dir / "2")
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        pattern = r"step 2\) is corrupt: file state/.* bytes, expected .*truncated"
+    elif damage == "delete":
+        os.remove(path)
+        pattern = r"step 2\) is corrupt: missing file state/"
+    else:
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+        pattern = r"step 2\) is corrupt: file state/.* wrong sha256"
+    ck = Checkpointer(saved_dir)
+    with pytest.raises(CheckpointError, match=pattern):
+        ck.restore()
+    assert ck.restore(1)[1] == {"s": 1}  # the older one is intact
+
+
+def test_unreadable_manifest(saved_dir):
+    (saved_dir / "2" / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"2.*manifest gfn_manifest.json is unreadable"):
+        Checkpointer(saved_dir).restore(2)
+
+
+def test_structure_mismatch(saved_dir):
+    state = make_state(2)
+    ck = Checkpointer(saved_dir)
+    extra = abstract_of(state)
+    extra["params"]["new"] = jax.ShapeDtypeStruct((3,), jnp.float32)
+    with pytest.raises(CheckpointError, match=r"does not match abstract_state: not in checkpoint: \['params/new'\]"):
+        ck.restore(abstract_state=extra)
+    fewer = abstract_of(state)
+    del fewer["legacy_rng"]
+    with pytest.raises(CheckpointError, match=r"in checkpoint but not in abstract_state: \['legacy_rng'\]"):
+        ck.restore(abstract_state=fewer)
+    shape = abstract_of(state)
+    shape["params"]["log_z"]["w"] = jax.ShapeDtypeStruct((9,), jnp.float32)
+    with pytest.raises(CheckpointError, match=r"params/log_z/w: shape \(9,\) requested, \(8,\) stored"):
+        ck.restore(abstract_state=shape)
+    dtype = abstract_of(state)
+    dtype["step"] = jax.ShapeDtypeStruct((), jnp.float32)
+    with pytest.raises(CheckpointError, match=r"step: dtype float32 requested, int32 stored"):
+        ck.restore(abstract_state=dtype)
+
+
+def test_sharded_restore(tmp_path):
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    mesh = jax.sharding.Mesh(devices, ("data", "model"))
+    P = jax.sharding.PartitionSpec
+    state = {
+        "w": jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16),
+        "b": jnp.arange(16, dtype=jnp.float32),
+        "rng": jax.random.key(5),
+    }
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(3, state, {}, None)
+    specs = {"w": P("data", "model"), "b": P("model"), "rng": P()}
+    abstract = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.NamedSharding(mesh, specs[k]))
+        for k, v in state.items()
+    }
+    got, _, _ = ck.restore(abstract_state=abstract)
+    for k in ("w", "b"):
+        assert got[k].sharding.is_equivalent_to(abstract[k].sharding, got[k].ndim)
+        assert len(got[k].addressable_shards) == 8
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(state[k]))
+    assert got["w"].addressable_shards[0].data.shape == (16, 8)
+    np.testing.assert_array_equal(jax.random.key_data(got["rng"]), jax.random.key_data(state["rng"]))
+    ck.close()
+
+
+# --------------------------------------------------------------------------------------
+# preemption and interrupted saves (subprocesses)
+# --------------------------------------------------------------------------------------
+
+
+def test_preemption_handler_in_process():
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionHandler(catch_sigint=True) as pre:
+        assert not pre.requested and not pre.should_stop(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert pre.requested and pre.should_stop(1) and pre.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    with PreemptionHandler(catch_sigint=True) as pre:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert pre.requested
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C really interrupts
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _spawn(script: str, tmp_path):
+    path = tmp_path / "child.py"
+    path.write_text(textwrap.dedent(script))
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for(proc, token: str, timeout: float = 120.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if token in line:
+            return line
+    proc.kill()
+    raise AssertionError(f"child never printed {token!r}; stderr:\n{proc.stderr.read()[-3000:]}")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    d = tmp_path / "ck"
+    proc = _spawn(f"""
+        import sys, time
+        import jax.numpy as jnp
+        from gfn_jax.checkpoint import Checkpointer, PreemptionHandler
+        ck = Checkpointer({str(d)!r}, save_interval_steps=10**9)
+        state = {{"w": jnp.zeros(3), "step": jnp.int32(0)}}
+        ck.save(0, state, {{"step": 0}}, None, force=True)
+        with PreemptionHandler() as pre:
+            print("READY", flush=True)
+            for step in range(1, 10**6):
+                state = {{"w": state["w"] + 1.0, "step": jnp.int32(step)}}
+                time.sleep(0.005)
+                if pre.should_stop(step):
+                    ck.save(step, state, {{"step": step}}, {{"n": step}}, force=True)
+                    ck.close()
+                    print("SAVED", step, flush=True)
+                    sys.exit(0)
+        sys.exit(3)
+    """, tmp_path)
+    _wait_for(proc, "READY")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    line = _wait_for(proc, "SAVED")
+    assert proc.wait(timeout=60) == 0
+    step = int(line.split()[1])
+    assert step > 0
+    ck = Checkpointer(d)
+    assert ck.latest_step() == step
+    state, meta, replay = ck.restore()
+    assert int(state["step"]) == step and meta == {"step": step} and replay == {"n": step}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full(3, float(step), np.float32))
+
+
+@pytest.mark.parametrize("phase", ["before_commit", "before_manifest"])
+def test_killed_during_save_keeps_previous(tmp_path, phase):
+    d = tmp_path / "ck"
+    proc = _spawn(f"""
+        import os, time
+        import jax.numpy as jnp
+        from gfn_jax import checkpoint as C
+        ck = C.Checkpointer({str(d)!r})
+        ck.save(1, {{"w": jnp.ones(4)}}, {{"step": 1}}, None)
+        def hang(*a, **k):
+            print("HANG", flush=True)
+            time.sleep(600)
+        if {phase!r} == "before_commit":
+            real = os.rename
+            def rename(src, dst, *a, **k):  # orbax commits with an atomic rename
+                if os.path.basename(os.fspath(dst)) == "2":
+                    hang()
+                return real(src, dst, *a, **k)
+            os.rename = rename
+        else:
+            C.Checkpointer._write_manifest = hang
+        ck.save(2, {{"w": jnp.full(4, 2.0)}}, {{"step": 2}}, None)
+        print("UNREACHABLE", flush=True)
+    """, tmp_path)
+    _wait_for(proc, "HANG")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    names = os.listdir(d)
+    if phase == "before_commit":
+        assert any(n.startswith("2.orbax-checkpoint-tmp") for n in names) and "2" not in names
+        match = r"step 2 .*never committed"
+    else:
+        assert "2" in names and not os.path.exists(d / "2" / MANIFEST_NAME)
+        match = r"step 2\) is incomplete"
+    ck = Checkpointer(d)
+    assert ck.latest_step() == 1
+    state, meta, _ = ck.restore()
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4, np.float32))
+    with pytest.raises(CheckpointError, match=match):
+        ck.restore(2)
+    # The next writer cleans up and can save step 2 again.
+    assert ck.save(2, {"w": jnp.full(4, 2.0)}, {"step": 2}, None)
+    assert ck.all_steps() == [1, 2]
+    assert not any("tmp" in n for n in os.listdir(d))
+    assert ck.restore()[1] == {"step": 2}
+    ck.close()
