@@ -312,6 +312,7 @@ ENV_COORDINATOR = "GFN_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "GFN_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "GFN_JAX_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "GFN_JAX_LOCAL_DEVICE_IDS"
+ENV_DISTRIBUTED = "GFN_JAX_DISTRIBUTED"  # "auto": always use JAX auto-detection; "off": never
 
 _initialized = False
 
@@ -351,12 +352,19 @@ def initialize_distributed(
     (``host:port`` of process 0), ``GFN_JAX_NUM_PROCESSES``, ``GFN_JAX_PROCESS_ID``
     (and optionally ``GFN_JAX_LOCAL_DEVICE_IDS``, comma-separated); else JAX's own
     cluster auto-detection when a multi-task SLURM job, a multi-host TPU VM or Open MPI
-    is detected. Otherwise (one process) nothing happens. Must run before any other JAX
+    is detected, or when ``GFN_JAX_DISTRIBUTED=auto`` (e.g. on Cloud TPU VMs, where JAX
+    reads the pod layout from the metadata server). ``GFN_JAX_DISTRIBUTED=off`` disables
+    the set-up. Otherwise (one process) nothing happens. Must run before any other JAX
     call that touches devices. Returns True iff the run is multi-process.
     """
     global _initialized
     if _initialized:
         return jax.process_count() > 1
+    mode = os.environ.get(ENV_DISTRIBUTED, "").strip().lower()
+    if mode not in ("", "auto", "off"):
+        raise ValueError(f"{ENV_DISTRIBUTED}={mode!r}: expected 'auto', 'off' or unset")
+    if mode == "off":
+        return False
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
     if num_processes is None:
         num_processes = _env_int(ENV_NUM_PROCESSES)
@@ -392,7 +400,7 @@ def initialize_distributed(
             process_id=process_id,
         )
     else:
-        cluster = _cluster_detected()
+        cluster = "requested" if mode == "auto" else _cluster_detected()
         if cluster is None:
             return False
         logger.info("multi-process %s cluster detected; using JAX auto-detection", cluster)

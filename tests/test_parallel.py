@@ -266,6 +266,7 @@ def test_with_logical_constraint_and_batch_helpers():
 def test_initialize_distributed_single_process_and_errors(monkeypatch):
     for k in (
         par.ENV_COORDINATOR, par.ENV_NUM_PROCESSES, par.ENV_PROCESS_ID, par.ENV_LOCAL_DEVICE_IDS,
+        par.ENV_DISTRIBUTED,
         "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
         "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE",
     ):
@@ -281,3 +282,26 @@ def test_initialize_distributed_single_process_and_errors(monkeypatch):
     monkeypatch.setenv(par.ENV_NUM_PROCESSES, "two")
     with pytest.raises(ValueError, match="GFN_JAX_NUM_PROCESSES"):
         par.initialize_distributed()
+    monkeypatch.delenv(par.ENV_NUM_PROCESSES)
+    monkeypatch.setenv(par.ENV_DISTRIBUTED, "off")
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert par.initialize_distributed() is False  # detection disabled
+    monkeypatch.setenv(par.ENV_DISTRIBUTED, "maybe")
+    with pytest.raises(ValueError, match="GFN_JAX_DISTRIBUTED"):
+        par.initialize_distributed()
+
+
+def test_cluster_detection(monkeypatch):
+    for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert par._cluster_detected() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert par._cluster_detected() is None  # a one-task SLURM job is single-process
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert par._cluster_detected() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")
+    assert par._cluster_detected() == "tpu"
