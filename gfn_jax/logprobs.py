@@ -1,0 +1,164 @@
+"""Shared log-probability maths for the policy q(Z | X) and the reward LM.
+
+Pure, jit-friendly functions used by both :mod:`gfn_jax.sampling` and
+:mod:`gfn_jax.scoring`, so the sampler and the scorer cannot drift apart.
+
+Conventions
+-----------
+* A *prefix* of length ``i`` is the state ``X z_0 .. z_{i-1}``; its next-token logits come
+  from the model position of its last token.
+* Termination ``⊤`` is a *set* of token ids; ``log q(⊤ | s)`` is the logsumexp of their
+  log-probs.
+* The policy q is the model distribution plus an optional additive ``logit_bias [V]``,
+  constrained by a :class:`PolicySpec`: at prefixes shorter than ``min_len`` every ⊤ id is
+  disallowed; at the prefix of length ``max_len`` every non-⊤ id is disallowed.
+* Disallowed entries are set (with ``jnp.where``) to the finite :data:`NEG_INF`, so rows never
+  turn into NaN; ``-inf`` in a user bias is clamped to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "NEG_INF",
+    "DISALLOWED",
+    "PolicySpec",
+    "term_id_mask",
+    "constrain_logits",
+    "policy_logprobs",
+    "term_logprob",
+    "gather_logprobs",
+    "token_logprobs",
+    "masked_cumsum",
+    "token_mask",
+    "state_mask",
+]
+
+NEG_INF = -1e30
+"""Finite stand-in for -inf used for disallowed tokens."""
+
+DISALLOWED = -1e8
+"""Logits (after adding a bias) at or below this are treated as disallowed tokens."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """Static description of the constrained policy (hashable; a valid jit static arg).
+
+    Attributes:
+      term_ids: token ids that terminate a trajectory (⊤); at least one.
+      max_len: the prefix of this many generated tokens must terminate.
+      min_len: prefixes shorter than this cannot terminate.
+    """
+
+    term_ids: Tuple[int, ...]
+    max_len: int
+    min_len: int = 0
+
+    def __post_init__(self) -> None:
+        ids = tuple(int(t) for t in self.term_ids)
+        object.__setattr__(self, "term_ids", ids)
+        if not ids:
+            raise ValueError("PolicySpec.term_ids must name at least one termination token id")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"PolicySpec.term_ids has duplicates: {ids}")
+        if any(t < 0 for t in ids):
+            raise ValueError(f"PolicySpec.term_ids must be non-negative token ids, got {ids}")
+        if self.max_len < 0:
+            raise ValueError(f"PolicySpec.max_len must be >= 0, got {self.max_len}")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(
+                f"PolicySpec.min_len must be in [0, max_len={self.max_len}], got {self.min_len}"
+            )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise if a termination id does not fit the vocabulary."""
+        bad = [t for t in self.term_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"termination ids {bad} are outside the vocabulary (size {vocab_size})")
+
+
+def term_id_mask(vocab_size: int, term_ids: Sequence[int]) -> jax.Array:
+    """Bool ``[V]``: True at the termination ids."""
+    return jnp.zeros((vocab_size,), bool).at[jnp.asarray(tuple(term_ids), jnp.int32)].set(True)
+
+
+def constrain_logits(
+    logits: jax.Array,
+    prefix_len: jax.Array,
+    spec: PolicySpec,
+    logit_bias: Optional[jax.Array] = None,
+) -> jax.Array:
+    """The policy's (unnormalised) float32 logits ``[..., V]`` at prefixes of length ``prefix_len``.
+
+    Adds ``logit_bias`` and masks, via ``jnp.where``: ⊤ ids where ``prefix_len < min_len``,
+    non-⊤ ids where ``prefix_len >= max_len``. ``prefix_len`` broadcasts to ``logits.shape[:-1]``.
+    Disallowed entries equal :data:`NEG_INF` (never ``-inf``).
+    """
+    x = logits.astype(jnp.float32)
+    if logit_bias is not None:
+        x = x + jnp.asarray(logit_bias, jnp.float32)
+    x = jnp.maximum(x, NEG_INF)  # clamps -inf from a bias; NaN-free downstream
+    is_term = term_id_mask(x.shape[-1], spec.term_ids)
+    plen = jnp.asarray(prefix_len)[..., None]
+    allowed = jnp.where(is_term, plen >= spec.min_len, plen < spec.max_len)
+    return jnp.where(allowed, x, NEG_INF)
+
+
+def term_logprob(logp: jax.Array, term_ids: Sequence[int]) -> jax.Array:
+    """``logsumexp`` of ``logp[..., term_ids]``: the log-probability of ⊤."""
+    return jax.nn.logsumexp(logp[..., jnp.asarray(tuple(term_ids), jnp.int32)], axis=-1)
+
+
+def policy_logprobs(
+    logits: jax.Array,
+    prefix_len: jax.Array,
+    spec: PolicySpec,
+    logit_bias: Optional[jax.Array] = None,
+) -> Tuple[jax.Array, jax.Array]:
+    """Log-probs of the constrained policy at prefixes of length ``prefix_len``.
+
+    Returns ``(logp_tok [..., V], logp_term [...])``: float32 log q of each non-⊤ token (⊤ ids
+    set to :data:`NEG_INF`) and log q(⊤) = logsumexp over the ⊤ ids.
+    """
+    logp = jax.nn.log_softmax(constrain_logits(logits, prefix_len, spec, logit_bias), axis=-1)
+    logp_term = term_logprob(logp, spec.term_ids)
+    is_term = term_id_mask(logp.shape[-1], spec.term_ids)
+    return jnp.where(is_term, NEG_INF, logp), logp_term
+
+
+def gather_logprobs(logp: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``logp[..., tokens]`` elementwise: ``logp [..., V]``, ``tokens [...]`` -> ``[...]``."""
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """float32 ``log_softmax(logits)`` taken at ``tokens``: ``[..., V]``, ``[...]`` -> ``[...]``."""
+    return gather_logprobs(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens)
+
+
+def masked_cumsum(
+    x: jax.Array, mask: jax.Array, axis: int = -1, exclusive: bool = False
+) -> jax.Array:
+    """Cumulative sum of ``x`` where ``mask`` (zeros elsewhere, via ``jnp.where``).
+
+    With ``exclusive`` element k is the sum of elements ``< k`` (the first is 0).
+    """
+    v = jnp.where(mask, x, jnp.zeros_like(x))
+    c = jnp.cumsum(v, axis=axis)
+    return c - v if exclusive else c
+
+
+def token_mask(lengths: jax.Array, num_tokens: int) -> jax.Array:
+    """Bool ``[B, T]``: True for the real tokens ``t < lengths``."""
+    return jnp.arange(num_tokens)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def state_mask(lengths: jax.Array, num_tokens: int) -> jax.Array:
+    """Bool ``[B, T + 1]``: True for the prefixes ``i <= lengths`` (i = 0..T)."""
+    return jnp.arange(num_tokens + 1)[None, :] <= jnp.asarray(lengths)[:, None]

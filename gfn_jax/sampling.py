@@ -1,0 +1,319 @@
+"""Jitted trajectory sampling from the constrained policy q(Z | X) with a behaviour policy.
+
+:func:`sample` prefills the (left-padded) prompts once, repeats the KV cache ``num_samples``
+times and decodes with ``lax.while_loop`` over :func:`gfn_jax.models.transformer.decode_step`
+(static shapes, early exit once every row has terminated). Tokens are drawn from a
+*behaviour* distribution (temperature, top-k, top-p, epsilon-uniform mixing, an additive
+behaviour bias), but the returned ``log_pf`` / ``log_pterm`` are always those of the
+untempered policy q (model + ``logit_bias`` + :class:`~gfn_jax.logprobs.PolicySpec`), computed
+with the same :mod:`gfn_jax.logprobs` functions as :func:`gfn_jax.scoring.score_policy`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Protocol, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gfn_jax.logprobs import (
+    DISALLOWED,
+    NEG_INF,
+    PolicySpec,
+    constrain_logits,
+    gather_logprobs,
+    policy_logprobs,
+    term_id_mask,
+)
+from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.transformer import KVCache, check_length, decode_step, prefill
+
+__all__ = ["SampleOutput", "Tool", "behaviour_logprobs", "sample"]
+
+# Incremented each time the sampler is traced (tests use it to check nothing retraces).
+_TRACES = {"sample": 0}
+
+
+class Tool(Protocol):
+    """A jittable, hashable hook evaluated before each sampling step.
+
+    ``__call__(tokens [N, T], lengths [N], t) -> (force [N] bool, forced_token [N] int)``:
+    where ``force`` is True the token is spliced in instead of sampled (it cannot terminate
+    and must not be a termination id).
+    """
+
+    def __call__(
+        self, tokens: jax.Array, lengths: jax.Array, t: jax.Array
+    ) -> Tuple[jax.Array, jax.Array]: ...
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """Sampled trajectories (N = B * num_samples rows, rows of one prompt contiguous).
+
+    Attributes:
+      tokens: int32 [N, T] generated tokens (termination excluded), ``pad_id`` after the end.
+      lengths: int32 [N] number of generated tokens n (0..T).
+      log_pf: float32 [N, T] log q(z_t | X z_<t) under the untempered policy; 0 after the end
+        and at tool-spliced positions.
+      log_pterm: float32 [N, T+1] log q(⊤ | prefix i) for i = 0..n (also at prefixes followed
+        by a tool-spliced token); 0 beyond n.
+      action_mask: bool [N, T] True where the policy chose the token.
+      prompt_index: int32 [N] index of the prompt each row continues.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    log_pf: jax.Array
+    log_pterm: jax.Array
+    action_mask: jax.Array
+    prompt_index: jax.Array
+
+
+def behaviour_logprobs(
+    policy_logits: jax.Array,
+    *,
+    temperature: Any = 1.0,
+    top_k: int = 0,
+    top_p: Any = 1.0,
+    epsilon: Any = 0.0,
+    behaviour_bias: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Log-probs ``[..., V]`` of the behaviour distribution built from the policy's logits.
+
+    ``policy_logits`` are the constrained logits from :func:`~gfn_jax.logprobs.constrain_logits`.
+    In order: ``x = policy_logits / temperature + behaviour_bias``; keep the ``top_k`` largest
+    (``0`` = all; ties at the k-th value are kept); keep the smallest set of most likely tokens
+    whose probability reaches ``top_p`` (``>= 1`` = all); renormalise; mix with probability
+    ``epsilon`` the uniform distribution over the *allowed* tokens (those not disallowed by
+    the policy or by ``behaviour_bias``; top-k/top-p do not restrict the uniform part).
+    ``temperature``, ``top_p``, ``epsilon`` may be traced scalars; ``top_k`` is static.
+    """
+    pl = policy_logits.astype(jnp.float32)
+    allowed = pl > DISALLOWED
+    x = pl / jnp.asarray(temperature, jnp.float32)
+    if behaviour_bias is not None:
+        bb = jnp.maximum(jnp.asarray(behaviour_bias, jnp.float32), NEG_INF)
+        allowed = allowed & (bb > DISALLOWED)
+        x = x + bb
+    x = jnp.where(allowed, x, NEG_INF)
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, NEG_INF)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    logp = jax.nn.log_softmax(x, axis=-1)
+    sorted_logp = -jnp.sort(-logp, axis=-1)  # descending
+    sorted_p = jnp.exp(sorted_logp)
+    mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+    keep_sorted = mass_before < top_p  # the first entry is always kept
+    thresh = jnp.min(jnp.where(keep_sorted, sorted_logp, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where((top_p >= 1.0) | (logp >= thresh), x, NEG_INF)
+    logp = jax.nn.log_softmax(x, axis=-1)
+    eps = jnp.asarray(epsilon, jnp.float32)
+    n_allowed = jnp.maximum(jnp.sum(allowed, axis=-1, keepdims=True), 1).astype(jnp.float32)
+    log_u = jnp.where(allowed, -jnp.log(n_allowed), NEG_INF)
+    a = jnp.where(eps < 1.0, jnp.log1p(-jnp.where(eps < 1.0, eps, 0.0)) + logp, NEG_INF)
+    b = jnp.where(eps > 0.0, jnp.log(jnp.where(eps > 0.0, eps, 1.0)) + log_u, NEG_INF)
+    return jnp.logaddexp(a, b)
+
+
+def _repeat_cache(cache: KVCache, n: int) -> KVCache:
+    return cache.replace(
+        k=jnp.repeat(cache.k, n, axis=1),
+        v=jnp.repeat(cache.v, n, axis=1),
+        valid=jnp.repeat(cache.valid, n, axis=0),
+        next_pos=jnp.repeat(cache.next_pos, n, axis=0),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "spec", "num_samples", "top_k", "tool")
+)
+def _sample_jit(
+    params: Any,
+    rng: jax.Array,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    epsilon: jax.Array,
+    behaviour_bias: Optional[jax.Array],
+    logit_bias: Optional[jax.Array],
+    adapters: Optional[Any],
+    pad_id: jax.Array,
+    *,
+    cfg: ModelConfig,
+    spec: PolicySpec,
+    num_samples: int,
+    top_k: int,
+    tool: Optional[Tool],
+) -> SampleOutput:
+    _TRACES["sample"] += 1
+    B, P = prompt_tokens.shape
+    T = spec.max_len
+    N = B * num_samples
+    logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters)
+    cache = _repeat_cache(cache, num_samples)
+    logits = jnp.repeat(logits_p[:, -1], num_samples, axis=0)
+    is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
+
+    def cond(c):
+        t, done = c[0], c[5]
+        return (t < T) & ~jnp.all(done)
+
+    def body(c):
+        t, logits, cache, tokens, lengths, done, log_pf, log_pterm, act = c
+        lp_tok, lp_term = policy_logprobs(logits, t, spec, logit_bias)
+        log_pterm = log_pterm.at[:, t].set(jnp.where(done, 0.0, lp_term))
+        beh = behaviour_logprobs(
+            constrain_logits(logits, t, spec, logit_bias),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            epsilon=epsilon,
+            behaviour_bias=behaviour_bias,
+        )
+        tok = jax.random.categorical(jax.random.fold_in(rng, t), beh, axis=-1).astype(jnp.int32)
+        if tool is not None:
+            force, forced = tool(tokens, lengths, t)
+            force = jnp.asarray(force, bool) & ~done
+            tok = jnp.where(force, jnp.asarray(forced, jnp.int32), tok)
+        else:
+            force = jnp.zeros((N,), bool)
+        ends = ~done & ~force & is_term_vocab[tok]
+        emits = ~done & ~ends
+        chosen = emits & ~force
+        tokens = tokens.at[:, t].set(jnp.where(emits, tok, pad_id))
+        log_pf = log_pf.at[:, t].set(jnp.where(chosen, gather_logprobs(lp_tok, tok), 0.0))
+        act = act.at[:, t].set(chosen)
+        lengths = jnp.where(emits, t + 1, lengths)
+        done = done | ends
+        logits, cache = decode_step(
+            cfg, params, cache, jnp.where(emits, tok, pad_id), adapters=adapters
+        )
+        return (t + 1, logits, cache, tokens, lengths, done, log_pf, log_pterm, act)
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        logits,
+        cache,
+        jnp.full((N, T), pad_id, jnp.int32),
+        jnp.zeros((N,), jnp.int32),
+        jnp.zeros((N,), bool),
+        jnp.zeros((N, T), jnp.float32),
+        jnp.zeros((N, T + 1), jnp.float32),
+        jnp.zeros((N, T), bool),
+    )
+    t, logits, _, tokens, lengths, done, log_pf, log_pterm, act = jax.lax.while_loop(
+        cond, body, init
+    )
+    # Rows still running here have T tokens: the prefix of length T must terminate.
+    _, lp_term = policy_logprobs(logits, t, spec, logit_bias)
+    log_pterm = log_pterm.at[:, T].set(jnp.where(done, 0.0, lp_term))
+    return SampleOutput(
+        tokens=tokens,
+        lengths=lengths,
+        log_pf=log_pf,
+        log_pterm=log_pterm,
+        action_mask=act,
+        prompt_index=jnp.repeat(jnp.arange(B, dtype=jnp.int32), num_samples),
+    )
+
+
+def _check_scalar(name: str, value: Any, lo: float, hi: float, lo_open: bool) -> None:
+    try:
+        v = np.asarray(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # traced inside an outer jit: cannot check
+    if v.shape != ():
+        raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
+    v = float(v)
+    if not (lo < v if lo_open else lo <= v) or v > hi:
+        raise ValueError(f"{name}={v} is out of range ({'(' if lo_open else '['}{lo}, {hi}])")
+
+
+def _check_bias(name: str, bias: Optional[jax.Array], vocab: int) -> Optional[jax.Array]:
+    if bias is None:
+        return None
+    bias = jnp.asarray(bias, jnp.float32)
+    if bias.shape != (vocab,):
+        raise ValueError(f"{name} must have shape [vocab_size={vocab}], got {bias.shape}")
+    return bias
+
+
+def sample(
+    cfg: ModelConfig,
+    params: Any,
+    rng: jax.Array,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    spec: PolicySpec,
+    *,
+    num_samples: int = 1,
+    temperature: Any = 1.0,
+    top_k: int = 0,
+    top_p: Any = 1.0,
+    epsilon: Any = 0.0,
+    behaviour_bias: Optional[jax.Array] = None,
+    logit_bias: Optional[jax.Array] = None,
+    adapters: Optional[Any] = None,
+    tool: Optional[Tool] = None,
+    pad_id: int = 0,
+) -> SampleOutput:
+    """Sample ``num_samples`` trajectories per prompt; see :class:`SampleOutput`.
+
+    Args:
+      prompt_tokens, prompt_mask: left-padded prompts ``[B, P]`` (mask 1 real, 0 pad); every
+        row needs at least one real token.
+      spec: the policy's termination ids and min/max length (``T = spec.max_len``).
+      temperature, top_k, top_p, epsilon, behaviour_bias: behaviour only (see
+        :func:`behaviour_logprobs`); temperature/top_p/epsilon are traced (no recompile).
+      logit_bias: ``[V]`` additive bias that is part of the policy q.
+      adapters: optional LoRA adapters for the policy.
+      tool: optional hashable :class:`Tool` (a jit static argument).
+      pad_id: token written after each row's end.
+
+    Deterministic given ``rng``; one jitted call keyed on cfg/spec/shapes/num_samples/top_k/tool.
+    """
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(
+            f"prompt_tokens and prompt_mask must both be [B, P]; got {prompt_tokens.shape} "
+            f"and {prompt_mask.shape}"
+        )
+    if prompt_tokens.shape[1] < 1:
+        raise ValueError("prompts must have at least one token (P >= 1)")
+    if not isinstance(spec, PolicySpec):
+        raise TypeError(f"spec must be a PolicySpec, got {type(spec).__name__}")
+    spec.check_vocab(cfg.vocab_size)
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    check_length(cfg, prompt_tokens.shape[1] + spec.max_len)
+    _check_scalar("temperature", temperature, 0.0, float("inf"), True)
+    _check_scalar("top_p", top_p, 0.0, 1.0, True)
+    _check_scalar("epsilon", epsilon, 0.0, 1.0, False)
+    return _sample_jit(
+        params,
+        rng,
+        prompt_tokens,
+        prompt_mask,
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        jnp.asarray(epsilon, jnp.float32),
+        _check_bias("behaviour_bias", behaviour_bias, cfg.vocab_size),
+        _check_bias("logit_bias", logit_bias, cfg.vocab_size),
+        adapters,
+        jnp.asarray(pad_id, jnp.int32),
+        cfg=cfg,
+        spec=spec,
+        num_samples=int(num_samples),
+        top_k=int(top_k),
+        tool=tool,
+    )

@@ -1,0 +1,351 @@
+"""One-pass scoring of trajectories: policy log-probs and all-prefix reward terms.
+
+Batch layout (same as :class:`gfn_jax.sampling.SampleOutput`): prompts ``X`` left-padded
+``prompt_tokens [B, P]`` / ``prompt_mask [B, P]``; trajectories right-padded ``tokens [B, T]``
+with ``lengths [B]``. Prefix ``i`` (0..n) is ``X z_0 .. z_{i-1}``; its next-token distribution
+is read at sequence position ``P - 1 + i`` of the concatenation ``[X | Z]``.
+
+Each public function is ONE jitted forward pass (no Python loops over rows or prefixes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gfn_jax.logprobs import (
+    PolicySpec,
+    gather_logprobs,
+    masked_cumsum,
+    policy_logprobs,
+    state_mask,
+    term_logprob,
+    token_mask,
+)
+from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.transformer import apply, causal_mask, check_length, positions_from_mask, unembed
+
+__all__ = [
+    "PolicyScores",
+    "RewardScores",
+    "score_policy",
+    "score_reward_prefixes",
+    "score_suffix_prefixes",
+]
+
+
+@flax.struct.dataclass
+class PolicyScores:
+    """``log_pf [B, T]``, ``log_pterm [B, T+1]`` (as in SampleOutput), ``prompt_hidden [B, D]``
+    (float32 final-normed hidden state at the prompt's last token)."""
+
+    log_pf: jax.Array
+    log_pterm: jax.Array
+    prompt_hidden: jax.Array
+
+
+@flax.struct.dataclass
+class RewardScores:
+    """``log_pz [B, T+1]`` = log p(z_<i | X) (cumulative, 0 at i = 0) and ``log_pterm [B, T+1]``
+    = log p(⊤ | X z_<i), for prefixes i = 0..n; 0 beyond n. ``log_pz + log_pterm`` is
+    log p(z_<i ⊤ | X) for every prefix at once."""
+
+    log_pz: jax.Array
+    log_pterm: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+def _check_batch(
+    cfg: ModelConfig, prompt_tokens: Any, prompt_mask: Any, tokens: Any, lengths: Any
+) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(
+            f"prompt_tokens and prompt_mask must both be [B, P]; got {prompt_tokens.shape} "
+            f"and {prompt_mask.shape}"
+        )
+    B, P = prompt_tokens.shape
+    if P < 1:
+        raise ValueError("prompts must have at least one token (P >= 1)")
+    if tokens.ndim != 2 or tokens.shape[0] != B:
+        raise ValueError(f"tokens must be [B={B}, T], got {tokens.shape}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B={B}], got {lengths.shape}")
+    check_length(cfg, P + tokens.shape[1])
+    return prompt_tokens, prompt_mask.astype(bool), tokens, lengths
+
+
+def _prefix_hidden(
+    cfg: ModelConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    adapters: Optional[Any],
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Forward over ``[X | Z]``. Returns (hidden [B, P+T, D], am [B, P+T], safe tokens [B, T])."""
+    T = tokens.shape[1]
+    zmask = token_mask(lengths, T)
+    tokens = jnp.where(zmask, tokens, 0)  # pads may be any id (even negative)
+    seq = jnp.concatenate([prompt_tokens, tokens], axis=1)
+    am = jnp.concatenate([prompt_mask, zmask], axis=1)
+    _, _, hidden = apply(
+        cfg,
+        params,
+        seq,
+        positions_from_mask(am),
+        causal_mask(am),
+        None,
+        return_hidden=True,
+        compute_logits=False,
+        adapters=adapters,
+    )
+    return hidden, am, tokens
+
+
+# ---------------------------------------------------------------------------
+# Policy
+# ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def _score_policy_jit(
+    params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask, *, cfg, spec
+) -> PolicyScores:
+    B, P = prompt_tokens.shape
+    T = tokens.shape[1]
+    hidden, _, tokens = _prefix_hidden(
+        cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters
+    )
+    logits = unembed(cfg, params, hidden[:, P - 1 :])  # [B, T+1, V]: prefixes 0..T
+    lp_tok, lp_term = policy_logprobs(logits, jnp.arange(T + 1)[None, :], spec, logit_bias)
+    tmask = token_mask(lengths, T)
+    if action_mask is not None:
+        tmask = tmask & action_mask.astype(bool)
+    log_pf = jnp.where(tmask, gather_logprobs(lp_tok[:, :T], tokens), 0.0)
+    log_pterm = jnp.where(state_mask(lengths, T), lp_term, 0.0)
+    return PolicyScores(
+        log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden[:, P - 1].astype(jnp.float32)
+    )
+
+
+def score_policy(
+    cfg: ModelConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    spec: PolicySpec,
+    *,
+    logit_bias: Optional[jax.Array] = None,
+    adapters: Optional[Any] = None,
+    action_mask: Optional[jax.Array] = None,
+) -> PolicyScores:
+    """Per-step log q(z_t | X z_<t) and log q(⊤ | X z_<i) of the constrained policy, one pass.
+
+    ``log_pf`` is 0 after each row's end and where ``action_mask`` is False (tool-spliced
+    tokens); ``log_pterm`` is 0 beyond n. Matches :func:`gfn_jax.sampling.sample`'s outputs.
+    """
+    prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
+        cfg, prompt_tokens, prompt_mask, tokens, lengths
+    )
+    if not isinstance(spec, PolicySpec):
+        raise TypeError(f"spec must be a PolicySpec, got {type(spec).__name__}")
+    spec.check_vocab(cfg.vocab_size)
+    if logit_bias is not None:
+        logit_bias = jnp.asarray(logit_bias, jnp.float32)
+        if logit_bias.shape != (cfg.vocab_size,):
+            raise ValueError(
+                f"logit_bias must have shape [vocab_size={cfg.vocab_size}], got {logit_bias.shape}"
+            )
+    if action_mask is not None:
+        action_mask = jnp.asarray(action_mask, bool)
+        if action_mask.shape != tokens.shape:
+            raise ValueError(f"action_mask must be {tokens.shape}, got {action_mask.shape}")
+    return _score_policy_jit(
+        params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask,
+        cfg=cfg, spec=spec,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Reward: every prefix terminated
+# ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
+def _score_reward_jit(
+    params, prompt_tokens, prompt_mask, tokens, lengths, adapters, *, cfg, term_ids
+) -> RewardScores:
+    P = prompt_tokens.shape[1]
+    T = tokens.shape[1]
+    hidden, _, tokens = _prefix_hidden(
+        cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters
+    )
+    logp = jax.nn.log_softmax(unembed(cfg, params, hidden[:, P - 1 :]), axis=-1)  # [B, T+1, V]
+    tok_lp = gather_logprobs(logp[:, :T], tokens)
+    cum = masked_cumsum(tok_lp, token_mask(lengths, T), axis=-1)
+    log_pz = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)
+    smask = state_mask(lengths, T)
+    return RewardScores(
+        log_pz=jnp.where(smask, log_pz, 0.0),
+        log_pterm=jnp.where(smask, term_logprob(logp, term_ids), 0.0),
+    )
+
+
+def _term_tuple(cfg: ModelConfig, term_ids: Sequence[int]) -> Tuple[int, ...]:
+    ids = tuple(int(t) for t in (term_ids if not isinstance(term_ids, int) else (term_ids,)))
+    if not ids:
+        raise ValueError("term_ids must name at least one termination token id")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"termination ids {bad} are outside the vocabulary (size {cfg.vocab_size})")
+    return ids
+
+
+def score_reward_prefixes(
+    cfg: ModelConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    term_ids: Sequence[int],
+    *,
+    adapters: Optional[Any] = None,
+) -> RewardScores:
+    """Unconstrained model log p(z_<i | X) and log p(⊤ | X z_<i) for all prefixes, one pass."""
+    prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
+        cfg, prompt_tokens, prompt_mask, tokens, lengths
+    )
+    return _score_reward_jit(
+        params, prompt_tokens, prompt_mask, tokens, lengths, adapters,
+        cfg=cfg, term_ids=_term_tuple(cfg, term_ids),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Reward: every prefix followed by a fixed suffix Y
+# ---------------------------------------------------------------------------
+def suffix_layout(
+    prompt_mask: jax.Array, lengths: jax.Array, suffix_mask: jax.Array, T: int
+) -> Tuple[jax.Array, jax.Array, np.ndarray]:
+    """Positions [B, L], attention mask [B, L, L] and predictor indices [T+1, S] of the
+    one-pass layout ``[X | Z | Y'_0 | ... | Y'_T]``.
+
+    ``Y'_c`` holds the suffix inputs ``y_0 .. y_{S-2}`` (the last suffix token is never an
+    input). Copy c attends to the real prompt tokens, to ``z_k`` for ``k < min(c, n)`` and
+    causally to its own real tokens; its positions continue from ``|X| + c``. The logits for
+    ``y_j`` of copy c are read at ``idx[c, j]``: the last token of prefix c for ``j = 0``,
+    copy c's input ``y_{j-1}`` otherwise.
+    """
+    B, P = prompt_mask.shape
+    S = suffix_mask.shape[1]
+    C, Sc = T + 1, S - 1
+    Lm = P + T
+    L = Lm + C * Sc
+    pm = prompt_mask.astype(bool)
+    zmask = token_mask(lengths, T)
+    am = jnp.concatenate([pm, zmask], axis=1)  # [B, Lm]
+
+    # Static per-position attributes.
+    seg = np.concatenate([np.full(Lm, -1), np.repeat(np.arange(C), Sc)])  # copy id, -1 = main
+    within = np.concatenate([np.arange(Lm), np.tile(np.arange(Sc), C)])
+    is_main = seg < 0
+    zk = np.where((np.arange(L) >= P) & is_main, np.arange(L) - P, -1)  # Z index of key, or -1
+    q_seg, k_seg = seg[:, None], seg[None, :]
+    main_main = is_main[:, None] & is_main[None, :] & (np.arange(L)[None, :] <= np.arange(L)[:, None])
+    copy_prompt = (~is_main)[:, None] & (np.arange(L) < P)[None, :]
+    copy_z = (~is_main)[:, None] & (zk[None, :] >= 0) & (zk[None, :] < q_seg)
+    copy_copy = (~is_main)[:, None] & (q_seg == k_seg) & (within[None, :] <= within[:, None])
+
+    # Per-row key validity.
+    pad_main = jnp.zeros((B, C * Sc), bool)
+    key_main_valid = jnp.concatenate([am, pad_main], axis=1)  # [B, L]
+    sfx_valid = jnp.tile(suffix_mask[:, :Sc].astype(bool), (1, C)) if Sc > 0 else pad_main
+    key_copy_valid = jnp.concatenate([jnp.zeros((B, Lm), bool), sfx_valid], axis=1)
+    mask = (
+        (jnp.asarray(main_main | copy_prompt | copy_z)[None] & key_main_valid[:, None, :])
+        | (jnp.asarray(copy_copy)[None] & key_copy_valid[:, None, :])
+    )
+
+    plen = jnp.sum(pm, axis=1).astype(jnp.int32)  # [B]
+    copy_pos = plen[:, None] + jnp.asarray(seg[Lm:] + within[Lm:], jnp.int32)[None, :]
+    positions = jnp.concatenate([positions_from_mask(am), copy_pos], axis=1)
+
+    idx = np.zeros((C, S), np.int32)
+    idx[:, 0] = P - 1 + np.arange(C)
+    if Sc > 0:
+        idx[:, 1:] = Lm + np.arange(C)[:, None] * Sc + np.arange(Sc)[None, :]
+    return positions, mask, idx
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_suffix_jit(
+    params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens, suffix_mask, adapters, *, cfg
+) -> jax.Array:
+    T = tokens.shape[1]
+    S = suffix_tokens.shape[1]
+    C = T + 1
+    smask = suffix_mask.astype(bool)
+    suffix_tokens = jnp.where(smask, suffix_tokens, 0)
+    tokens = jnp.where(token_mask(lengths, T), tokens, 0)
+    positions, mask, idx = suffix_layout(prompt_mask, lengths, smask, T)
+    seq = jnp.concatenate(
+        [prompt_tokens, tokens, jnp.tile(suffix_tokens[:, : S - 1], (1, C))], axis=1
+    )
+    _, _, hidden = apply(
+        cfg, params, seq, positions, mask, None,
+        return_hidden=True, compute_logits=False, adapters=adapters,
+    )
+    logits = unembed(cfg, params, hidden[:, idx])  # [B, C, S, V]
+    lp = gather_logprobs(
+        jax.nn.log_softmax(logits, axis=-1), jnp.broadcast_to(suffix_tokens[:, None, :], logits.shape[:-1])
+    )
+    total = jnp.sum(jnp.where(smask[:, None, :], lp, 0.0), axis=-1)  # [B, C]
+    return jnp.where(state_mask(lengths, T), total, 0.0)
+
+
+def score_suffix_prefixes(
+    cfg: ModelConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    suffix_tokens: jax.Array,
+    suffix_mask: jax.Array,
+    *,
+    adapters: Optional[Any] = None,
+) -> jax.Array:
+    """log p(Y | X z_<i) for every prefix i = 0..n, ``[B, T+1]`` (0 beyond n), in ONE pass.
+
+    The sequence ``[X | Z | Y_0 | ... | Y_T]`` (about ``P + T + (T+1)(S-1)`` tokens) is run once
+    with the block mask of :func:`suffix_layout`; ``Y`` is right-padded by ``suffix_mask``.
+    """
+    prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
+        cfg, prompt_tokens, prompt_mask, tokens, lengths
+    )
+    suffix_tokens = jnp.asarray(suffix_tokens, jnp.int32)
+    suffix_mask = jnp.asarray(suffix_mask)
+    B = prompt_tokens.shape[0]
+    if suffix_tokens.ndim != 2 or suffix_tokens.shape[0] != B or suffix_mask.shape != suffix_tokens.shape:
+        raise ValueError(
+            f"suffix_tokens and suffix_mask must both be [B={B}, S]; got {suffix_tokens.shape} "
+            f"and {suffix_mask.shape}"
+        )
+    if suffix_tokens.shape[1] < 1:
+        raise ValueError("the suffix must have at least one slot (S >= 1)")
+    check_length(cfg, prompt_tokens.shape[1] + tokens.shape[1] + suffix_tokens.shape[1])
+    return _score_suffix_jit(
+        params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens,
+        suffix_mask.astype(bool), adapters, cfg=cfg,
+    )
