@@ -1,0 +1,194 @@
+"""MetricsWriter (JSON lines + TensorBoard), resume truncation, and plots."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from gfn_jax.metrics import MetricsWriter, plot_histogram, plot_metrics, read_metrics
+
+
+# --- minimal TFRecord reader with its own CRC-32C (Castagnoli), independent of tensorboardX ---
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_events(path: str):
+    """Parse a TensorBoard event file (TFRecord framing), checking both CRCs of every record."""
+    events = []
+    with open(path, "rb") as f:
+        raw = f.read()
+    pos = 0
+    while pos < len(raw):
+        header = raw[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (len_crc,) = struct.unpack("<I", raw[pos + 8:pos + 12])
+        assert len_crc == _masked_crc(header)
+        data = raw[pos + 12:pos + 12 + length]
+        (data_crc,) = struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])
+        assert data_crc == _masked_crc(data)
+        events.append(event_pb2.Event.FromString(data))
+        pos += 16 + length
+    return events
+
+
+def scalars_of(events):
+    out = {}
+    for e in events:
+        for v in e.summary.value:
+            out.setdefault(v.tag, []).append((e.step, v.simple_value))
+    return out
+
+
+def test_crc32c_reference_vector():
+    assert _crc32c(b"123456789") == 0xE3069283  # standard CRC-32C check value
+
+
+def test_jsonl_content(tmp_path):
+    t0 = time.time()
+    with MetricsWriter(tmp_path, use_tensorboard=False) as w:
+        w.write(0, {"loss": 1.5, "acc": np.float32(0.25), "n": 3, "lr": jnp.asarray(1e-3)})
+        w.write(1, {"loss": float("nan"), "logz": jnp.array([2.0]), "ok": True})
+        w.write(2, {"loss": float("inf"), "neg": -np.inf})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    recs = [json.loads(l) for l in lines]  # strict JSON: no NaN/Infinity tokens
+    assert "NaN" not in lines[1] and '"loss": null' in lines[1]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert all(t0 - 1 <= r["time"] <= time.time() + 1 for r in recs)
+    assert recs[0]["time"] <= recs[1]["time"] <= recs[2]["time"]
+    assert recs[0]["loss"] == 1.5 and recs[0]["acc"] == 0.25 and recs[0]["n"] == 3.0
+    assert recs[0]["lr"] == pytest.approx(1e-3)
+    assert recs[1] == {"step": 1, "time": recs[1]["time"], "loss": None, "logz": 2.0, "ok": 1.0}
+    assert recs[2]["loss"] == "inf" and recs[2]["neg"] == "-inf"
+    back = read_metrics(tmp_path)
+    assert math.isnan(back[1]["loss"]) and back[2]["loss"] == math.inf and back[2]["neg"] == -math.inf
+    assert back[0]["loss"] == 1.5
+
+
+def test_bad_metric_values(tmp_path):
+    with MetricsWriter(tmp_path, use_tensorboard=False) as w:
+        with pytest.raises(ValueError, match=r"metric 'v' must be a real scalar.*shape \(3,\)"):
+            w.write(0, {"v": np.ones(3)})
+        with pytest.raises(ValueError, match=r"'step' is reserved"):
+            w.write(0, {"step": 1.0})
+        with pytest.raises(ValueError, match=r"metric 's'"):
+            w.write(0, {"s": "abc"})
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_tensorboard_events(tmp_path):
+    with MetricsWriter(tmp_path) as w:
+        for s in range(3):
+            w.write(s, {"loss": 1.0 / (s + 1), "reward/mean": float(s)})
+    files = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    assert len(files) == 1
+    sc = scalars_of(read_events(files[0]))
+    assert set(sc) == {"loss", "reward/mean"}
+    assert [s for s, _ in sc["loss"]] == [0, 1, 2]
+    np.testing.assert_allclose([v for _, v in sc["loss"]], [1.0, 0.5, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in sc["reward/mean"]], [0.0, 1.0, 2.0])
+
+
+def test_resume_truncates(tmp_path):
+    with MetricsWriter(tmp_path) as w:
+        for s in range(10):
+            w.write(s, {"loss": float(s)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "loss": 1')  # a crash mid-line
+    time.sleep(1.1)  # tensorboardX names event files by the second
+    with MetricsWriter(tmp_path, resume_step=5) as w:
+        for s in range(6, 9):
+            w.write(s, {"loss": 100.0 + s})
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["loss"] for r in recs] == [0, 1, 2, 3, 4, 5, 106, 107, 108]
+    files = sorted(glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")))
+    assert len(files) == 2
+    events = read_events(files[1])
+    purge = [e for e in events if e.HasField("session_log")]
+    assert purge and purge[0].session_log.status == event_pb2.SessionLog.START and purge[0].step == 6
+    assert [s for s, _ in scalars_of(events)["loss"]] == [6, 7, 8]
+    # Plain append (no resume_step) keeps everything.
+    with MetricsWriter(tmp_path, use_tensorboard=False) as w:
+        w.write(9, {"loss": 9.0})
+    assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [8, 9]
+
+
+def test_only_main_process_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    w = MetricsWriter(tmp_path / "run")
+    rec = w.write(0, {"loss": 1.0})
+    assert rec["loss"] == 1.0
+    assert w.write_summary({"a": 1}) is None
+    w.close()
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_summary(tmp_path):
+    with MetricsWriter(tmp_path, use_tensorboard=False) as w:
+        path = w.write_summary({"final_loss": np.float32(0.5), "nan": float("nan"),
+                                "counts": np.arange(3), "nested": {"t": (1, 2)}})
+    got = json.loads(open(path).read())
+    assert got == {"final_loss": 0.5, "nan": None, "counts": [0, 1, 2], "nested": {"t": [1, 2]}}
+
+
+def _png_pixels(path):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    return img
+
+
+def test_plot_metrics(tmp_path):
+    with MetricsWriter(tmp_path, use_tensorboard=False) as w:
+        for s in range(20):
+            w.write(s, {"loss": 1.0 / (s + 1), "reward": float(s), "kl": float("nan") if s == 3 else 0.1 * s,
+                        "logz": float(s % 3)})
+    out = plot_metrics(tmp_path)
+    assert out == os.path.join(str(tmp_path), "metrics.png")
+    img = _png_pixels(out)
+    # 4 metrics -> 3 columns x 2 rows of 4x3-inch panels at 100 dpi.
+    assert img.shape[:2] == (600, 1200)
+    assert (img[..., :3] < 0.5).any()  # something was drawn
+    out2 = plot_metrics(tmp_path, keys=["loss"], out=tmp_path / "sub" / "loss.png")
+    assert _png_pixels(out2).shape[:2] == (300, 400)
+    with pytest.raises(ValueError, match=r"unknown metrics \['nope'\]"):
+        plot_metrics(tmp_path, keys=["nope"])
+
+
+def test_plot_histogram(tmp_path):
+    labels = [str(i) for i in range(20)]
+    before = np.ones(20)
+    after = np.zeros(20)
+    after[[3, 7, 11]] = [5, 10, 5]
+    out = plot_histogram({"before": before, "after": after}, labels, tmp_path / "h.png", title="numbers")
+    img = _png_pixels(out)
+    assert img.shape[0] == 400 and (img[..., :3] < 0.9).any()
+    out1 = plot_histogram([1, 2, 3], ["a", "b", "c"], tmp_path / "one.png", normalize=True)
+    assert os.path.getsize(out1) > 1000
+    with pytest.raises(ValueError, match=r"series 'after' has shape \(3,\), expected \(20,\)"):
+        plot_histogram({"before": before, "after": [1, 2, 3]}, labels, tmp_path / "bad.png")
