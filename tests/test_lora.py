@@ -1,0 +1,242 @@
+"""LoRA adapters: init, targeting, axes, merge/export and gradients (tiny models)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gfn_jax.models import ModelConfig, forward, init_params, param_shapes, prefill, decode_step
+from gfn_jax.models.lora import (
+    DEFAULT_TARGETS,
+    LoraConfig,
+    init_lora,
+    lora_axes,
+    lora_trainable_mask,
+    merge_lora,
+    num_params,
+)
+
+CFGS = {
+    "gpt2": ModelConfig("gpt2", vocab_size=48, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16),
+    "llama": ModelConfig(
+        "llama", vocab_size=48, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16,
+        n_kv_heads=2, tie_embeddings=False,
+    ),
+    "gptj": ModelConfig(
+        "gptj", vocab_size=48, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, rotary_dim=4
+    ),
+}
+# Extra non-layer targets per family so the top-level merge path is exercised too.
+EXTRA = {"gpt2": ("embed/embedding",), "llama": ("lm_head/kernel",), "gptj": ("lm_head/kernel",)}
+
+_fwd = jax.jit(forward, static_argnums=0)
+
+
+def _tokens(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, cfg.vocab_size, size=(2, 7)).astype(np.int32)
+    mask = np.ones_like(toks)
+    mask[1, :2] = 0  # left padding on row 1
+    return jnp.asarray(toks), jnp.asarray(mask)
+
+
+def _nonzero(adapters, seed=1):
+    """Adapters with random (non-zero) b so the adapted model differs from the base."""
+    leaves, tdef = jax.tree_util.tree_flatten_with_path(adapters["tree"])
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = []
+    for (path, x), k in zip(leaves, keys):
+        out.append(0.3 * jax.random.normal(k, x.shape) if path[-1].key == "b" else x)
+    return {"scale": adapters["scale"], "tree": jax.tree_util.tree_unflatten(tdef, out)}
+
+
+def _paths(tree):
+    """'/'-joined paths of adapted kernels (the dicts holding 'a'/'b')."""
+    out = []
+
+    def walk(t, pre):
+        if set(t) == {"a", "b"}:
+            out.append("/".join(pre))
+            return
+        for k, v in t.items():
+            walk(v, pre + [k])
+
+    walk(tree, [])
+    return sorted(out)
+
+
+def _setup(fam):
+    cfg = CFGS[fam]
+    params = init_params(cfg, jax.random.PRNGKey(0), std=0.2)
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets=DEFAULT_TARGETS + EXTRA[fam])
+    ad = init_lora(cfg, params, lcfg, jax.random.PRNGKey(7))
+    return cfg, params, lcfg, ad
+
+
+@pytest.mark.parametrize("fam", list(CFGS))
+def test_zero_b_is_exactly_base_and_merge_matches(fam):
+    cfg, params, lcfg, ad = _setup(fam)
+    toks, mask = _tokens(cfg)
+    base = np.asarray(_fwd(cfg, params, toks, mask))
+    np.testing.assert_array_equal(np.asarray(_fwd(cfg, params, toks, mask, adapters=ad)), base)
+    # a is non-trivial, b is zero, scale alpha/rank
+    assert float(ad["scale"]) == 2.0
+    for leaf in jax.tree_util.tree_leaves(ad["tree"]):
+        assert leaf.dtype == jnp.float32
+    a_q = np.asarray(ad["tree"]["layers"]["attn"]["q"]["kernel"]["a"])
+    assert np.all(np.abs(a_q) <= 1 / np.sqrt(cfg.d_model)) and np.std(a_q) > 0.05
+    assert not np.allclose(a_q[0], a_q[1])  # independent per layer
+
+    ad = _nonzero(ad)
+    adapted = np.asarray(_fwd(cfg, params, toks, mask, adapters=ad))
+    assert np.max(np.abs(adapted - base)) > 1e-2  # the adapters do something
+    merged = merge_lora(params, ad)
+    # merge against an independent numpy reference: W + s * (A @ B) reshaped
+    s = float(ad["scale"])
+    for path in _paths(ad["tree"]):
+        w = params
+        m = merged
+        t = ad["tree"]
+        for k in path.split("/"):
+            w, m, t = w[k], m[k], t[k]
+        ref = np.asarray(w) + s * np.matmul(np.asarray(t["a"]), np.asarray(t["b"])).reshape(w.shape)
+        np.testing.assert_allclose(np.asarray(m), ref, rtol=1e-5, atol=1e-6)
+    # untouched leaves are the very same arrays
+    assert merged["final_norm"]["scale"] is params["final_norm"]["scale"]
+    exported = np.asarray(_fwd(cfg, merged, toks, mask))
+    np.testing.assert_allclose(adapted, exported, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", list(CFGS))
+def test_adapter_grads_follow_chain_rule_through_merged_weight(fam):
+    cfg, params, lcfg, ad = _setup(fam)
+    ad = _nonzero(ad)
+    toks, mask = _tokens(cfg, seed=3)
+    wts = jax.random.normal(jax.random.PRNGKey(5), (2, 7, cfg.vocab_size))
+
+    def loss(p, a):
+        logits = forward(cfg, p, toks, mask, adapters=a)
+        return jnp.sum(jax.nn.log_softmax(logits, -1) * wts)
+
+    g_ad = jax.jit(jax.grad(loss, argnums=1))(params, ad)
+    g_w = jax.jit(jax.grad(lambda p: loss(p, None)))(merge_lora(params, ad))
+    s = float(ad["scale"])
+    for path in _paths(ad["tree"]):
+        t, ga, gw = ad["tree"], g_ad["tree"], g_w
+        for k in path.split("/"):
+            t, ga, gw = t[k], ga[k], gw[k]
+        A, B = np.asarray(t["a"]), np.asarray(t["b"])
+        G = np.asarray(gw).reshape(A.shape[:-1] + (B.shape[-1],))
+        dA = s * np.matmul(G, np.swapaxes(B, -1, -2))
+        dB = s * np.matmul(np.swapaxes(A, -1, -2), G)
+        assert np.max(np.abs(dA)) > 1e-4 and np.max(np.abs(dB)) > 1e-4, path
+        np.testing.assert_allclose(np.asarray(ga["a"]), dA, rtol=2e-4, atol=2e-5, err_msg=path)
+        np.testing.assert_allclose(np.asarray(ga["b"]), dB, rtol=2e-4, atol=2e-5, err_msg=path)
+
+
+def test_only_adapters_train_and_scale_is_masked():
+    cfg, params, lcfg, ad = _setup("llama")
+    toks, mask = _tokens(cfg)
+
+    def loss(a, p):
+        return -jnp.mean(jax.nn.log_softmax(forward(cfg, p, toks, mask, adapters=a), -1)[..., 3])
+
+    grad_fn = jax.jit(jax.grad(loss))
+    grads = grad_fn(ad, params)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ad)
+    assert num_params(grads) == num_params(ad)
+    # b starts at zero, so only b (and the scale, through nothing yet) carries gradient
+    gb = grads["tree"]["layers"]["mlp"]["up"]["kernel"]["b"]
+    assert float(jnp.max(jnp.abs(gb))) > 0
+    opt = optax.multi_transform({True: optax.sgd(0.5), False: optax.set_to_zero()}, lora_trainable_mask(ad))
+    state = opt.init(ad)
+    p_before = jax.tree_util.tree_map(np.asarray, params)
+    for _ in range(2):
+        grads = grad_fn(ad, params)
+        upd, state = opt.update(grads, state, ad)
+        ad = optax.apply_updates(ad, upd)
+    assert float(ad["scale"]) == lcfg.scale  # masked: scale is not trained
+    assert float(jnp.max(jnp.abs(ad["tree"]["layers"]["mlp"]["up"]["kernel"]["b"]))) > 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_before, params)
+    # the scale does receive a gradient once b != 0, which is why the mask matters
+    assert float(jnp.abs(grad_fn(ad, params)["scale"])) > 0
+
+
+def test_targets_regex_and_errors():
+    cfg = CFGS["llama"]
+    shapes = param_shapes(cfg)
+    key = jax.random.PRNGKey(0)
+    ad = init_lora(cfg, shapes, LoraConfig(targets=(r"layers/attn/(q|v)/kernel",)), key)
+    assert _paths(ad["tree"]) == ["layers/attn/q/kernel", "layers/attn/v/kernel"]
+    expect = {
+        "llama": ["attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/gate", "mlp/up"],
+        "gpt2": ["attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/up"],
+        "gptj": ["attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/up"],
+    }
+    for fam, c in CFGS.items():
+        got = _paths(init_lora(c, param_shapes(c), LoraConfig(), key)["tree"])
+        assert got == [f"layers/{e}/kernel" for e in expect[fam]], fam
+    with pytest.raises(ValueError, match=r"matches no parameter"):
+        init_lora(cfg, shapes, LoraConfig(targets=(r"layers/attn/q",)), key)  # fullmatch
+    with pytest.raises(ValueError, match=r"matches no parameter"):  # gpt2 has no gate
+        init_lora(CFGS["gpt2"], param_shapes(CFGS["gpt2"]), LoraConfig(targets=(r"layers/mlp/gate/kernel",)), key)
+    with pytest.raises(ValueError, match=r"biases and norm scales"):
+        init_lora(cfg, shapes, LoraConfig(targets=(r"layers/attn_norm/scale",)), key)
+    with pytest.raises(ValueError, match=r"biases and norm scales"):
+        init_lora(CFGS["gpt2"], param_shapes(CFGS["gpt2"]), LoraConfig(targets=(r"layers/mlp/up/bias",)), key)
+    with pytest.raises(NotImplementedError, match=r"dropout"):
+        LoraConfig(dropout=0.1)
+    with pytest.raises(ValueError, match=r"rank"):
+        LoraConfig(rank=0)
+    with pytest.raises(ValueError, match=r"invalid regex"):
+        LoraConfig(targets=("layers/(",))
+    with pytest.raises(TypeError, match=r"tuple"):
+        LoraConfig(targets="layers/attn/q/kernel")
+    with pytest.raises(ValueError, match=r"'scale' and 'tree'"):
+        merge_lora(init_params(cfg, key), ad["tree"])
+
+
+@pytest.mark.parametrize("fam", list(CFGS))
+def test_axes_tree_matches_adapters(fam):
+    cfg = CFGS[fam]
+    lcfg = LoraConfig(rank=3, targets=DEFAULT_TARGETS + EXTRA[fam])
+    ad = init_lora(cfg, param_shapes(cfg), lcfg, jax.random.PRNGKey(0))
+    axes = lora_axes(cfg, lcfg)
+    is_ax = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+    assert jax.tree_util.tree_structure(axes, is_leaf=is_ax) == jax.tree_util.tree_structure(ad)
+    sizes = {
+        "layers": cfg.n_layers, "embed": cfg.d_model, "lora": 3, "mlp": cfg.d_ff, "vocab": cfg.vocab_size,
+        "heads_x_head_dim": cfg.n_heads * cfg.head_dim, "kv_heads_x_head_dim": cfg.n_kv_heads * cfg.head_dim,
+    }
+    flat_ax = jax.tree_util.tree_leaves(axes, is_leaf=is_ax)
+    flat_ad = jax.tree_util.tree_leaves(ad)
+    for ax, x in zip(flat_ax, flat_ad):
+        assert tuple(sizes[a] for a in ax) == x.shape, (ax, x.shape)
+    q = axes["tree"]["layers"]["attn"]["q"]["kernel"]
+    o = axes["tree"]["layers"]["attn"]["o"]["kernel"]
+    assert q == {"a": ("layers", "embed", "lora"), "b": ("layers", "lora", "heads_x_head_dim")}
+    assert o == {"a": ("layers", "heads_x_head_dim", "lora"), "b": ("layers", "lora", "embed")}
+
+
+def test_cached_decoding_with_adapters_matches_forward():
+    cfg, params, lcfg, ad = _setup("llama")
+    ad = _nonzero(ad)
+    toks, mask = _tokens(cfg, seed=9)
+    full = np.asarray(_fwd(cfg, params, toks, mask, adapters=ad))
+    P = 5
+    logits, cache = prefill(cfg, params, toks[:, :P], mask[:, :P], 8, adapters=ad)
+    valid = np.asarray(mask[:, :P], bool)  # logits at left-padding slots are meaningless
+    np.testing.assert_allclose(np.asarray(logits)[valid], full[:, :P][valid], rtol=1e-4, atol=1e-4)
+    step, cache = decode_step(cfg, params, cache, toks[:, P], adapters=ad)
+    np.testing.assert_allclose(np.asarray(step), full[:, P], rtol=1e-4, atol=1e-4)
+
+
+def test_num_params():
+    cfg = CFGS["gpt2"]
+    ad = init_lora(cfg, param_shapes(cfg), LoraConfig(rank=2, targets=(r"layers/mlp/up/kernel",)), jax.random.PRNGKey(0))
+    L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
+    assert num_params(ad["tree"]) == L * (D * 2 + 2 * F)
+    assert num_params(ad) == L * (D * 2 + 2 * F) + 1
