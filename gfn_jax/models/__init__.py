@@ -16,3 +16,5 @@ from gfn_jax.models.transformer import (
     unembed,
 )
 from gfn_jax.models.hf import load_hf, save_hf
+from gfn_jax.models.gguf import load_gguf
+from gfn_jax.models.registry import Model, load
