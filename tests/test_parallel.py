@@ -305,3 +305,25 @@ def test_cluster_detection(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")
     assert par._cluster_detected() == "tpu"
+
+
+def test_lora_adapter_shardings():
+    """LoRA's own axis names (``lora``, ``heads_x_head_dim``...) are replicated; embed -> fsdp."""
+    from gfn_jax.models import lora as lora_lib
+    from gfn_jax.models import param_shapes
+
+    lcfg = lora_lib.LoraConfig(rank=4)
+    adapters = lora_lib.init_lora(CFG, param_shapes(CFG), lcfg, jax.random.PRNGKey(1))
+    mesh = par.make_mesh(par.MeshConfig(data=2, fsdp=2, tensor=2))
+    sh = par.tree_shardings(lora_lib.lora_axes(CFG, lcfg), adapters, mesh)
+    assert sh["scale"].spec == P()
+    q = sh["tree"]["layers"]["attn"]["q"]["kernel"]
+    assert q["a"].spec == P(None, "fsdp", None)  # (layers, embed, lora)
+    assert q["b"].spec == P(None, None, None)  # (layers, lora, heads_x_head_dim)
+    down = sh["tree"]["layers"]["mlp"]["down"]["kernel"]
+    assert down["a"].spec == P(None, "tensor", None)  # (layers, mlp, lora)
+    assert down["b"].spec == P(None, None, "fsdp")  # (layers, lora, embed)
+    placed = par.shard_params(adapters, sh)
+    assert {s.data.shape for s in placed["tree"]["layers"]["attn"]["q"]["kernel"]["a"].addressable_shards} == {
+        (CFG.n_layers, CFG.d_model // 2, 4)
+    }
