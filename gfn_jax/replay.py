@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ReplayEntry", "ReplayBuffer", "edit_distances", "collate"]
+__all__ = ["ReplayEntry", "ReplayBuffer", "edit_distances", "edit_distance_lower_bounds", "collate"]
 
 _FORMAT_VERSION = 1
 
@@ -74,6 +74,26 @@ def edit_distances(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
         tmp[:, 1:] = np.minimum(prev[:, 1:] + 1, sub)  # delete from a, or substitute
         prev = np.minimum.accumulate(tmp - cols, axis=1) + cols  # insert into a
     return prev[np.arange(m), lens]
+
+
+def _multiset_keys(tokens: np.ndarray) -> np.ndarray:
+    """Unique int64 keys (token, occurrence number) so that multiset intersections are
+    plain set intersections."""
+    t = np.sort(np.asarray(tokens, np.int64))
+    first = np.searchsorted(t, t, side="left")
+    return t * (1 << 24) + (np.arange(len(t)) - first)
+
+
+def edit_distance_lower_bounds(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+    """Cheap lower bounds ``max(len_a, len_b) - |multiset(a) & multiset(b)|`` on the
+    Levenshtein distances (an alignment matches at most that many equal tokens and
+    every unmatched token of the longer sequence costs at least one edit)."""
+    ka = _multiset_keys(a)
+    out = np.empty(len(others), np.int64)
+    for i, o in enumerate(others):
+        common = len(np.intersect1d(ka, _multiset_keys(o), assume_unique=True))
+        out[i] = max(len(ka), len(o)) - common
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +249,9 @@ class ReplayBuffer:
                 lens = np.array([len(e) for e in rows])
                 thr = self.dedup_fraction * np.maximum(lens, len(toks))
                 cand = np.flatnonzero(~exact & (np.abs(lens - len(toks)) < thr))
+                if len(cand):
+                    lb = edit_distance_lower_bounds(toks, [rows[i].tokens for i in cand])
+                    cand = cand[lb < thr[cand]]
                 if len(cand):
                     d = edit_distances(toks, [rows[i].tokens for i in cand])
                     near[cand[d < thr[cand]]] = True

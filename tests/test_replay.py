@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from gfn_jax.replay import ReplayBuffer, collate, edit_distances
+from gfn_jax.replay import ReplayBuffer, collate, edit_distance_lower_bounds, edit_distances
 
 
 def _lev(a, b):
@@ -29,6 +29,9 @@ def test_edit_distances_match_naive_reference():
         others = [rng.integers(0, 4, size=rng.integers(0, 12)) for _ in range(7)]
         got = edit_distances(a, others)
         assert list(got) == [_lev(list(a), list(o)) for o in others]
+        lb = edit_distance_lower_bounds(a, others)
+        assert np.all(lb <= got) and np.all(lb >= np.abs(len(a) - np.array([len(o) for o in others])))
+    assert edit_distance_lower_bounds(np.array([1, 1, 2]), [np.array([2, 1, 1]), np.array([3, 3])]).tolist() == [0, 3]
     # size the brief asks for: K=100 rows of length 128 stays fast
     a = rng.integers(0, 50, size=128)
     others = [rng.integers(0, 50, size=128) for _ in range(100)]
