@@ -62,11 +62,9 @@ def subtb_loss_pairs(log_pf, log_pterm, log_r, mask, lamb):
     """O(T^2) JAX reference: materialise every pair (i, j) and weight lamb^(j-i-1)."""
     b, t = log_pf.shape
     mask = jnp.asarray(mask)
-    steps = jnp.arange(t)
     # step t is used iff some valid state i <= t and some valid state j > t.
     before = jnp.cumsum(mask[:, :-1], axis=1) > 0
     after = jnp.flip(jnp.cumsum(jnp.flip(mask[:, 1:], 1), axis=1), 1) > 0
-    del steps
     pf = jnp.where(before & after, log_pf, 0.0)
     s = jnp.concatenate([jnp.zeros((b, 1)), jnp.cumsum(pf, 1)], 1)
     log_f = jnp.where(mask, log_r, 0.0) - jnp.where(mask, log_pterm, 0.0)
@@ -101,9 +99,21 @@ def all_finite(tree):
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
-_subtb = jax.jit(obj.subtb_loss, static_argnames=())
+# Jitted once per shape (eager op-by-op dispatch of the scans is slow on CPU).
+_subtb = jax.jit(obj.subtb_loss)  # traced lamb: the associative-scan path, also at λ=1
+_subtb1 = jax.jit(lambda a, b, c, m: obj.subtb_loss(a, b, c, m, 1.0))  # python 1.0: closed form
+_db = jax.jit(obj.db_loss)
+_tb = jax.jit(obj.tb_loss)
 _subtb_grad = jax.jit(jax.grad(lambda a, b, c, m, l: obj.subtb_loss(a, b, c, m, l)[0], argnums=(0, 1, 2)))
+_subtb1_grad = jax.jit(jax.grad(lambda a, b, c, m: obj.subtb_loss(a, b, c, m, 1.0)[0], argnums=(0, 1, 2)))
 _pairs_grad = jax.jit(jax.grad(subtb_loss_pairs, argnums=(0, 1, 2)))
+
+
+def subtb(log_pf, log_pterm, log_r, mask, lamb):
+    """Closed form for lamb == 1.0, scan path otherwise."""
+    if lamb == 1.0:
+        return _subtb1(log_pf, log_pterm, log_r, mask)
+    return _subtb(log_pf, log_pterm, log_r, mask, jnp.float32(lamb))
 
 
 # ----------------------------------------------------------------------------- SubTB / DB
@@ -115,7 +125,7 @@ def test_subtb_matches_pair_loops(seed, lamb):
     log_pf, log_pterm, log_r, mask, _ = make_batch(seed)
     want = ref_subtb(log_pf, log_pterm, log_r, mask, lamb)
     # python-float lamb (closed form at 1.0) and traced lamb (scan path) both match.
-    got, aux = obj.subtb_loss(log_pf, log_pterm, log_r, mask, lamb)
+    got, aux = subtb(log_pf, log_pterm, log_r, mask, lamb)
     got_traced, _ = _subtb(log_pf, log_pterm, log_r, mask, jnp.float32(lamb))
     np.testing.assert_allclose(float(got), want, rtol=2e-5)
     np.testing.assert_allclose(float(got_traced), want, rtol=2e-5)
@@ -140,9 +150,7 @@ def test_subtb_grads_match_pair_reference_and_are_finite(lamb):
     assert np.all(np.asarray(g[1])[~mask] == 0) and np.all(np.asarray(g[2])[~mask] == 0)
     # the python-float closed form at λ=1 has the same gradient
     if lamb == 1.0:
-        g1 = jax.grad(lambda a, b, c: obj.subtb_loss(a, b, c, mask, 1.0)[0], argnums=(0, 1, 2))(
-            log_pf, log_pterm, log_r
-        )
+        g1 = _subtb1_grad(log_pf, log_pterm, log_r, mask)
         for a, r in zip(g1, g_ref):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
 
@@ -173,7 +181,7 @@ def test_subtb_lambda_counts_positions_not_valid_states():
     d = lambda i, j: (log_r[0, i] - log_pterm[0, i]) + log_pf[0, i:j].sum() - (log_r[0, j] - log_pterm[0, j])  # noqa
     # pairs (0,2): λ^1, (0,3): λ^2, (2,3): λ^0
     want = (lamb * d(0, 2) ** 2 + lamb**2 * d(0, 3) ** 2 + d(2, 3) ** 2) / (lamb + lamb**2 + 1)
-    got, aux = obj.subtb_loss(log_pf, log_pterm, log_r, mask, lamb)
+    got, aux = subtb(log_pf, log_pterm, log_r, mask, lamb)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     np.testing.assert_allclose(float(aux["pair_weight"]), lamb + lamb**2 + 1, rtol=1e-6)
     # consecutive-valid-state residual diagnostics: pairs (0,2) and (2,3)
@@ -183,23 +191,25 @@ def test_subtb_lambda_counts_positions_not_valid_states():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_db_matches_loops_and_subtb_lambda0(seed):
     log_pf, log_pterm, log_r, mask, _ = make_batch(seed)
-    loss, aux = jax.jit(obj.db_loss)(log_pf, log_pterm, log_r, mask)
+    loss, aux = _db(log_pf, log_pterm, log_r, mask)
     np.testing.assert_allclose(float(loss), ref_db(log_pf, log_pterm, log_r, mask), rtol=2e-5)
-    np.testing.assert_allclose(float(loss), float(obj.subtb_loss(log_pf, log_pterm, log_r, mask, 0.0)[0]), rtol=2e-5)
-    g = jax.grad(lambda a, b, c: obj.db_loss(a, b, c, mask)[0], argnums=(0, 1, 2))(log_pf, log_pterm, log_r)
+    np.testing.assert_allclose(float(loss), float(subtb(log_pf, log_pterm, log_r, mask, 0.0)[0]), rtol=2e-5)
+    g = jax.jit(jax.grad(lambda a, b, c: obj.db_loss(a, b, c, mask)[0], argnums=(0, 1, 2)))(log_pf, log_pterm, log_r)
     assert all_finite(g) and all_finite(aux)
 
 
 def test_subtb_empty_and_single_state_rows_give_zero():
-    log_pf = np.full((2, 3), np.nan)
-    log_pterm = np.zeros((2, 4))
-    log_r = np.zeros((2, 4))
-    mask = np.array([[False] * 4, [False, True, False, False]])
+    log_pf = np.full((B, T), np.nan)  # same shapes as make_batch: reuses the compiled functions
+    log_pterm = np.zeros((B, T + 1))
+    log_r = np.full((B, T + 1), -np.inf)
+    mask = np.zeros((B, T + 1), bool)
+    mask[1, 3] = True
+    log_r[1, 3] = -2.0
     for lamb in (1.0, 0.5):
-        loss, aux = obj.subtb_loss(log_pf, log_pterm, log_r, mask, lamb)
+        loss, aux = subtb(log_pf, log_pterm, log_r, mask, lamb)
         assert float(loss) == 0.0 and all_finite(aux)
-    g = jax.grad(lambda a: obj.subtb_loss(a, log_pterm, log_r, mask, 0.5)[0])(log_pf)
-    assert all_finite(g)
+    assert all_finite(_subtb_grad(log_pf, log_pterm, log_r, mask, jnp.float32(0.5)))
+    assert all_finite(_subtb1_grad(log_pf, log_pterm, log_r, mask))
 
 
 def _walk_avals(jaxpr):
@@ -274,19 +284,19 @@ def test_exact_optimum_zero_loss_and_perturbation_positive():
     mask = np.asarray(obj.default_state_mask(lengths, 3))
     for m in (mask, mask & (np.arange(4) >= 1)[None, :]):
         for lamb in (1.0, 0.5, 0.0):
-            loss, aux = obj.subtb_loss(lpf, lpt, lr, m, lamb)
+            loss, aux = subtb(lpf, lpt, lr, m, lamb)
             assert float(loss) < 1e-9 and abs(float(aux["residual_abs_mean"])) < 1e-4
-        assert float(obj.db_loss(lpf, lpt, lr, m)[0]) < 1e-9
+        assert float(_db(lpf, lpt, lr, m)[0]) < 1e-9
     # every pair residual is ~0 in the loop reference (float64)
     assert ref_subtb(lpf, lpt, lr, mask, 1.0) < 1e-20
     # log F(s_0) estimates log Z
-    _, aux = obj.subtb_loss(lpf, lpt, lr, mask, 1.0)
+    _, aux = subtb(lpf, lpt, lr, mask, 1.0)
     np.testing.assert_allclose(float(aux["log_f_first_mean"]), log_z, rtol=1e-5)
-    tb, aux = obj.tb_loss(lpf, lpt, lr, lengths, log_z)
+    tb, aux = _tb(lpf, lpt, lr, lengths, log_z)
     assert float(tb) < 1e-9 and abs(float(aux["residual_mean"])) < 1e-4
-    assert float(obj.tb_loss(lpf, lpt, lr, lengths, log_z + 0.5)[0]) == pytest.approx(0.25, rel=1e-4)
+    assert float(_tb(lpf, lpt, lr, lengths, log_z + 0.5)[0]) == pytest.approx(0.25, rel=1e-4)
     # gradient of SubTB vanishes at the optimum
-    g = jax.grad(lambda a, b: obj.subtb_loss(a, b, lr, mask, 0.5)[0], argnums=(0, 1))(lpf, lpt)
+    g = _subtb_grad(lpf, lpt, lr, mask, jnp.float32(0.5))
     assert max(float(jnp.max(jnp.abs(x))) for x in g) < 1e-4
 
     # perturb the policy at node (0,): a different normalised distribution over {⊤, 0, 1}
@@ -299,9 +309,9 @@ def test_exact_optimum_zero_loss_and_perturbation_positive():
     lpf2, lpt2, _, _ = _tree_arrays(nodes, log_r, pterm2, pf2)
     np.testing.assert_allclose(np.exp(ref_seq_logprob(lpf2, lpt2, lengths)).sum(), 1.0, rtol=1e-10)
     for lamb in (1.0, 0.5, 0.0):
-        assert float(obj.subtb_loss(lpf2, lpt2, lr, mask, lamb)[0]) > 1e-3
-    assert float(obj.db_loss(lpf2, lpt2, lr, mask)[0]) > 1e-3
-    assert float(obj.tb_loss(lpf2, lpt2, lr, lengths, log_z)[0]) > 1e-3
+        assert float(subtb(lpf2, lpt2, lr, mask, lamb)[0]) > 1e-3
+    assert float(_db(lpf2, lpt2, lr, mask)[0]) > 1e-3
+    assert float(_tb(lpf2, lpt2, lr, lengths, log_z)[0]) > 1e-3
 
 
 # ----------------------------------------------------------------------------- TB
@@ -317,10 +327,10 @@ def test_tb_matches_loops_and_grad(per_row):
     log_r = np.where(idx[None] == lengths[:, None], np.nan_to_num(log_r, nan=-3.0, neginf=-3.0), -np.inf)
     log_z = np.linspace(-1, 1, B) if per_row else np.float64(0.7)
     res = log_z + ref_seq_logprob(log_pf, log_pterm, lengths) - log_r[np.arange(B), lengths]
-    loss, aux = jax.jit(obj.tb_loss)(log_pf, log_pterm, log_r, lengths, log_z)
+    loss, aux = _tb(log_pf, log_pterm, log_r, lengths, log_z)
     np.testing.assert_allclose(float(loss), np.mean(res**2), rtol=1e-5)
     np.testing.assert_allclose(float(aux["residual_mean"]), np.mean(res), rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda a, b, c, z: obj.tb_loss(a, b, c, lengths, z)[0], argnums=(0, 1, 2, 3))(
+    g = jax.jit(jax.grad(lambda a, b, c, z: obj.tb_loss(a, b, c, lengths, z)[0], argnums=(0, 1, 2, 3)))(
         log_pf, log_pterm, log_r, jnp.asarray(log_z, jnp.float32)
     )
     assert all_finite(g)
@@ -476,7 +486,7 @@ def test_log_z_heads():
     np.testing.assert_allclose(got, x @ np.asarray(params["w2"]) + float(params["b2"]), rtol=1e-4, atol=1e-5)
     # gradient reaches every leaf through TB
     log_pf, log_pterm, log_r, _, lengths = make_batch(8, b=3, drop=0.0)
-    g = jax.grad(lambda p: obj.tb_loss(log_pf, log_pterm, log_r, lengths, obj.apply_log_z(p, h))[0])(params)
+    g = jax.jit(jax.grad(lambda p: obj.tb_loss(log_pf, log_pterm, log_r, lengths, obj.apply_log_z(p, h))[0]))(params)
     assert all(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree_util.tree_leaves(g))
     with pytest.raises(ValueError, match="kind"):
         obj.init_log_z("bogus", 8, jax.random.PRNGKey(0))
