@@ -371,3 +371,19 @@ def test_smollm2_cache_flow(files, tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(x).astype(jnp.bfloat16), np.asarray(y))
     assert second.tokenizer.encode("the 123") == first.tokenizer.encode("the 123")
     assert second.tokenizer.eos_id == 2
+
+
+def test_registry_hf_directory(tmp_path):
+    """A directory spec goes through gfn_jax.models.hf.load_hf (round trip via save_hf)."""
+    from gfn_jax.models.hf import save_hf
+
+    m = registry.load("tiny-llama")
+    save_hf(m.config, m.params, str(tmp_path / "hf"), m.tokenizer)
+    back = registry.load(str(tmp_path / "hf"))
+    assert back.config.family == "llama" and back.config.vocab_size == 257
+    ids = jnp.asarray([m.tokenizer.encode("hi there")])
+    np.testing.assert_allclose(
+        np.asarray(_fwd(back.config, back.params, ids)), np.asarray(_fwd(m.config, m.params, ids)),
+        atol=1e-5,
+    )
+    assert back.tokenizer is not None and back.tokenizer.encode("hi 1") == m.tokenizer.encode("hi 1")
