@@ -350,10 +350,16 @@ class Checkpointer:
 
         keys: Dict[str, str] = {}
 
+        multi_process = jax.process_count() > 1
+
         def unkey(path, x):
             if _is_prng_key(x):
                 keys[_path_str(path)] = _key_impl_name(x)
-                return jax.random.key_data(x)
+                x = jax.random.key_data(x)
+            if multi_process and isinstance(x, jax.Array) and x.is_fully_addressable:
+                # Host-local (e.g. a step counter or key made outside jit): orbax cannot save
+                # it across processes; it is assumed identical on every process.
+                x = np.asarray(x)
             return x
 
         plain_state = jax.tree_util.tree_map_with_path(unkey, state)
@@ -526,16 +532,22 @@ class Checkpointer:
         else:
             state_args = ocp.args.StandardRestore()
         try:
+            # A numpy target keeps the replay blob on the host (never on an accelerator).
+            blob_meta = manager.item_metadata(step)["replay"].tree["blob"]
+            replay_args = ocp.args.StandardRestore({"blob": np.zeros(tuple(blob_meta.shape), np.uint8)})
             out = manager.restore(
                 step,
-                args=ocp.args.Composite(
-                    state=state_args, meta=ocp.args.JsonRestore(), replay=ocp.args.StandardRestore()
-                ),
+                args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore(), replay=replay_args),
             )
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {root} (step {step}) could not be restored: {e}") from e
+            hint = (
+                " (pass abstract_state with shardings for the current devices)"
+                if abstract_state is None and "topolog" in str(e).lower()
+                else ""
+            )
+            raise CheckpointError(f"checkpoint {root} (step {step}) could not be restored{hint}: {e}") from e
 
         def rekey(path, x):
             impl = keys.get(_path_str(path))

@@ -427,3 +427,79 @@ def test_killed_during_save_keeps_previous(tmp_path, phase):
     assert not any("tmp" in n for n in os.listdir(d))
     assert ck.restore()[1] == {"step": 2}
     ck.close()
+
+
+_TWO_PROC_WORKER = """
+import os, signal, sys
+import jax
+jax.distributed.initialize(coordinator_address=os.environ["COORD"], num_processes=2,
+                           process_id=int(os.environ["PID"]))
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from gfn_jax.checkpoint import Checkpointer, PreemptionHandler
+
+pid = jax.process_index()
+mesh = Mesh(np.array(jax.devices()), ("data",))
+stop_at = None
+with PreemptionHandler() as pre:
+    for step in range(1, 50):
+        if pid == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # only process 1 is "preempted"
+        if pre.should_stop(step):
+            stop_at = step
+            break
+assert stop_at is not None
+w = jax.make_array_from_callback((8, 2), NamedSharding(mesh, P("data")),
+                                 lambda idx: np.arange(16, dtype=np.float32).reshape(8, 2)[idx] + stop_at)
+ck = Checkpointer(os.environ["CKDIR"])
+ck.save(stop_at, {"w": w, "step": jnp.int32(stop_at)}, {"stop": stop_at}, None)
+ck.close()
+multihost_utils.sync_global_devices("manifest written")
+print("STOPPED", pid, stop_at, pre.requested, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_process_preemption_and_save(tmp_path):
+    """Process 1 alone gets SIGTERM; both stop at the same step and save one checkpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_TWO_PROC_WORKER)
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", COORD=f"localhost:{port}",
+                   PID=str(pid), CKDIR=str(tmp_path / "ck"),
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for pid, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"worker {pid}:\n{out[-3000:]}"
+    lines = [next(l for l in out.splitlines() if l.startswith("STOPPED")).split() for out in outs]
+    assert [l[2] for l in lines] == ["3", "3"]  # same step on both processes
+    assert [l[3] for l in lines] == ["False", "True"]  # only process 1 was signalled
+    ck = Checkpointer(tmp_path / "ck")
+    assert ck.all_steps() == [3]
+    with pytest.raises(CheckpointError, match=r"step 3\) could not be restored \(pass abstract_state"):
+        ck.restore()  # saved on 2x2 devices of two processes; here 8 devices of one
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    abstract = {"w": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec("data"))),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    state, meta, _ = ck.restore(abstract_state=abstract)
+    assert meta == {"stop": 3} and int(state["step"]) == 3
+    assert len(state["w"].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(16, dtype=np.float32).reshape(8, 2) + 3)
