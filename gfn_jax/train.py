@@ -244,8 +244,11 @@ class Trainer:
             # the reward / reference model is the frozen initial model: keep one copy
             self.base_params = jax.tree_util.tree_map(jnp.copy, base_params) if needs_base else None
         self.log_z_kind = config.objective.log_z if config.objective.name == "tb" else "none"
-        log_z = obj.init_log_z(self.log_z_kind, self.model_cfg.d_model, k_logz,
-                               init=config.objective.log_z_init) if self.log_z_kind != "none" else {}
+        log_z = {}
+        if self.log_z_kind != "none":
+            log_z = obj.init_log_z({"scalar": "scalar", "conditional": "mlp"}[self.log_z_kind],
+                                   self.model_cfg.d_model, k_logz,
+                                   init_value=config.objective.log_z_init)
         log_z = jax.device_put(log_z, parallel.replicated(self.mesh))
 
         self.tx = build_optimizer(config)
@@ -257,9 +260,11 @@ class Trainer:
             rng=jax.device_put(jax.random.key_data(rng) if _is_typed_key(rng) else rng, rep))
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
 
-        self.replay = ReplayBuffer(
-            capacity=config.replay.capacity, dedup_fraction=config.replay.dedup_fraction,
-            sampling=config.replay.sampling, seed=config.seed)
+        if config.replay.sampling not in ("uniform", "reward"):
+            raise ValueError(f"replay.sampling must be 'uniform' or 'reward', "
+                             f"got {config.replay.sampling!r}")
+        self.replay = ReplayBuffer(capacity=config.replay.capacity,
+                                   dedup_fraction=config.replay.dedup_fraction, seed=config.seed)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                  keep=config.train.keep_checkpoints)
         self.start_step = 0
@@ -316,7 +321,7 @@ class Trainer:
             num_samples=num_samples, temperature=behaviour.get("temperature", 1.0),
             top_k=int(self.config.explore.top_k), top_p=float(self.config.explore.top_p),
             epsilon=behaviour.get("epsilon", 0.0), logit_bias=self.logit_bias,
-            adapters=adapters, tool=self.tool)
+            adapters=adapters, tool=self.tool, pad_id=self.tokenizer.pad_id or 0)
         out = jax.device_get(out)
         rows = np.repeat(np.asarray(prompt_rows), num_samples)
         return {
@@ -372,17 +377,19 @@ class Trainer:
     def replay_batch(self, rows: List[int], k: int) -> Optional[Dict[str, np.ndarray]]:
         T = self.spec.max_len
         toks, lens, amask, prow = [], [], [], []
-        temp = reward_temperature(self.config, int(self.state.step))
+        temp = None
+        if self.config.replay.sampling == "reward":
+            temp = reward_temperature(self.config, int(self.state.step))
         for r in rows:
-            entries = self.replay.sample(str(r), k, temperature=temp)
-            if len(entries) < k:
+            if self.replay.size(str(r)) == 0:
                 return None
+            entries = self.replay.sample(str(r), k, temperature=temp)
             for e in entries:
-                z = np.asarray(e["tokens"], np.int32)
+                z = np.asarray(e.tokens, np.int32)
                 row = np.full(T, self.tokenizer.pad_id or 0, np.int32)
                 row[: len(z)] = z
                 am = np.zeros(T, bool)
-                am[: len(z)] = e.get("action_mask", np.ones(len(z), bool))
+                am[: len(z)] = e.arrays.get("action_mask", np.ones(len(z), bool))
                 toks.append(row), lens.append(len(z)), amask.append(am), prow.append(r)
         pt, pm = self.pad_prompts([self.prompt_ids[i] for i in prow])
         B = len(prow)
@@ -523,14 +530,14 @@ class Trainer:
             n = int(batch["lengths"][r])
             self.replay.add(str(int(batch["prompt_index"][r])), batch["tokens"][r, :n],
                             float(log_r_final[r]),
-                            action_mask=batch["action_mask"][r, :n])
+                            arrays={"action_mask": batch["action_mask"][r, :n]})
 
     def run(self, progress: bool = True) -> Dict[str, Any]:
         """The training loop: returns the final summary dict."""
         from tqdm.auto import tqdm
 
         tc = self.config.train
-        writer = MetricsWriter(self.workdir, resume_step=self.start_step)
+        writer = MetricsWriter(self.workdir, resume_step=self.start_step - 1)
         with open(os.path.join(self.workdir, "config.json"), "w") as f:
             json.dump(_jsonable(self.config.to_dict()), f, indent=2)
         summary: Dict[str, Any] = {"start_step": self.start_step}
