@@ -26,9 +26,7 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import signal
 import threading
@@ -276,10 +274,10 @@ class Checkpointer:
         if jax.process_index() != 0:
             return
         root = self._step_dir(step)
-        files = {
-            rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": _sha256(os.path.join(root, rel))}
-            for rel in _list_files(root)
-        }
+        files = {}
+        for rel in _list_files(root):
+            path = os.path.join(root, rel)
+            files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
         manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "files": files}
         _atomic_write_text(os.path.join(root, MANIFEST_NAME), json.dumps(manifest, indent=1))
 
@@ -300,12 +298,14 @@ class Checkpointer:
         """Step directories orbax considers committed (manifest not required)."""
         if not os.path.isdir(self.directory):
             return []
-        return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit() and os.path.isdir(self._step_dir(int(n))))
+        names = os.listdir(self.directory)
+        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(self._step_dir(int(n))))
 
     def all_steps(self) -> List[int]:
         """Complete checkpoints (committed and with a manifest), ascending."""
         self._finalize_pending()
-        return [s for s in self._committed_steps() if os.path.isfile(os.path.join(self._step_dir(s), MANIFEST_NAME))]
+        steps = self._committed_steps()
+        return [s for s in steps if os.path.isfile(os.path.join(self._step_dir(s), MANIFEST_NAME))]
 
     def latest_step(self) -> Optional[int]:
         """The newest complete checkpoint's step, or None when there is none."""
