@@ -105,13 +105,18 @@ def behaviour_logprobs(
         kth = jax.lax.top_k(x, top_k)[0][..., -1:]
         x = jnp.where(x >= kth, x, NEG_INF)
     top_p = jnp.asarray(top_p, jnp.float32)
-    logp = jax.nn.log_softmax(x, axis=-1)
-    sorted_logp = -jnp.sort(-logp, axis=-1)  # descending
-    sorted_p = jnp.exp(sorted_logp)
-    mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-    keep_sorted = mass_before < top_p  # the first entry is always kept
-    thresh = jnp.min(jnp.where(keep_sorted, sorted_logp, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where((top_p >= 1.0) | (logp >= thresh), x, NEG_INF)
+
+    def nucleus(x: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(x, axis=-1)
+        sorted_logp = -jnp.sort(-logp, axis=-1)  # descending
+        sorted_p = jnp.exp(sorted_logp)
+        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        keep_sorted = mass_before < top_p  # the first entry is always kept
+        thresh = jnp.min(jnp.where(keep_sorted, sorted_logp, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(logp >= thresh, x, NEG_INF)
+
+    # The sort only runs when top_p < 1 (a traced scalar, so this is a runtime branch).
+    x = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, x)
     logp = jax.nn.log_softmax(x, axis=-1)
     eps = jnp.asarray(epsilon, jnp.float32)
     n_allowed = jnp.maximum(jnp.sum(allowed, axis=-1, keepdims=True), 1).astype(jnp.float32)

@@ -36,6 +36,7 @@ __all__ = [
     "score_policy",
     "score_reward_prefixes",
     "score_suffix_prefixes",
+    "suffix_layout",
 ]
 
 

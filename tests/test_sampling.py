@@ -1,0 +1,319 @@
+"""The jitted sampler against exact enumeration, the one-pass scorer and the behaviour definitions."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from gfn_jax import sampling
+from gfn_jax.logprobs import PolicySpec
+from gfn_jax.models import transformer as tr
+from gfn_jax.models.config import ModelConfig
+from gfn_jax.sampling import behaviour_logprobs, sample
+from gfn_jax.scoring import score_policy
+
+# --- exact-enumeration model: vocab 6, ⊤ = {4, 5}, max_len 3 -------------------------------
+EV = 6
+ETERM = (4, 5)
+EMAX = 3
+EPROMPT = [1, 2]
+NONTERM = [t for t in range(EV) if t not in ETERM]
+ECFG = ModelConfig(family="llama", vocab_size=EV, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
+EPARAMS = tr.init_params(ECFG, jax.random.PRNGKey(0), std=0.7)
+PROMPT_T = np.array([EPROMPT], np.int32)
+PROMPT_M = np.ones_like(PROMPT_T)
+NS = 20000  # one num_samples (a static arg) for every test on this model: compiles are shared
+
+
+def _lse(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def _enumerate_logits():
+    """Raw next-token logits after every prefix (tuple of non-⊤ tokens, length 0..EMAX), via
+    plain right-padded ``forward`` calls (independent of the sampler and the scorer)."""
+    prefixes = [p for n in range(EMAX + 1) for p in itertools.product(NONTERM, repeat=n)]
+    L = len(EPROMPT) + EMAX
+    toks = np.zeros((len(prefixes), L), np.int32)
+    am = np.zeros((len(prefixes), L), np.int32)
+    for r, p in enumerate(prefixes):
+        s = EPROMPT + list(p)
+        toks[r, : len(s)] = s
+        am[r, : len(s)] = 1
+    logits = np.asarray(tr.forward(ECFG, EPARAMS, toks, am), np.float64)
+    return {p: logits[r, len(EPROMPT) + len(p) - 1] for r, p in enumerate(prefixes)}
+
+
+ELOGITS = _enumerate_logits()
+
+
+def _step_logp(prefix, spec, bias=None, temperature=1.0):
+    """log of the (tempered) constrained next-token distribution at a prefix (numpy)."""
+    x = ELOGITS[prefix] + (0.0 if bias is None else bias)
+    i = len(prefix)
+    is_term = np.isin(np.arange(EV), spec.term_ids)
+    allowed = np.where(is_term, i >= spec.min_len, i < spec.max_len) & np.isfinite(x)
+    x = np.where(allowed, x / temperature, -np.inf)
+    return x - _lse(x)
+
+
+def _outcome_logprobs(spec, bias=None, temperature=1.0):
+    """Exact log-probability of every complete trajectory (product of per-step probs)."""
+    out = {}
+    for p in ELOGITS:
+        lp = sum(_step_logp(p[:t], spec, bias, temperature)[p[t]] for t in range(len(p)))
+        out[p] = lp + _lse(_step_logp(p, spec, bias, temperature)[list(ETERM)])
+    return out
+
+
+def _rows(out):
+    toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tuple(int(t) for t in toks[r, : lens[r]]) for r in range(len(lens))]
+
+
+def _chi2_pvalue(rows, logprobs):
+    counts = {}
+    for r in rows:
+        counts[r] = counts.get(r, 0) + 1
+    assert set(counts) <= {k for k, v in logprobs.items() if v > -np.inf}, "impossible outcome sampled"
+    keys = sorted(logprobs, key=lambda k: -logprobs[k])
+    exp = np.array([np.exp(logprobs[k]) for k in keys]) * len(rows)
+    obs = np.array([counts.get(k, 0) for k in keys], np.float64)
+    np.testing.assert_allclose(exp.sum(), len(rows), rtol=1e-6)  # enumeration is complete
+    # Merge cells with small expectations into one.
+    big = exp >= 5
+    e = np.append(exp[big], exp[~big].sum())
+    o = np.append(obs[big], obs[~big].sum())
+    keep = e > 0
+    return stats.chisquare(o[keep], e[keep] * o[keep].sum() / e[keep].sum()).pvalue
+
+
+BIAS = np.zeros(EV, np.float32)
+BIAS[3] = -np.inf  # disallowed by the policy
+BIAS[0] = 1.0
+BIAS[4] = -0.7
+
+CASES = [
+    ("plain", PolicySpec(ETERM, EMAX, 0), None, 1.0),
+    ("bias_min1", PolicySpec(ETERM, EMAX, 1), BIAS, 1.0),
+    ("bias_min1_tempered", PolicySpec(ETERM, EMAX, 1), BIAS, 0.6),
+]
+
+
+@pytest.mark.parametrize("name,spec,bias,temperature", CASES, ids=[c[0] for c in CASES])
+def test_sampler_matches_exact_enumeration(name, spec, bias, temperature):
+    n = NS
+    out = sample(
+        ECFG, EPARAMS, jax.random.PRNGKey(42), PROMPT_T, PROMPT_M, spec,
+        num_samples=n, temperature=temperature, logit_bias=bias, pad_id=3,
+    )
+    rows = _rows(out)
+    assert out.tokens.shape == (n, EMAX) and out.log_pterm.shape == (n, EMAX + 1)
+    assert min(len(r) for r in rows) >= spec.min_len
+    # The empirical distribution is the behaviour (tempered) one...
+    behaviour = _outcome_logprobs(spec, bias, temperature)
+    assert _chi2_pvalue(rows, behaviour) > 1e-4
+    # ...and not the untempered one when tempered (the test has power).
+    if temperature != 1.0:
+        assert _chi2_pvalue(rows, _outcome_logprobs(spec, bias)) < 1e-6
+    # log_pf / log_pterm are the untempered policy's, per step.
+    lpf, lpt = np.asarray(out.log_pf), np.asarray(out.log_pterm)
+    toks = np.asarray(out.tokens)
+    for r in range(0, n, 97):
+        z = rows[r]
+        for t in range(EMAX):
+            want = _step_logp(z[:t], spec, bias)[z[t]] if t < len(z) else 0.0
+            np.testing.assert_allclose(lpf[r, t], want, atol=1e-5)
+        for i in range(EMAX + 1):
+            if i <= len(z):
+                want = _lse(_step_logp(z[:i], spec, bias)[list(ETERM)])
+                if want == -np.inf:
+                    assert lpt[r, i] < -1e20
+                    continue
+            else:
+                want = 0.0
+            np.testing.assert_allclose(lpt[r, i], want, atol=1e-5)
+        assert np.all(toks[r, len(z):] == 3)  # pad id after the end
+    np.testing.assert_array_equal(np.asarray(out.action_mask), np.arange(EMAX)[None] < np.asarray(out.lengths)[:, None])
+    np.testing.assert_array_equal(np.asarray(out.prompt_index), np.zeros(n))
+
+
+def test_determinism_and_no_retrace_on_scalars():
+    spec = CASES[0][1]
+    kw = dict(num_samples=NS)
+    a = sample(ECFG, EPARAMS, jax.random.PRNGKey(7), PROMPT_T, PROMPT_M, spec, **kw)
+    before = sampling._TRACES["sample"]
+    b = sample(ECFG, EPARAMS, jax.random.PRNGKey(7), PROMPT_T, PROMPT_M, spec, **kw)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    c = sample(ECFG, EPARAMS, jax.random.PRNGKey(8), PROMPT_T, PROMPT_M, spec, **kw)
+    assert not np.array_equal(a.tokens, c.tokens) or not np.array_equal(a.lengths, c.lengths)
+    for temp, top_p, eps in [(0.5, 0.9, 0.1), (2.0, 0.3, 0.0), (1.3, 1.0, 1.0)]:
+        sample(ECFG, EPARAMS, jax.random.PRNGKey(9), PROMPT_T, PROMPT_M, spec,
+               temperature=temp, top_p=top_p, epsilon=eps, **kw)
+    assert sampling._TRACES["sample"] == before
+
+
+def test_top_k_and_top_p_samples_stay_in_the_kept_set():
+    spec = CASES[0][1]
+    for top_k, top_p in [(2, 1.0), (0, 0.5)]:
+        out = sample(ECFG, EPARAMS, jax.random.PRNGKey(3), PROMPT_T, PROMPT_M, spec,
+                     num_samples=NS, top_k=top_k, top_p=top_p)
+        for z in set(_rows(out)):
+            for t in range(len(z) + 1):
+                lp = _step_logp(z[:t], spec)
+                order = np.argsort(-lp)
+                if top_k:
+                    kept = set(order[:top_k].tolist())
+                else:
+                    mass_before = np.cumsum(np.exp(lp[order])) - np.exp(lp[order])
+                    kept = set(order[mass_before < top_p].tolist())
+                if t < len(z):
+                    assert z[t] in kept, (z, t, kept)
+                else:  # terminated here: some ⊤ id was kept (or the length limit forced it)
+                    assert t == EMAX or kept & set(ETERM), (z, kept)
+        if top_k:  # the filter is not vacuous: some allowed token was never chosen at prefix 0
+            assert len({z[0] for z in _rows(out) if z}) <= 2
+
+
+def test_epsilon_one_is_uniform_over_allowed_tokens():
+    spec = PolicySpec(ETERM, EMAX, 1)
+    n = NS
+    out = sample(ECFG, EPARAMS, jax.random.PRNGKey(5), PROMPT_T, PROMPT_M, spec,
+                 num_samples=n, epsilon=1.0, logit_bias=BIAS, temperature=0.3)
+    rows = _rows(out)
+    # prefix 0: ⊤ masked (min_len 1), token 3 disallowed -> uniform over {0, 1, 2}.
+    first = np.array([z[0] for z in rows])
+    freq = np.bincount(first, minlength=EV) / n
+    np.testing.assert_allclose(freq[[0, 1, 2]], 1 / 3, atol=4 * np.sqrt(2 / 9 / n))
+    assert freq[3] == 0
+    # prefix 1: allowed {0, 1, 2, 4, 5}: terminate with prob 2/5.
+    stop1 = np.mean([len(z) == 1 for z in rows])
+    np.testing.assert_allclose(stop1, 2 / 5, atol=4 * np.sqrt(0.24 / n))
+
+
+def _np_behaviour(pl, temperature, top_k, top_p, eps, bb):
+    allowed = (pl > -1e8) & (bb > -1e8)
+    x = np.where(allowed, pl / temperature + bb, -np.inf)
+    if top_k:
+        kth = np.sort(x)[::-1][top_k - 1]
+        x = np.where(x >= kth, x, -np.inf)
+    p = np.exp(x - _lse(x))
+    order = np.argsort(-p)
+    mass_before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(allowed)
+    keep[order[(mass_before < top_p) | (top_p >= 1)]] = True
+    p = np.where(keep, p, 0.0)
+    p = p / p.sum()
+    u = allowed / allowed.sum()
+    return (1 - eps) * p + eps * u
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,eps",
+    [(1.0, 0, 1.0, 0.0), (0.7, 3, 1.0, 0.0), (1.5, 0, 0.6, 0.0), (1.0, 4, 0.8, 0.25), (1.0, 0, 1.0, 1.0)],
+)
+def test_behaviour_logprobs_match_definition(temperature, top_k, top_p, eps):
+    rng = np.random.default_rng(0)
+    pl = rng.normal(size=(4, 9)) * 2
+    pl[:, 2] = -1e30  # disallowed by the policy
+    bb = np.zeros(9)
+    bb[5] = -np.inf  # disallowed by the behaviour bias
+    bb[1] = 0.8
+    got = np.exp(np.asarray(behaviour_logprobs(
+        jnp.asarray(pl, jnp.float32), temperature=temperature, top_k=top_k, top_p=top_p,
+        epsilon=eps, behaviour_bias=jnp.asarray(bb, jnp.float32))))
+    for r in range(pl.shape[0]):
+        np.testing.assert_allclose(got[r], _np_behaviour(pl[r], temperature, top_k, top_p, eps, bb), atol=1e-6)
+    assert np.all(got[:, [2, 5]] == 0)
+
+
+# --- sampler == scorer on a richer set-up ----------------------------------------------------
+V = 10
+TERM = (8, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForceTwoAfterOne:
+    """Dummy tool: after a 1, the next token is forced to be 2."""
+
+    def __call__(self, tokens, lengths, t):
+        prev = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+        force = (t > 0) & (lengths == t) & (prev == 1)
+        return force, jnp.full_like(lengths, 2)
+
+
+def _adapters(cfg, key, r=2):
+    L, D, K, Dh = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.head_dim
+    k1, k2 = jax.random.split(key)
+    return {"scale": jnp.float32(1.5), "tree": {"layers": {"attn": {"v": {"kernel": {
+        "a": 0.4 * jax.random.normal(k1, (L, D, r)), "b": 0.4 * jax.random.normal(k2, (L, r, K * Dh))}}}}}}
+
+
+def test_sampler_log_probs_equal_scorer():
+    # gpt2: learned positions make left-padding / position mistakes visible.
+    cfg = ModelConfig(family="gpt2", vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                      max_seq_len=16)
+    params = tr.init_params(cfg, jax.random.PRNGKey(1), std=0.5)
+    adapters = _adapters(cfg, jax.random.PRNGKey(2))
+    spec = PolicySpec(TERM, max_len=6, min_len=1)
+    pt = np.array([[0, 0, 3, 4], [5, 6, 7, 1], [0, 0, 0, 2]], np.int32)
+    pm = (np.arange(4)[None] >= np.array([[2], [0], [3]])).astype(np.int32)
+    bias = np.zeros(V, np.float32)
+    bias[7] = -1e9
+    bias[1] = 1.0
+    bb = np.zeros(V, np.float32)
+    bb[8] = 0.5
+    ns = 8
+    tool = ForceTwoAfterOne()
+    out = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, num_samples=ns, temperature=1.3,
+                 top_k=5, top_p=0.95, epsilon=0.1, behaviour_bias=bb, logit_bias=bias,
+                 adapters=adapters, tool=tool, pad_id=0)
+    toks, lens, act = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.action_mask)
+    np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(3), ns))
+    # The tool fired, and exactly where it should.
+    n_forced = 0
+    for r in range(len(lens)):
+        assert lens[r] >= 1 and not np.isin(toks[r, : lens[r]], TERM + (7,)).any()
+        for t in range(lens[r]):
+            forced = t > 0 and toks[r, t - 1] == 1
+            assert act[r, t] == (not forced)
+            if forced:
+                assert toks[r, t] == 2 and out.log_pf[r, t] == 0.0
+                n_forced += 1
+        if 0 < lens[r] < spec.max_len:
+            assert toks[r, lens[r] - 1] != 1  # a row cannot terminate right after a 1
+    assert n_forced > 0
+    sc = score_policy(cfg, params, np.repeat(pt, ns, 0), np.repeat(pm, ns, 0), out.tokens, out.lengths,
+                      spec, logit_bias=bias, adapters=adapters, action_mask=out.action_mask)
+    lpt, slpt = np.asarray(out.log_pterm), np.asarray(sc.log_pterm)
+    np.testing.assert_allclose(out.log_pf, sc.log_pf, atol=1e-5)
+    finite = slpt > -1e20
+    np.testing.assert_array_equal(finite, lpt > -1e20)
+    np.testing.assert_allclose(lpt[finite], slpt[finite], atol=1e-5)
+    # With the adapters switched off (scale 0: same jit cache) the scores differ, so the
+    # sampler really used them.
+    off = dict(adapters, scale=jnp.float32(0.0))
+    base = score_policy(cfg, params, np.repeat(pt, ns, 0), np.repeat(pm, ns, 0), out.tokens,
+                        out.lengths, spec, logit_bias=bias, adapters=off, action_mask=out.action_mask)
+    assert np.max(np.abs(np.asarray(base.log_pf) - np.asarray(sc.log_pf))) > 1e-3
+
+
+def test_bad_sampler_inputs_raise():
+    spec = CASES[0][1]
+    with pytest.raises(ValueError, match="temperature"):
+        sample(ECFG, EPARAMS, jax.random.PRNGKey(0), PROMPT_T, PROMPT_M, spec, temperature=0.0)
+    with pytest.raises(ValueError, match="logit_bias"):
+        sample(ECFG, EPARAMS, jax.random.PRNGKey(0), PROMPT_T, PROMPT_M, spec, logit_bias=np.zeros(3))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        sample(ECFG, EPARAMS, jax.random.PRNGKey(0), PROMPT_T, PROMPT_M, PolicySpec(ETERM, 15))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sample(ECFG, EPARAMS, jax.random.PRNGKey(0), PROMPT_T, PROMPT_M, PolicySpec((EV,), 2))
