@@ -167,7 +167,7 @@ _EXPORT = {
 
 def _random_params(cfg: ModelConfig, seed: int):
     """init_params(std=0.2) with every leaf (scales, biases too) perturbed."""
-    params = init_params(cfg, jax.random.PRNGKey(seed), std=0.2)
+    params = init_params(cfg, jax.random.key(seed, impl="unsafe_rbg"), std=0.2)
     rng = np.random.RandomState(seed)
     return jax.tree_util.tree_map(
         lambda x: np.asarray(x) + np.float32(0.1) * rng.standard_normal(x.shape).astype(np.float32),
@@ -220,7 +220,7 @@ def test_export_bad_params(tmp_path):
         save_hf(cfg, params, str(tmp_path))
     bad = ModelConfig("gpt2", V, 32, 2, 4, 64, 24, n_kv_heads=2)
     with pytest.raises(ValueError, match="n_kv_heads == n_heads"):
-        save_hf(bad, init_params(bad, jax.random.PRNGKey(0)), str(tmp_path))
+        save_hf(bad, init_params(bad, jax.random.key(0, impl="unsafe_rbg")), str(tmp_path))
 
 
 # ---------------------------------------------------------------------------

@@ -445,7 +445,10 @@ def prefill(
     """Run the (left-padded) prompt through the model, filling a fresh cache of
     ``max_len`` slots. Returns (logits [B, P, V], cache)."""
     B, P = tokens.shape
+    check_length(cfg, P)
     check_length(cfg, max_len)
+    if P > max_len:
+        raise ValueError(f"prompt of {P} tokens does not fit a cache of max_len={max_len} slots")
     cache = init_cache(cfg, B, max_len, cache_dtype)
     am = attention_mask.astype(bool)
     valid = cache.valid.at[:, :P].set(am)

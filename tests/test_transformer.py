@@ -1,0 +1,169 @@
+"""Self-consistency of the transformer: KV-cache decoding, padding, adapters, dtypes.
+
+(Parity with the PyTorch ``transformers`` models lives in ``tests/test_hf.py``.)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gfn_jax.models import ModelConfig, decode_step, forward, init_params, prefill
+from gfn_jax.models.lora import merge_tree
+
+V = 61
+CONFIGS = {
+    "gpt2": ModelConfig("gpt2", V, 32, 2, 4, 64, 16),
+    "llama": ModelConfig("llama", V, 32, 2, 4, 48, 16, n_kv_heads=2, tie_embeddings=False),
+    "gptj": ModelConfig("gptj", V, 32, 2, 4, 64, 16, rotary_dim=4),
+}
+
+# Left-padded prompts of lengths 6, 2, 2 (the last two differ), then N teacher-forced tokens.
+P, N = 6, 4
+_rs = np.random.RandomState(0)
+PROMPT = _rs.randint(0, V, size=(3, P))
+PROMPT_MASK = np.array([[1] * 6, [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]])
+GEN = _rs.randint(0, V, size=(3, N))
+FULL = np.concatenate([PROMPT, GEN], axis=1)
+FULL_MASK = np.concatenate([PROMPT_MASK, np.ones((3, N), int)], axis=1)
+
+# One compile per (config, shapes).
+_forward = jax.jit(forward, static_argnums=0)
+_prefill = jax.jit(prefill, static_argnums=(0, 4))
+_decode = jax.jit(decode_step, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def models() -> Dict[str, Tuple[ModelConfig, dict, jax.Array]]:
+    """(config, params, full-batch logits) per family; params from init_params(std=0.2)."""
+    out = {}
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        # rbg keys compile much faster than threefry on CPU; values are irrelevant here.
+        params = init_params(cfg, jax.random.key(i, impl="unsafe_rbg"), std=0.2)
+        out[name] = (cfg, params, _forward(cfg, params, FULL, FULL_MASK))
+    return out
+
+
+def _real(x: jax.Array, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(x)[mask.astype(bool)]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_not_flat(models, name):
+    _, _, logits = models[name]
+    assert float(jnp.std(logits, axis=-1).min()) > 0.2
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_decoding_matches_forward(models, name):
+    cfg, params, full = models[name]
+    logits, cache = _prefill(cfg, params, PROMPT, PROMPT_MASK, P + N)
+    err = np.abs(_real(logits, PROMPT_MASK) - _real(full[:, :P], PROMPT_MASK)).max()
+    assert err <= 1e-5, err
+    for j in range(N):
+        step_logits, cache = _decode(cfg, params, cache, GEN[:, j])
+        np.testing.assert_allclose(step_logits, full[:, P + j], atol=1e-5, rtol=0)
+    assert int(cache.index) == P + N
+    np.testing.assert_array_equal(cache.next_pos, FULL_MASK.sum(-1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_left_padding_is_invisible(models, name):
+    cfg, params, full = models[name]
+    # Rows 1 and 2 have 6 real tokens each after 4 pads; run them unpadded.
+    rows = FULL[1:, 4:]
+    unpadded = _forward(cfg, params, rows, np.ones_like(rows))
+    np.testing.assert_allclose(full[1:, 4:], unpadded, atol=1e-5, rtol=0)
+    # Changing what sits under the padding changes nothing at the real positions.
+    junk = np.where(FULL_MASK == 1, FULL, (FULL + 7) % V)
+    np.testing.assert_allclose(
+        _real(_forward(cfg, params, junk, FULL_MASK), FULL_MASK), _real(full, FULL_MASK), atol=1e-6
+    )
+
+
+def _adapters(cfg: ModelConfig, seed: int, rank: int = 3) -> dict:
+    """Random (non-zero b) adapters on q, v, o, mlp down, and the head/embedding."""
+    rs = np.random.RandomState(seed)
+    L, D, H, K, Dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def ab(n_in, n_out, lead=(L,)):
+        return {
+            "a": jnp.asarray(rs.normal(0, 0.3, lead + (n_in, rank)), jnp.float32),
+            "b": jnp.asarray(rs.normal(0, 0.3, lead + (rank, n_out)), jnp.float32),
+        }
+
+    tree = {
+        "layers": {
+            "attn": {
+                "q": {"kernel": ab(D, H * Dh)},
+                "v": {"kernel": ab(D, K * Dh)},
+                "o": {"kernel": ab(H * Dh, D)},
+            },
+            "mlp": {"down": {"kernel": ab(cfg.d_ff, D)}},
+        }
+    }
+    if cfg.tie_embeddings:
+        tree["embed"] = {"embedding": ab(V, D, lead=())}
+    else:
+        tree["lm_head"] = {"kernel": ab(D, V, lead=())}
+    return {"scale": jnp.float32(0.5), "tree": tree}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_adapters_equal_merged(models, name):
+    cfg, params, full = models[name]
+    adapters = _adapters(cfg, seed=3)
+    merged = merge_tree(params, adapters["tree"], adapters["scale"])
+    # Independent check of one merged leaf with numpy: W + s * (A @ B) reshaped.
+    ad = adapters["tree"]["layers"]["attn"]["o"]["kernel"]
+    w = np.asarray(params["layers"]["attn"]["o"]["kernel"])
+    delta = np.einsum("lir,lro->lio", np.asarray(ad["a"]), np.asarray(ad["b"])).reshape(w.shape)
+    np.testing.assert_allclose(merged["layers"]["attn"]["o"]["kernel"], w + 0.5 * delta, atol=1e-6)
+
+    with_adapters = forward(cfg, params, FULL, FULL_MASK, adapters=adapters)
+    on_merged = _forward(cfg, merged, FULL, FULL_MASK)
+    np.testing.assert_allclose(
+        _real(with_adapters, FULL_MASK), _real(on_merged, FULL_MASK), atol=1e-5, rtol=0
+    )
+    assert np.abs(_real(on_merged, FULL_MASK) - _real(full, FULL_MASK)).max() > 0.1
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_too_long_raises(models, name):
+    cfg, params, _ = models[name]
+    too_long = np.zeros((1, cfg.max_seq_len + 1), np.int32)
+    with pytest.raises(ValueError, match=r"17 tokens is longer than the model's context \(max_seq_len=16\)"):
+        forward(cfg, params, too_long)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        prefill(cfg, params, too_long, np.ones_like(too_long), cfg.max_seq_len)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        prefill(cfg, params, PROMPT, PROMPT_MASK, cfg.max_seq_len + 1)
+    with pytest.raises(ValueError, match="does not fit a cache of max_len=4"):
+        prefill(cfg, params, PROMPT, PROMPT_MASK, 4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bfloat16_close_to_float32(models, name):
+    cfg, params, full = models[name]
+    bf_cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    bf_params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    logits = _forward(bf_cfg, bf_params, FULL, FULL_MASK)
+    assert logits.dtype == jnp.float32  # logits are returned in float32
+    got, ref = _real(logits, FULL_MASK), _real(full, FULL_MASK)
+    assert np.isfinite(got).all()
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 0.05 * scale, (np.abs(got - ref).max(), scale)
+    # Same argmax on almost all positions.
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_unknown_family_raises():
+    with pytest.raises(ValueError, match="unsupported architecture family 'bert'"):
+        ModelConfig("bert", V, 32, 2, 4, 64, 16)
+    with pytest.raises(ValueError, match="unsupported architecture family 'mamba'"):
+        CONFIGS["gpt2"].replace(family="mamba")
