@@ -206,6 +206,12 @@ class Trainer:
         self.model_cfg, base_params, self.tokenizer = load_model(config, self.task)
         self.task.setup(self.model_cfg, self.tokenizer)
         self.spec: PolicySpec = self.task.policy_spec()
+        # Balance objectives score every prefix as a terminable state, including those
+        # shorter than min_len, with the *unconstrained* termination probability: sampling
+        # conditions on length >= min_len (renormalising without ⊤), which then draws from
+        # the target restricted to those lengths. Without this the first min_len tokens
+        # would appear in no residual and stay untrained.
+        self.balance_spec = dataclasses.replace(self.spec, min_len=0)
         bias = self.task.policy_logit_bias()
         self.logit_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
         self.tool = self.task.tool()
@@ -410,15 +416,17 @@ class Trainer:
             params, adapters = base_params, trainable
         else:
             params, adapters = trainable, None
+        balance = c.name in ("subtb", "db")
+        spec = self.balance_spec if balance else self.spec
         scores = score_policy(
             self.model_cfg, params, batch["prompt_tokens"], batch["prompt_mask"],
-            batch["tokens"], batch["lengths"], self.spec, logit_bias=self.logit_bias,
+            batch["tokens"], batch["lengths"], spec, logit_bias=self.logit_bias,
             adapters=adapters, action_mask=batch["action_mask"])
         log_r_raw = jax.lax.stop_gradient(
             self.task.log_reward(self.model_cfg, base_params, batch).astype(jnp.float32))
         log_r = log_r_raw / temperature
         lengths = batch["lengths"]
-        smask = state_mask_from(lengths, batch["action_mask"], self.spec.min_len)
+        smask = state_mask_from(lengths, batch["action_mask"], spec.min_len)
         aux: Dict[str, jax.Array] = {}
         name = c.name
         if name == "subtb":
