@@ -42,7 +42,7 @@ def _hf_configs() -> Dict[str, transformers.PretrainedConfig]:
             bos_token_id=0, eos_token_id=1,
         ),
         "llama_tied": transformers.LlamaConfig(
-            **llama, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0}
+            **llama, tie_word_embeddings=True, rope_theta=500.0
         ),
         "llama_untied": transformers.LlamaConfig(**llama, tie_word_embeddings=False),
         "qwen2": transformers.Qwen2Config(**llama, tie_word_embeddings=False),
@@ -315,3 +315,16 @@ def test_error_bad_tensors(ckpt_copy):
     _edit_config(ckpt_copy, vocab_size=V + 1)
     with pytest.raises(ValueError, match=r"'model.embed_tokens.weight'.*expected \(62, 32\)"):
         load_hf(str(ckpt_copy))
+
+
+def test_unprefixed_gpt2_names(hf_models, tmp_path):
+    """Checkpoints saved from the bare ``GPT2Model`` have no ``transformer.`` prefix."""
+    _, path = hf_models["gpt2"]
+    shutil.copy(os.path.join(path, "config.json"), tmp_path / "config.json")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    assert all(k.startswith("transformer.") for k in tensors)
+    bare = {k[len("transformer."):]: v for k, v in tensors.items()}
+    save_file(bare, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _, params, _ = load_hf(str(tmp_path))
+    _, ref, _ = load_hf(path)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref)
