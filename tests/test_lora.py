@@ -33,6 +33,7 @@ CFGS = {
 EXTRA = {"gpt2": ("embed/embedding",), "llama": ("lm_head/kernel",), "gptj": ("lm_head/kernel",)}
 
 _fwd = jax.jit(forward, static_argnums=0)
+_merge = jax.jit(merge_lora)
 
 
 def _tokens(cfg, seed=0):
@@ -46,10 +47,10 @@ def _tokens(cfg, seed=0):
 def _nonzero(adapters, seed=1):
     """Adapters with random (non-zero) b so the adapted model differs from the base."""
     leaves, tdef = jax.tree_util.tree_flatten_with_path(adapters["tree"])
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     out = []
-    for (path, x), k in zip(leaves, keys):
-        out.append(0.3 * jax.random.normal(k, x.shape) if path[-1].key == "b" else x)
+    for path, x in leaves:
+        out.append(0.3 * rng.standard_normal(x.shape, np.float32) if path[-1].key == "b" else x)
     return {"scale": adapters["scale"], "tree": jax.tree_util.tree_unflatten(tdef, out)}
 
 
@@ -76,60 +77,66 @@ def _setup(fam):
     return cfg, params, lcfg, ad
 
 
-@pytest.mark.parametrize("fam", list(CFGS))
-def test_zero_b_is_exactly_base_and_merge_matches(fam):
-    cfg, params, lcfg, ad = _setup(fam)
-    toks, mask = _tokens(cfg)
-    base = np.asarray(_fwd(cfg, params, toks, mask))
-    np.testing.assert_array_equal(np.asarray(_fwd(cfg, params, toks, mask, adapters=ad)), base)
-    # a is non-trivial, b is zero, scale alpha/rank
-    assert float(ad["scale"]) == 2.0
-    for leaf in jax.tree_util.tree_leaves(ad["tree"]):
-        assert leaf.dtype == jnp.float32
-    a_q = np.asarray(ad["tree"]["layers"]["attn"]["q"]["kernel"]["a"])
-    assert np.all(np.abs(a_q) <= 1 / np.sqrt(cfg.d_model)) and np.std(a_q) > 0.05
-    assert not np.allclose(a_q[0], a_q[1])  # independent per layer
-
-    ad = _nonzero(ad)
-    adapted = np.asarray(_fwd(cfg, params, toks, mask, adapters=ad))
-    assert np.max(np.abs(adapted - base)) > 1e-2  # the adapters do something
-    merged = merge_lora(params, ad)
-    # merge against an independent numpy reference: W + s * (A @ B) reshaped
-    s = float(ad["scale"])
-    for path in _paths(ad["tree"]):
-        w = params
-        m = merged
-        t = ad["tree"]
-        for k in path.split("/"):
-            w, m, t = w[k], m[k], t[k]
-        ref = np.asarray(w) + s * np.matmul(np.asarray(t["a"]), np.asarray(t["b"])).reshape(w.shape)
-        np.testing.assert_allclose(np.asarray(m), ref, rtol=1e-5, atol=1e-6)
-    # untouched leaves are the very same arrays
-    assert merged["final_norm"]["scale"] is params["final_norm"]["scale"]
-    exported = np.asarray(_fwd(cfg, merged, toks, mask))
-    np.testing.assert_allclose(adapted, exported, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("fam", list(CFGS))
-def test_adapter_grads_follow_chain_rule_through_merged_weight(fam):
-    cfg, params, lcfg, ad = _setup(fam)
-    ad = _nonzero(ad)
-    toks, mask = _tokens(cfg, seed=3)
-    wts = jax.random.normal(jax.random.PRNGKey(5), (2, 7, cfg.vocab_size))
+def _value_and_grads(cfg, toks, mask):
+    """Jitted (loss, logits), grads for the adapted model (w.r.t. adapters) and for a plain
+    model (w.r.t. its params); one compile each per family."""
+    wts = jax.random.normal(jax.random.PRNGKey(5), toks.shape + (cfg.vocab_size,))
 
     def loss(p, a):
         logits = forward(cfg, p, toks, mask, adapters=a)
-        return jnp.sum(jax.nn.log_softmax(logits, -1) * wts)
+        return jnp.sum(jax.nn.log_softmax(logits, -1) * wts), logits
 
-    g_ad = jax.jit(jax.grad(loss, argnums=1))(params, ad)
-    g_w = jax.jit(jax.grad(lambda p: loss(p, None)))(merge_lora(params, ad))
+    g_ad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True))
+    g_w = jax.jit(jax.value_and_grad(lambda p: loss(p, None), has_aux=True))
+    return g_ad, g_w
+
+
+@pytest.mark.parametrize("fam", list(CFGS))
+def test_init_merge_and_chain_rule(fam):
+    """B=0 init is exactly the base; merged export equals the adapted forward; adapter
+    gradients equal the chain rule through the explicitly merged weight."""
+    cfg, params, lcfg, ad0 = _setup(fam)
+    toks, mask = _tokens(cfg, seed=3)
+    g_ad, g_w = _value_and_grads(cfg, toks, mask)
+
+    # --- init: a is Kaiming-uniform per layer, b = 0, scale = alpha / rank
+    assert float(ad0["scale"]) == 2.0
+    for leaf in jax.tree_util.tree_leaves(ad0["tree"]):
+        assert leaf.dtype == jnp.float32
+    a_q = np.asarray(ad0["tree"]["layers"]["attn"]["q"]["kernel"]["a"])
+    assert np.all(np.abs(a_q) <= 1 / np.sqrt(cfg.d_model)) and np.std(a_q) > 0.05
+    assert not np.allclose(a_q[0], a_q[1])  # independent per layer
+    (_, base), _ = g_w(params)
+    (_, zero), _ = g_ad(params, ad0)
+    np.testing.assert_array_equal(np.asarray(zero), np.asarray(base))
+
+    # --- merge: against an independent numpy reference W + s * (A @ B) reshaped
+    ad = _nonzero(ad0)
+    merged = _merge(params, ad)
     s = float(ad["scale"])
     for path in _paths(ad["tree"]):
-        t, ga, gw = ad["tree"], g_ad["tree"], g_w
+        w, m, t = params, merged, ad["tree"]
         for k in path.split("/"):
-            t, ga, gw = t[k], ga[k], gw[k]
+            w, m, t = w[k], m[k], t[k]
+        ref = np.asarray(w) + s * np.matmul(np.asarray(t["a"]), np.asarray(t["b"])).reshape(w.shape)
+        np.testing.assert_allclose(np.asarray(m), ref, rtol=1e-5, atol=1e-6, err_msg=path)
+    # untouched leaves are the very same arrays
+    assert merge_lora(params, ad)["final_norm"]["scale"] is params["final_norm"]["scale"]
+
+    # --- exported (merged) model equals the adapted forward, which differs from the base
+    (_, adapted), grads = g_ad(params, ad)
+    (_, exported), gw = g_w(merged)
+    adapted, exported = np.asarray(adapted), np.asarray(exported)
+    assert np.max(np.abs(adapted - np.asarray(base))) > 1e-2
+    np.testing.assert_allclose(adapted, exported, rtol=1e-5, atol=1e-5)
+
+    # --- chain rule: dL/dA = s G B^T, dL/dB = s A^T G with G = dL/dW_merged
+    for path in _paths(ad["tree"]):
+        t, ga, gm = ad["tree"], grads["tree"], gw
+        for k in path.split("/"):
+            t, ga, gm = t[k], ga[k], gm[k]
         A, B = np.asarray(t["a"]), np.asarray(t["b"])
-        G = np.asarray(gw).reshape(A.shape[:-1] + (B.shape[-1],))
+        G = np.asarray(gm).reshape(A.shape[:-1] + (B.shape[-1],))
         dA = s * np.matmul(G, np.swapaxes(B, -1, -2))
         dB = s * np.matmul(np.swapaxes(A, -1, -2), G)
         assert np.max(np.abs(dA)) > 1e-4 and np.max(np.abs(dB)) > 1e-4, path
@@ -221,17 +228,27 @@ def test_axes_tree_matches_adapters(fam):
     assert o == {"a": ("layers", "heads_x_head_dim", "lora"), "b": ("layers", "lora", "embed")}
 
 
-def test_cached_decoding_with_adapters_matches_forward():
-    cfg, params, lcfg, ad = _setup("llama")
-    ad = _nonzero(ad)
+def test_cached_decoding_with_adapters_matches_merged_model():
+    """prefill/decode_step with adapters equal the same calls on the merged (exported)
+    parameters (with zero adapters, so both share one compiled function)."""
+    cfg, params, lcfg, ad0 = _setup("llama")
+    ad = _nonzero(ad0)
+    merged = _merge(params, ad)
     toks, mask = _tokens(cfg, seed=9)
-    full = np.asarray(_fwd(cfg, params, toks, mask, adapters=ad))
+    pre = jax.jit(prefill, static_argnums=(0, 4))
+    dec = jax.jit(decode_step, static_argnums=0)
     P = 5
-    logits, cache = prefill(cfg, params, toks[:, :P], mask[:, :P], 8, adapters=ad)
     valid = np.asarray(mask[:, :P], bool)  # logits at left-padding slots are meaningless
-    np.testing.assert_allclose(np.asarray(logits)[valid], full[:, :P][valid], rtol=1e-4, atol=1e-4)
-    step, cache = decode_step(cfg, params, cache, toks[:, P], adapters=ad)
-    np.testing.assert_allclose(np.asarray(step), full[:, P], rtol=1e-4, atol=1e-4)
+    outs = []
+    for p, a in ((params, ad), (merged, ad0)):
+        logits, cache = pre(cfg, p, toks[:, :P], mask[:, :P], 8, adapters=a)
+        step, cache = dec(cfg, p, cache, toks[:, P], adapters=a)
+        outs.append((np.asarray(logits)[valid], np.asarray(step)))
+    (l1, s1), (l2, s2) = outs
+    np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-5)
+    base_logits, _ = pre(cfg, params, toks[:, :P], mask[:, :P], 8, adapters=ad0)
+    assert np.max(np.abs(np.asarray(base_logits)[valid] - l1)) > 1e-2  # adapters matter
 
 
 def test_num_params():
