@@ -34,7 +34,8 @@ def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> 
 
     ``w`` has shape ``[*batch, *in, *out]`` where ``batch`` are the leading axes shared
     with ``a`` (``a.ndim - 2`` of them); the split between ``in`` and ``out`` is where the
-    product of ``w``'s dims equals ``a.shape[-2]``.
+    product of ``w``'s dims equals ``a.shape[-2]``. ``scale`` is a constant: no gradient
+    flows to it (so training the adapter dict leaves it fixed up to weight decay).
     """
     nb = a.ndim - 2
     dims = w.shape[nb:]
@@ -46,6 +47,7 @@ def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> 
             break
     if split is None:
         raise ValueError(f"adapter a{a.shape} does not match kernel {w.shape}")
+    scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
     delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
     delta = delta.reshape(w.shape)
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
@@ -273,9 +275,10 @@ def merge_lora(params: Params, adapters: Params) -> Params:
 def lora_trainable_mask(adapters: Params) -> Params:
     """Bool tree over ``adapters``: True for every ``a``/``b`` leaf, False for ``scale``.
 
-    The scale does receive a gradient once ``b != 0``; freeze it, e.g. with
+    The scale gets no gradient (see :func:`merge_kernel`), but optimizers with weight
+    decay would still shrink it; freeze it, e.g. with
     ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)`` (note that
-    ``optax.masked(tx, mask)`` alone passes masked-out gradients through unchanged).
+    ``optax.masked(tx, mask)`` alone passes masked-out updates through unchanged).
     """
     return {
         "scale": False,
