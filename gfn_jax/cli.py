@@ -20,11 +20,11 @@ from absl import flags
 USAGE = __doc__
 
 
-def _define_train(fv: flags.FlagValues) -> None:
+def _define_train(fv: flags.FlagValues, argv: List[str]) -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, plots)",
                         flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
@@ -32,7 +32,7 @@ def _define_train(fv: flags.FlagValues) -> None:
                       flag_values=fv)
 
 
-def _define_sample(fv: flags.FlagValues) -> None:
+def _define_sample(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_string("workdir", None, "a run directory written by `gfn-jax train`",
                         flag_values=fv)
     flags.DEFINE_integer("num", 100, "number of samples", flag_values=fv)
@@ -45,7 +45,7 @@ def _define_sample(fv: flags.FlagValues) -> None:
                          flag_values=fv)
 
 
-def _define_eval(fv: flags.FlagValues) -> None:
+def _define_eval(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_string("workdir", None, "a run directory written by `gfn-jax train`",
                         flag_values=fv)
     flags.DEFINE_integer("num", 0, "number of samples (0: config.eval.num_samples)",
@@ -53,7 +53,7 @@ def _define_eval(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "PRNG seed", flag_values=fv)
 
 
-def _define_convert(fv: flags.FlagValues) -> None:
+def _define_convert(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_string("model", None, "model spec: HF dir, .gguf file or registered name",
                         flag_values=fv)
     flags.DEFINE_string("workdir", None, "optional run directory whose LoRA adapters (or "
@@ -209,11 +209,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     define, run = COMMANDS[cmd]
     fv = flags.FlagValues()
-    define(fv)
+    args = [f"gfn-jax {cmd}"] + argv[2:]
+    define(fv, args)
     try:
-        fv([f"gfn-jax {cmd}"] + argv[2:])
+        fv(args)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, AttributeError) as e:
+        bad = [a.split("=")[0] for a in args if a.startswith("--config.")]
+        print(f"error: unknown config key {e} (in one of the overrides {bad}); "
+              "see gfn_jax/defaults.py for every key", file=sys.stderr)
         return 2
     return run(fv)
 

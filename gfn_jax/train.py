@@ -193,13 +193,13 @@ class Trainer:
     """Builds everything from a config and runs the GFlowNet fine-tuning loop."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 restore: bool = True) -> None:
+                 restore: bool = True, devices: Optional[List[Any]] = None) -> None:
         validate_config(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         parallel.initialize_distributed()
-        self.mesh = parallel.make_mesh(parallel.MeshConfig(**config.mesh.to_dict()))
+        self.mesh = parallel.make_mesh(parallel.MeshConfig(**config.mesh.to_dict()), devices)
         self.rules = parallel.DEFAULT_RULES
 
         self.task = make_task(config.task)
@@ -237,8 +237,11 @@ class Trainer:
             self.lora_cfg = lora_lib.LoraConfig(
                 rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                 targets=tuple(config.lora.targets))
-            trainable = lora_lib.init_lora(self.model_cfg, base_params, self.lora_cfg, k_lora)
-            t_axes = lora_lib.lora_axes(self.model_cfg, self.lora_cfg)
+            adapters = lora_lib.init_lora(self.model_cfg, base_params, self.lora_cfg, k_lora)
+            # the scale alpha/r is a constant, not a trainable leaf
+            self.lora_scale = float(self.lora_cfg.scale)
+            trainable = adapters["tree"]
+            t_axes = lora_lib.lora_axes(self.model_cfg, self.lora_cfg)["tree"]
             t_shapes = jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
             t_shard = parallel.tree_shardings(t_axes, t_shapes, self.mesh, self.rules)
@@ -259,6 +262,13 @@ class Trainer:
 
         self.tx = build_optimizer(config)
         opt_state = jax.jit(self.tx.init)({"trainable": trainable, "log_z": log_z})
+        # leaves that follow a parameter keep its sharding; the rest (counters, scalar
+        # moments) are replicated over the mesh so every state leaf lives on the mesh
+        mesh_devices = set(self.mesh.devices.flat)
+        opt_state = jax.tree_util.tree_map(
+            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+            and x.sharding.device_set == mesh_devices else jax.device_put(x, parallel.replicated(self.mesh)),
+            opt_state)
         rep = parallel.replicated(self.mesh)
         self.state = TrainState(
             step=jax.device_put(jnp.zeros((), jnp.int32), rep), trainable=trainable,
@@ -303,8 +313,12 @@ class Trainer:
     def policy_params(self) -> Tuple[Params, Optional[Params]]:
         """(params, adapters) for the current policy."""
         if self.use_lora:
-            return self.base_params, self.state.trainable
+            return self.base_params, self.adapters(self.state.trainable)
         return self.state.trainable, None
+
+    def adapters(self, tree: Params) -> Params:
+        """The adapter dict the model functions take, from the trainable adapter tree."""
+        return {"scale": jnp.float32(self.lora_scale), "tree": tree}
 
     def _restore(self) -> None:
         abstract = jax.tree_util.tree_map(
@@ -413,7 +427,7 @@ class Trainer:
         """Scalar loss and aux metrics for one batch (pure; traced inside the step)."""
         c = self.config.objective
         if self.use_lora:
-            params, adapters = base_params, trainable
+            params, adapters = base_params, self.adapters(trainable)
         else:
             params, adapters = trainable, None
         balance = c.name in ("subtb", "db")
@@ -535,13 +549,16 @@ class Trainer:
         if self.config.explore.p_replay <= 0 and not self.config.replay.always_fill:
             return
         for r in range(len(log_r_final)):
+            if not np.isfinite(log_r_final[r]):
+                continue  # an impossible trajectory is never replayed
             n = int(batch["lengths"][r])
             self.replay.add(str(int(batch["prompt_index"][r])), batch["tokens"][r, :n],
                             float(log_r_final[r]),
                             arrays={"action_mask": batch["action_mask"][r, :n]})
 
-    def run(self, progress: bool = True) -> Dict[str, Any]:
-        """The training loop: returns the final summary dict."""
+    def run(self, progress: bool = True, until: Optional[int] = None) -> Dict[str, Any]:
+        """The training loop: returns the final summary dict. ``until`` stops early (with a
+        checkpoint) after that many steps, as a preemption would."""
         from tqdm.auto import tqdm
 
         tc = self.config.train
@@ -588,11 +605,11 @@ class Trainer:
                 done = step + 1
                 if tc.ckpt_every and done % tc.ckpt_every == 0:
                     self.save(done)
-                if preempt.requested:
+                if preempt.requested or (until is not None and done >= until):
                     self.save(done, force=True)
                     self.ckpt.wait()
                     summary["preempted_at"] = done
-                    print(f"preemption signal: saved checkpoint at step {done}, exiting")
+                    print(f"stopping early: saved checkpoint at step {done}")
                     break
             else:
                 done = tc.steps

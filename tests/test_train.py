@@ -1,0 +1,251 @@
+"""The trainer: sharded step equals single device, resume determinism, NaN handling, tasks'
+rewards against closed forms, and the CLI."""
+
+import itertools
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gfn_jax import cli
+from gfn_jax.checkpoint import Checkpointer
+from gfn_jax.metrics import read_metrics
+from gfn_jax.models.registry import char_tokenizer
+from gfn_jax.models.config import ModelConfig
+from gfn_jax.tasks.rng import RandomNumberTask, parse_valid_integer
+from gfn_jax.tasks.toy import ToyTask, toy_log_reward_text
+from gfn_jax.train import NonFiniteLossError, Trainer, state_mask_from
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy_config(**overrides):
+    c = runpy.run_path(os.path.join(ROOT, "configs", "toy_exact.py"))["get_config"]()
+    c.eval.num_samples = 0
+    c.train.log_every = 1
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+# ---------------------------------------------------------------------------
+# Task rewards against closed forms
+# ---------------------------------------------------------------------------
+def test_toy_reward_every_prefix_matches_closed_form():
+    c = toy_config()
+    task = ToyTask(c.task)
+    tok = task.build_tokenizer()
+    task.setup(ModelConfig(family="llama", vocab_size=tok.vocab_size, d_model=8, n_layers=1,
+                           n_heads=2, d_ff=8, max_seq_len=8), tok)
+    strings = ["".join(p) for p in itertools.product("abc", repeat=3)]
+    z = np.array([[tok.token_to_id(ch) for ch in s] for s in strings], np.int32)
+    got = np.asarray(task.log_reward(None, None, {"tokens": jnp.asarray(z)}))
+    for r, s in enumerate(strings):
+        for i in range(4):
+            assert got[r, i] == pytest.approx(toy_log_reward_text(s[:i]), abs=1e-6), (s, i)
+
+
+def test_rng_reward_matches_parser():
+    tok = char_tokenizer("0123456789x \n", specials=("<eos>",))
+    task = RandomNumberTask({"max_len": 3})
+    task.setup(ModelConfig(family="llama", vocab_size=tok.vocab_size, d_model=8, n_layers=1,
+                           n_heads=2, d_ff=8, max_seq_len=8), tok)
+    rng = np.random.default_rng(0)
+    alphabet = "0123456789x "
+    strings = ["".join(rng.choice(list(alphabet), size=3)) for _ in range(300)]
+    strings += ["100", "099", "7xx", "42 ", "000"]
+    z = np.array([tok.encode(s) for s in strings], np.int32)
+    got = np.asarray(task.log_reward(None, None, {"tokens": jnp.asarray(z)}))
+    for r, s in enumerate(strings):
+        for i in range(4):
+            want = 0.0 if parse_valid_integer(s[:i]) is not None else task.invalid_log_reward
+            assert got[r, i] == want, (s, i)
+
+
+def test_state_mask_excludes_tool_splices_and_short_prefixes():
+    am = jnp.array([[True, False, True, True], [True, True, False, False]])
+    lengths = jnp.array([4, 2])
+    m = np.asarray(state_mask_from(lengths, am, min_len=1))
+    # row 0: prefix 1 is followed by a spliced token -> not a state; prefix 0 < min_len
+    assert m[0].tolist() == [False, False, True, True, True]
+    assert m[1].tolist() == [False, True, True, False, False]
+
+
+# ---------------------------------------------------------------------------
+# The sharded step equals the single-device step
+# ---------------------------------------------------------------------------
+def _one_step(config, devices, workdir):
+    tr = Trainer(config, workdir, restore=False, devices=devices)
+    batch, _ = tr.make_batch(0)
+    metrics, _ = tr.train_step(batch, 1.0)
+    return float(metrics["loss"]), jax.device_get(tr.state.trainable), jax.device_get(tr.state.log_z)
+
+
+@pytest.mark.parametrize("objective,lora", [("subtb", False), ("tb", True)])
+def test_sharded_step_matches_single_device(tmp_path, objective, lora):
+    base = dict(**{"objective.name": objective, "lora.enabled": lora,
+                   "objective.log_z": "conditional", "model.init_std": 0.1})
+    ref_cfg = toy_config(**base, **{"mesh.data": 1})
+    loss0, params0, logz0 = _one_step(ref_cfg, jax.devices()[:1], str(tmp_path / "ref"))
+    assert np.isfinite(loss0)
+    for data, fsdp, tensor in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]:
+        cfg = toy_config(**base, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+        loss, params, logz = _one_step(cfg, None, str(tmp_path / f"m{data}{fsdp}{tensor}"))
+        assert loss == pytest.approx(loss0, abs=1e-5, rel=1e-5), (data, fsdp, tensor)
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(logz), jax.tree_util.tree_leaves(logz0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_params_are_sharded_by_the_rules(tmp_path):
+    cfg = toy_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    tr = Trainer(cfg, str(tmp_path), restore=False)
+    q = tr.state.trainable["layers"]["attn"]["q"]["kernel"]  # [L, D, H, Dh]
+    spec = q.sharding.spec
+    assert tuple(spec)[:3] == (None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+
+
+# ---------------------------------------------------------------------------
+# Resume, NaN, checkpoints
+# ---------------------------------------------------------------------------
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path):
+    over = {"train.steps": 8, "train.ckpt_every": 2, "explore.p_replay": 0.3,
+            "explore.p_tempered": 0.2, "explore.p_on_policy": 0.5, "replay.min_size": 1}
+    a = str(tmp_path / "a")
+    Trainer(toy_config(**over), a).run(progress=False)
+    b = str(tmp_path / "b")
+    Trainer(toy_config(**over), b).run(progress=False, until=3)
+    assert Checkpointer(os.path.join(b, "checkpoints")).latest_step() == 3
+    tr = Trainer(toy_config(**over), b)
+    assert tr.start_step == 3 and len(tr.replay) > 0
+    tr.run(progress=False)
+    la, lb = _losses(a), _losses(b)
+    assert sorted(la) == sorted(lb) == list(range(8))
+    for s in range(8):
+        assert lb[s] == pytest.approx(la[s], rel=1e-6, abs=1e-7), s
+
+
+def test_nan_loss_stops_with_step_and_keeps_clean_checkpoint(tmp_path):
+    wd = str(tmp_path)
+    tr = Trainer(toy_config(**{"train.steps": 10, "train.ckpt_every": 2}), wd)
+    tr.run(progress=False, until=4)
+    good = jax.device_get(tr.state.trainable)
+    tr2 = Trainer(toy_config(**{"train.steps": 10, "train.ckpt_every": 2}), wd)
+    tr2.task.log_reward = lambda c, p, b: jnp.full((b["tokens"].shape[0],
+                                                     b["tokens"].shape[1] + 1), jnp.nan)
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        tr2.run(progress=False)
+    # the state was not touched and the last checkpoint is the clean one
+    for a, b in zip(jax.tree_util.tree_leaves(tr2.state.trainable), jax.tree_util.tree_leaves(good)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ck = Checkpointer(os.path.join(wd, "checkpoints"))
+    assert ck.latest_step() == 4
+    state, meta, _ = ck.restore()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+
+
+def test_nan_skip_mode_continues(tmp_path):
+    tr = Trainer(toy_config(**{"train.steps": 3, "train.on_nan": "skip"}), str(tmp_path))
+    tr.task.log_reward = lambda c, p, b: jnp.full((b["tokens"].shape[0],
+                                                    b["tokens"].shape[1] + 1), jnp.nan)
+    before = jax.device_get(tr.state.trainable)
+    tr.run(progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(tr.state.trainable), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    recs = read_metrics(str(tmp_path))
+    assert sum(1 for r in recs if r.get("nonfinite") == 1.0) == 3
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+def test_cli_rejects_unknown_config_key(tmp_path, capsys):
+    rc = cli.main(["gfn-jax", "train", "--config", os.path.join(ROOT, "configs/toy_exact.py"),
+                   "--workdir", str(tmp_path), "--config.train.no_such_key=3"])
+    assert rc == 2
+    assert "no_such_key" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_config_value(tmp_path):
+    with pytest.raises(ValueError, match="objective.name"):
+        cli.main(["gfn-jax", "train", "--config", os.path.join(ROOT, "configs/toy_exact.py"),
+                  "--workdir", str(tmp_path), "--config.objective.name=nope"])
+
+
+def test_cli_sample_without_run_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="not a gfn-jax run directory"):
+        cli.main(["gfn-jax", "sample", "--workdir", str(tmp_path), "--output",
+                  str(tmp_path / "s.jsonl")])
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    wd = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gfn_jax.cli", "train", "--config",
+         os.path.join(ROOT, "configs/toy_exact.py"), "--workdir", wd, "--noprogress",
+         "--config.train.steps=100000", "--config.eval.num_samples=0",
+         "--config.train.ckpt_every=0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(read_metrics(metrics)) >= 5:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()
+    step = Checkpointer(os.path.join(wd, "checkpoints")).latest_step()
+    assert step is not None and step >= 5
+    summary = json.load(open(os.path.join(wd, "summary.json")))
+    assert summary["preempted_at"] == step
+
+
+# ---------------------------------------------------------------------------
+# The exactly solvable task: trained samples match the target distribution
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["subtb", "tb"])
+def test_toy_exact_reaches_target(tmp_path, objective):
+    from gfn_jax.tasks.toy import toy_target, total_variation
+
+    wd = str(tmp_path / objective)
+    cfg = os.path.join(ROOT, "configs/toy_exact.py")
+    assert cli.main(["gfn-jax", "train", "--config", cfg, "--workdir", wd, "--noprogress",
+                     f"--config.objective.name={objective}",
+                     "--config.eval.num_samples=0"]) == 0
+    out = str(tmp_path / "samples.jsonl")
+    assert cli.main(["gfn-jax", "sample", "--workdir", wd, "--num", "10000", "--output", out,
+                     "--seed", "7"]) == 0
+    rows = [json.loads(l) for l in open(out)]
+    assert len(rows) == 10000 and {"prompt", "text", "log_q"} <= set(rows[0])
+    counts = {}
+    for r in rows:
+        counts[r["text"]] = counts.get(r["text"], 0) + 1
+    emp = {k: v / len(rows) for k, v in counts.items()}
+    target = toy_target()
+    tv = total_variation(emp, target)
+    assert tv < 0.05, tv
+    # log_q is the policy's own probability: its empirical frequency agrees
+    top = max(counts, key=counts.get)
+    lq = np.mean([r["log_q"] for r in rows if r["text"] == top])
+    assert np.exp(lq) == pytest.approx(emp[top], abs=0.02)
