@@ -1,3 +1,57 @@
-"""gfn-jax: GFlowNet fine-tuning of large language models in JAX."""
+"""gfn-jax: GFlowNet fine-tuning of large language models in JAX.
+
+Public API (see ``docs/architecture.md``):
+
+* models: :func:`load`, :func:`forward`, :class:`ModelConfig`, :func:`init_params`,
+  :func:`load_hf`, :func:`save_hf`, :func:`load_gguf`, LoRA (:class:`LoraConfig`,
+  :func:`init_lora`, :func:`merge_lora`)
+* sampling and scoring: :class:`PolicySpec`, :func:`sample`, :func:`score_policy`,
+  :func:`score_reward_prefixes`, :func:`score_suffix_prefixes`
+* objectives: :func:`subtb_loss`, :func:`tb_loss`, :func:`db_loss`, :func:`sft_loss`,
+  :func:`reinforce_loss`, :func:`ppo_loss`
+* training: :class:`Trainer`, :class:`ReplayBuffer`, :class:`Checkpointer`, tasks
+  (:class:`Task`, :func:`make_task`, :func:`register_task`), parallelism
+  (:class:`MeshConfig`, :func:`make_mesh`)
+"""
 
 __version__ = "0.1.0"
+
+from gfn_jax.logprobs import PolicySpec
+from gfn_jax.models import (
+    Model,
+    ModelConfig,
+    forward,
+    init_params,
+    load,
+    load_gguf,
+    load_hf,
+    param_axes,
+    save_hf,
+)
+from gfn_jax.models.lora import LoraConfig, init_lora, merge_lora
+from gfn_jax.objectives import (
+    db_loss,
+    init_log_z,
+    apply_log_z,
+    ppo_loss,
+    reinforce_loss,
+    sft_loss,
+    subtb_loss,
+    tb_loss,
+)
+from gfn_jax.parallel import MeshConfig, make_mesh
+from gfn_jax.replay import ReplayBuffer
+from gfn_jax.sampling import SampleOutput, sample
+from gfn_jax.scoring import score_policy, score_reward_prefixes, score_suffix_prefixes
+from gfn_jax.checkpoint import Checkpointer, CheckpointError
+from gfn_jax.tasks import Task, make_task, register_task
+from gfn_jax.train import Trainer, TrainState
+
+__all__ = [
+    "PolicySpec", "Model", "ModelConfig", "forward", "init_params", "load", "load_gguf",
+    "load_hf", "param_axes", "save_hf", "LoraConfig", "init_lora", "merge_lora", "db_loss",
+    "init_log_z", "apply_log_z", "ppo_loss", "reinforce_loss", "sft_loss", "subtb_loss",
+    "tb_loss", "MeshConfig", "make_mesh", "ReplayBuffer", "SampleOutput", "sample",
+    "score_policy", "score_reward_prefixes", "score_suffix_prefixes", "Checkpointer",
+    "CheckpointError", "Task", "make_task", "register_task", "Trainer", "TrainState",
+]
