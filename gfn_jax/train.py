@@ -342,7 +342,7 @@ class Trainer:
             top_k=int(self.config.explore.top_k), top_p=float(self.config.explore.top_p),
             epsilon=behaviour.get("epsilon", 0.0), logit_bias=self.logit_bias,
             adapters=adapters, tool=self.tool, pad_id=self.tokenizer.pad_id or 0)
-        out = jax.device_get(out)
+        out = _to_host(out)
         rows = np.repeat(np.asarray(prompt_rows), num_samples)
         return {
             "prompt_tokens": np.repeat(toks, num_samples, 0),
@@ -533,10 +533,16 @@ class Trainer:
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if B % n_dev:
             raise ValueError(f"batch of {B} rows is not divisible by data*fsdp={n_dev}")
-        arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+        if jax.process_count() > 1:
+            # every host built the same global batch (seeded by step); each feeds its rows
+            rows = parallel.process_batch_slice(self.mesh, B)
+            arrays = parallel.global_batch_from_local(
+                {k: np.asarray(v)[rows] for k, v in batch.items()}, self.mesh)
+        else:
+            arrays = {k: jnp.asarray(v) for k, v in batch.items()}
         self.state, metrics, log_r_final = self._step_fn(
             self.state, self.base_params, arrays, jnp.float32(temperature))
-        return jax.device_get(metrics), np.asarray(jax.device_get(log_r_final))
+        return _to_host(metrics), np.asarray(_to_host(log_r_final))
 
     # ---------------------------------------------------------------- loop
     def save(self, step: int, force: bool = False) -> None:
@@ -605,7 +611,7 @@ class Trainer:
                 done = step + 1
                 if tc.ckpt_every and done % tc.ckpt_every == 0:
                     self.save(done)
-                if preempt.requested or (until is not None and done >= until):
+                if preempt.should_stop(done) or (until is not None and done >= until):
                     self.save(done, force=True)
                     self.ckpt.wait()
                     summary["preempted_at"] = done
@@ -659,6 +665,15 @@ class Trainer:
         finally:
             self.prompt_ids = saved_prompt_ids
         return out
+
+
+def _to_host(tree: Any) -> Any:
+    """Fetch a tree of (possibly multi-host sharded) arrays as numpy on every host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 def _is_typed_key(k: jax.Array) -> bool:
