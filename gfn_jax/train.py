@@ -646,6 +646,10 @@ class Trainer:
         key = jax.random.PRNGKey(seed)
         saved_prompt_ids = self.prompt_ids
         self.prompt_ids = ids
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, desc="sampling", unit="seq", dynamic_ncols=True,
+                   disable=num < 2 * bs or jax.process_index() != 0)
         try:
             c = 0
             while len(out) < num:
@@ -661,8 +665,10 @@ class Trainer:
                     toks = d["tokens"][r, :n].tolist()
                     out.append({"prompt": prompts[pi], "text": self.tokenizer.decode(toks),
                                 "tokens": toks, "log_q": float(np.sum(lp[r]))})
+                bar.update(k)
                 c += 1
         finally:
+            bar.close()
             self.prompt_ids = saved_prompt_ids
         return out
 
