@@ -569,8 +569,9 @@ class Trainer:
 
         tc = self.config.train
         writer = MetricsWriter(self.workdir, resume_step=self.start_step - 1)
-        with open(os.path.join(self.workdir, "config.json"), "w") as f:
-            json.dump(_jsonable(self.config.to_dict()), f, indent=2)
+        if jax.process_index() == 0:  # one writer on a shared workdir
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(_jsonable(self.config.to_dict()), f, indent=2)
         summary: Dict[str, Any] = {"start_step": self.start_step}
         t_start = time.time()
         tokens_seen = 0
@@ -629,7 +630,8 @@ class Trainer:
         writer.write_summary(_jsonable(summary))
         writer.close()
         try:
-            plot_metrics(self.workdir)
+            if jax.process_index() == 0:  # only process 0 has the metrics; one writer
+                plot_metrics(self.workdir)
         except Exception as e:  # plots are a convenience, never fatal
             print("warning: could not plot metrics:", e)
         return summary
