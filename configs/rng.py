@@ -18,22 +18,28 @@ def get_config():
     c.task.invalid_log_reward = -8.0
     c.task.term_tokens = ("\n",)
     c.task.use_eos = True
+    c.task.digits_only = True  # actions: the ten digit tokens and termination
     c.model.spec = "smollm2-135m"
     c.lora.enabled = True
     c.lora.rank = 16
     c.lora.alpha = 32.0
     c.objective.name = "subtb"
-    c.optim.lr = 1e-3
+    c.optim.lr = 3e-4
     c.optim.warmup_steps = 10
     c.train.steps = 150
     c.train.prompts_per_batch = 1
     c.train.samples_per_prompt = 32
     c.train.log_every = 1
     c.train.ckpt_every = 50
+    # a 49k-token vocabulary at temperature 2 samples garbage: keep tempering mild, and
+    # replay the best trajectories found so far
     c.explore.p_on_policy = 0.5
-    c.explore.p_tempered = 0.5
+    c.explore.p_tempered = 0.25
     c.explore.temp_min = 1.0
-    c.explore.temp_max = 2.0
+    c.explore.temp_max = 1.5
+    c.explore.p_replay = 0.25
+    c.replay.capacity = 64
+    c.replay.min_size = 8
     c.eval.num_samples = 10000
     c.eval.batch_size = 1000
     return c

@@ -423,11 +423,13 @@ class Trainer:
 
     # -------------------------------------------------------------- the step
     def loss_fn(self, trainable: Params, log_z_params: Params, base_params: Optional[Params],
-                batch: Dict[str, jax.Array], temperature: jax.Array):
+                batch: Dict[str, jax.Array], temperature: jax.Array,
+                rng: Optional[jax.Array] = None):
         """Scalar loss and aux metrics for one batch (pure; traced inside the step)."""
         c = self.config.objective
         if self.use_lora:
-            params, adapters = base_params, self.adapters(trainable)
+            params = base_params
+            adapters = lora_lib.with_dropout(self.adapters(trainable), self.lora_cfg.dropout, rng)
         else:
             params, adapters = trainable, None
         balance = c.name in ("subtb", "db")
@@ -487,8 +489,11 @@ class Trainer:
         on_nan_skip = self.config.train.on_nan == "skip"
 
         def step(state: TrainState, base_params, batch, temperature):
+            rng = jax.random.fold_in(state.rng, state.step)  # e.g. LoRA dropout masks
+
             def f(tp):
-                return self.loss_fn(tp["trainable"], tp["log_z"], base_params, batch, temperature)
+                return self.loss_fn(tp["trainable"], tp["log_z"], base_params, batch, temperature,
+                                    rng)
 
             tp = {"trainable": state.trainable, "log_z": state.log_z}
             (loss, (metrics, log_r_final)), grads = jax.value_and_grad(f, has_aux=True)(tp)

@@ -17,6 +17,7 @@ from gfn_jax.models.lora import (
     lora_trainable_mask,
     merge_lora,
     num_params,
+    with_dropout,
 )
 
 CFGS = {
@@ -198,8 +199,8 @@ def test_targets_regex_and_errors():
         init_lora(cfg, shapes, LoraConfig(targets=(r"layers/attn_norm/scale",)), key)
     with pytest.raises(ValueError, match=r"biases and norm scales"):
         init_lora(CFGS["gpt2"], param_shapes(CFGS["gpt2"]), LoraConfig(targets=(r"layers/mlp/up/bias",)), key)
-    with pytest.raises(NotImplementedError, match=r"dropout"):
-        LoraConfig(dropout=0.1)
+    with pytest.raises(ValueError, match=r"dropout"):
+        LoraConfig(dropout=1.0)
     with pytest.raises(ValueError, match=r"rank"):
         LoraConfig(rank=0)
     with pytest.raises(ValueError, match=r"invalid regex"):
@@ -261,3 +262,48 @@ def test_num_params():
     L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
     assert num_params(ad["tree"]) == L * (D * 2 + 2 * F)
     assert num_params(ad) == L * (D * 2 + 2 * F) + 1
+
+
+@pytest.mark.parametrize("fam", list(CFGS))
+def test_unmerged_dropout_path_at_rate_zero_equals_merged(fam):
+    """The training-mode path x@W + s*drop(x)@A@B with nothing dropped equals the merged
+    forward for every projection (q, k, v, o, gate, up, down)."""
+    cfg, params, _, ad = _setup(fam)
+    ad = _nonzero(ad)
+    toks, mask = _tokens(cfg)
+    merged = _fwd(cfg, params, toks, mask, adapters=ad)
+    train_mode = dict(ad, dropout_rng=jax.random.PRNGKey(3), dropout_rate=jnp.float32(0.0))
+    unmerged = _fwd(cfg, params, toks, mask, adapters=train_mode)
+    np.testing.assert_allclose(np.asarray(unmerged), np.asarray(merged), atol=2e-5, rtol=1e-5)
+
+
+def test_dropout_delta_matches_numpy_and_is_keyed():
+    """One projection's adapter delta equals numpy with the same Bernoulli mask; the whole
+    forward is deterministic in the key, differs across keys, and gradients are finite."""
+    from gfn_jax.models.transformer import _LORA_IDS, _lora_delta
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    key, rate, scale = jax.random.PRNGKey(11), 0.3, 1.5
+    tree = {"mlp": {"up": {"kernel": {"a": a, "b": b}}}}
+    got = _lora_delta((tree, scale, rate, key), "mlp", "up", x, 1)
+    keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, _LORA_IDS["up"]), 1 - rate, x.shape))
+    want = (np.where(keep, np.asarray(x) / (1 - rate), 0) @ np.asarray(a)) @ np.asarray(b) * scale
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert 0.5 < keep.mean() < 0.9
+
+    cfg, params, _, ad = _setup("llama")
+    ad = _nonzero(ad)
+    toks, mask = _tokens(cfg)
+    f = jax.jit(lambda a, k: forward(cfg, params, toks, mask, adapters=with_dropout(a, 0.5, k)))
+    l1, l2 = f(ad, jax.random.PRNGKey(1)), f(ad, jax.random.PRNGKey(1))
+    l3 = f(ad, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
+    assert float(jnp.max(jnp.abs(l1 - l3))) > 1e-3
+    g = jax.grad(lambda a: jnp.sum(f(a, jax.random.PRNGKey(1)) ** 2))(ad)
+    leaves = jax.tree_util.tree_leaves(g["tree"])
+    assert all(np.isfinite(np.asarray(v)).all() for v in leaves)
+    assert any(float(jnp.abs(v).max()) > 0 for v in leaves)
+    assert with_dropout(ad, 0.0, jax.random.PRNGKey(1)) is ad

@@ -9,8 +9,10 @@ Public API: :class:`LoraConfig`, :func:`init_lora`, :func:`lora_axes`, :func:`me
 :func:`lora_trainable_mask`, :func:`num_params`, :func:`split_axes` (the in/out rule), and
 the low-level :func:`merge_kernel` / :func:`merge_tree` used by the transformer.
 
-LoRA dropout is not supported (``LoraConfig(dropout>0)`` raises): the merged-in-scan form
-cannot express dropout on the adapter input.
+LoRA dropout: :func:`with_dropout` adds ``dropout_rng``/``dropout_rate`` entries to an
+adapter dict; the transformer then keeps the per-layer adapter path unmerged and computes
+``x @ W + scale * dropout(x) @ A @ B`` (training only; sampling and export use the merged
+form). Adapters on top-level leaves (embedding, head) are always merged, without dropout.
 """
 
 from __future__ import annotations
@@ -85,9 +87,8 @@ class LoraConfig:
     Attributes:
       rank: adapter rank ``r``.
       alpha: the adapter path is scaled by ``alpha / rank``.
-      dropout: LoRA dropout on the adapter input. Only ``0.0`` is supported: the
-        adapters are merged into the weights inside the layer scan, where dropout on the
-        adapter path's input cannot be expressed, so a positive value raises.
+      dropout: LoRA dropout on the adapter path's input during training (see
+        :func:`with_dropout`); 0 keeps the cheaper merged-in-scan form.
       targets: regular expressions, each ``re.fullmatch``-ed against '/'-joined
         parameter paths such as ``"layers/attn/q/kernel"`` or ``"lm_head/kernel"``.
         Every pattern must match at least one kernel.
@@ -110,12 +111,6 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha must be finite, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dropout > 0.0:
-            raise NotImplementedError(
-                f"LoraConfig.dropout={self.dropout} is not supported: adapters are merged into "
-                "the kernels inside the layer scan, where dropout on the adapter input cannot "
-                "be expressed; use dropout=0.0"
-            )
         for pat in self.targets:
             try:
                 re.compile(pat)
@@ -289,3 +284,12 @@ def lora_trainable_mask(adapters: Params) -> Params:
 def num_params(tree: Any) -> int:
     """Total number of elements over all array leaves of ``tree`` (shape-only leaves too)."""
     return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def with_dropout(adapters: Params, rate: float, rng: Optional[jax.Array]) -> Params:
+    """The adapter dict in training mode: dropout ``rate`` on the adapter input, masks
+    drawn from ``rng`` (one key per call; layers and projections get their own streams).
+    ``rate == 0`` or ``rng is None`` returns ``adapters`` unchanged (merged form)."""
+    if rng is None or rate <= 0.0:
+        return adapters
+    return dict(adapters, dropout_rng=rng, dropout_rate=jnp.float32(rate))

@@ -200,6 +200,26 @@ def _rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
     return x
 
 
+# Unmerged LoRA path (used when adapter dropout is on): (tree, scale, rate, rng) per layer.
+_LORA_IDS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6}
+
+
+def _lora_delta(lora, group: str, name: str, x: jax.Array, n_in: int) -> Optional[jax.Array]:
+    """``scale * dropout(x) @ a @ b`` for adapter ``group/name/kernel`` (None if absent);
+    ``x``'s last ``n_in`` axes are the kernel's input features. Output [..., n_out]."""
+    if lora is None:
+        return None
+    tree, scale, rate, rng = lora
+    ad = tree.get(group, {}).get(name, {}).get("kernel")
+    if ad is None:
+        return None
+    dt = x.dtype
+    xin = x.reshape(x.shape[: x.ndim - n_in] + (-1,))
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - rate, xin.shape)
+    xin = jnp.where(keep, xin / (1.0 - rate), 0.0).astype(dt)
+    return (xin @ ad["a"].astype(dt)) @ ad["b"].astype(dt) * jnp.asarray(scale, dt)
+
+
 def _attention(
     cfg: ModelConfig,
     p: Params,
@@ -208,11 +228,16 @@ def _attention(
     mask: jax.Array,
     kv: Optional[Tuple[jax.Array, jax.Array]],
     index: Optional[jax.Array],
+    lora: Any = None,
 ) -> Tuple[jax.Array, Optional[Tuple[jax.Array, jax.Array]]]:
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, _w(p["q"], "kernel", dt))
     k = jnp.einsum("btd,dhk->bthk", x, _w(p["k"], "kernel", dt))
     v = jnp.einsum("btd,dhk->bthk", x, _w(p["v"], "kernel", dt))
+    dq, dk, dv = (_lora_delta(lora, "attn", nm, x, 1) for nm in ("q", "k", "v"))
+    q = q if dq is None else q + dq.reshape(q.shape)
+    k = k if dk is None else k + dk.reshape(k.shape)
+    v = v if dv is None else v + dv.reshape(v.shape)
     if "bias" in p["q"]:
         q = q + p["q"]["bias"].astype(dt)
         k = k + p["k"]["bias"].astype(dt)
@@ -235,34 +260,42 @@ def _attention(
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    d_o = _lora_delta(lora, "attn", "o", out, 2)
     out = jnp.einsum("bthk,hkd->btd", out, _w(p["o"], "kernel", dt))
+    if d_o is not None:
+        out = out + d_o
     if "bias" in p["o"]:
         out = out + p["o"]["bias"].astype(dt)
     return out, new_kv
 
 
-def _mlp(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, lora: Any = None) -> jax.Array:
     dt = x.dtype
-    up = x @ _w(p["up"], "kernel", dt)
+
+    def plus(y, name, inp):
+        d = _lora_delta(lora, "mlp", name, inp, 1)
+        return y if d is None else y + d
+
+    up = plus(x @ _w(p["up"], "kernel", dt), "up", x)
     if "bias" in p["up"]:
         up = up + p["up"]["bias"].astype(dt)
     if "gate" in p:
-        h = _act(cfg.activation, x @ _w(p["gate"], "kernel", dt)) * up
+        h = _act(cfg.activation, plus(x @ _w(p["gate"], "kernel", dt), "gate", x)) * up
     else:
         h = _act(cfg.activation, up)
-    out = h @ _w(p["down"], "kernel", dt)
+    out = plus(h @ _w(p["down"], "kernel", dt), "down", h)
     if "bias" in p["down"]:
         out = out + p["down"]["bias"].astype(dt)
     return out
 
 
-def _block(cfg, p, x, positions, mask, kv, index):
+def _block(cfg, p, x, positions, mask, kv, index, lora=None):
     h = _norm(cfg, p["attn_norm"], x)
-    a, new_kv = _attention(cfg, p["attn"], h, positions, mask, kv, index)
+    a, new_kv = _attention(cfg, p["attn"], h, positions, mask, kv, index, lora)
     if cfg.family == "gptj":
-        return x + a + _mlp(cfg, p["mlp"], h), new_kv
+        return x + a + _mlp(cfg, p["mlp"], h, lora), new_kv
     x = x + a
-    return x + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x)), new_kv
+    return x + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x), lora), new_kv
 
 
 # ---------------------------------------------------------------------------
@@ -357,32 +390,42 @@ def apply(
       compute_logits: set False to skip the vocabulary projection (returns None logits).
       adapters: optional LoRA adapters ``{"scale": s, "tree": {...}}`` (see
         :mod:`gfn_jax.models.lora`); per-layer adapters are merged inside the layer scan
-        so only one layer's merged weights exist at a time. None = base model.
+        so only one layer's merged weights exist at a time. None = base model. With
+        ``"dropout_rng"`` (a PRNG key) and ``"dropout_rate"`` entries, per-layer adapters
+        stay unmerged and dropout is applied to their input (training mode).
 
     Returns ``(logits, cache)`` or ``(logits, cache, hidden)``; logits are float32.
     """
     layer_adapters = None
+    layer_rngs = None
     if adapters is not None:
         scale = adapters["scale"]
         top = {k: v for k, v in adapters["tree"].items() if k != "layers"}
         params = merge_tree(params, top, scale)
         layer_adapters = adapters["tree"].get("layers")
+        if adapters.get("dropout_rng") is not None and layer_adapters is not None:
+            # adapter dropout: keep the adapter path unmerged, x@W + s*drop(x)@A@B
+            rate = adapters.get("dropout_rate", 0.0)
+            layer_rngs = jax.random.split(adapters["dropout_rng"], cfg.n_layers)
     x = _embed(cfg, params, tokens, positions)
     layers = params["layers"]
     index = None if cache is None else cache.index
 
     def body(carry, xs):
         h = carry
-        lp, la, kv = xs
-        if la is not None:
+        lp, la, kv, lrng = xs
+        lora = None
+        if la is not None and lrng is None:
             lp = merge_tree(lp, la, scale)
-        h, new_kv = _block(cfg, lp, h, positions, mask, kv, index)
+        elif la is not None:
+            lora = (la, scale, rate, lrng)
+        h, new_kv = _block(cfg, lp, h, positions, mask, kv, index, lora)
         return h, new_kv
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     kv_xs = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, kv_xs))
+    x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, kv_xs, layer_rngs))
     hidden = _norm(cfg, params["final_norm"], x)
     logits = unembed(cfg, params, hidden) if compute_logits else None
     new_cache = None

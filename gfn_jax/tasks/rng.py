@@ -2,8 +2,11 @@
 
 Prompt: "The following is a random integer drawn uniformly between 0 and 100: ". Reward:
 high (log R = 0) for a canonical integer 0..99 (no leading zero) followed by termination,
-low (``invalid_log_reward``) for anything else. The GFlowNet optimum is then uniform over
-the 100 valid integers, which a reward-maximiser or the base LM is not.
+low (``invalid_log_reward``) for anything else. The GFlowNet optimum is then (nearly)
+uniform over the 100 valid integers, which a reward-maximiser or the base LM is not. By
+default (``digits_only``) the policy acts on the ten digit tokens and termination; with
+``invalid_log_reward = -8`` the optimum then puts about 99.7% of its mass on valid
+integers (1011 invalid strings of length <= 3 share e^-8 each).
 
 The reward is exact and jittable because SmolLM2's tokenizer splits digits individually:
 an integer is a run of single-digit tokens, found with a [V] lookup table.
@@ -46,6 +49,10 @@ class RandomNumberTask(Task):
         self.invalid_log_reward = float(config.get("invalid_log_reward", -8.0))
         self.term_tokens = tuple(config.get("term_tokens", ("\n",)))
         self.use_eos = bool(config.get("use_eos", True))
+        # Over the whole vocabulary the target p(Z) ∝ R(Z) is dominated by the ~V^max_len
+        # invalid strings unless log R(invalid) < -max_len*log(V): restrict the policy's
+        # actions to the ten digit tokens and termination (a policy logit bias) instead.
+        self.digits_only = bool(config.get("digits_only", True))
 
     def setup(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
         super().setup(model_config, tokenizer)
@@ -66,6 +73,14 @@ class RandomNumberTask(Task):
 
     def train_prompts(self) -> List[str]:
         return [self.prompt]
+
+    def policy_logit_bias(self) -> Optional[np.ndarray]:
+        if not self.digits_only:
+            return None
+        bias = np.full(self.model_config.vocab_size, -1e9, np.float32)
+        bias[self.digit_of >= 0] = 0.0
+        bias[list(self.term_ids)] = 0.0
+        return bias
 
     def policy_spec(self) -> PolicySpec:
         return PolicySpec(term_ids=self.term_ids, max_len=self.max_len, min_len=0)
