@@ -481,18 +481,19 @@ def torch_subtb_loss(torch: Any, log_pf: Any, log_pterm: Any, log_r: Any, length
     loss = sum w res^2 / sum w over the batch.
     """
     B, T = log_pf.shape
+    kw = {"device": log_pf.device, "dtype": log_pf.dtype}
     idx = torch.arange(T + 1, device=log_pf.device)
     valid = (idx[None, :] <= lengths[:, None]) & (idx[None, :] >= min_len)
-    zero = torch.zeros((), device=log_pf.device)
+    zero = torch.zeros((), **kw)
     log_f = torch.where(valid, log_r - log_pterm, zero)
     pf = torch.where(idx[None, :T] < lengths[:, None], log_pf, zero)
     delta = log_f[:, :-1] + pf - log_f[:, 1:]
-    D = torch.cat([torch.zeros((B, 1), device=log_pf.device), torch.cumsum(delta, 1)], 1)
-    num = torch.zeros((), device=log_pf.device)
-    den = torch.zeros((), device=log_pf.device)
+    D = torch.cat([torch.zeros((B, 1), **kw), torch.cumsum(delta, 1)], 1)
+    num = torch.zeros((), **kw)
+    den = torch.zeros((), **kw)
     for k in range(1, T + 1):
         res = D[:, k:] - D[:, :-k]
-        m = (valid[:, k:] & valid[:, :-k]).float()
+        m = (valid[:, k:] & valid[:, :-k]).to(log_pf.dtype)
         w = lamb ** (k - 1)
         num = num + w * (res.pow(2) * m).sum()
         den = den + w * m.sum()
