@@ -497,7 +497,7 @@ class Trainer:
 
             tp = {"trainable": state.trainable, "log_z": state.log_z}
             (loss, (metrics, log_r_final)), grads = jax.value_and_grad(f, has_aux=True)(tp)
-            gnorm = optax.global_norm(grads)
+            gnorm = optax.tree.norm(grads)
             updates, new_opt = tx.update(grads, state.opt_state, tp)
             new_tp = optax.apply_updates(tp, updates)
             ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
