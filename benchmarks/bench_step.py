@@ -754,12 +754,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--torch-slice-logits", action="store_true",
                    help="reference computes logits only for the T+1 scored positions "
                         "(logits_to_keep); the official code projects every position")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch.set_num_threads for CPU runs (0 = torch's default); on a busy "
+                        "shared CPU, 1 avoids OpenMP oversubscription stalls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     a = p.parse_args(argv)
     for name in ("batch", "prompt_len", "traj_len", "steps", "lora_rank", "check_rows"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.torch_threads < 0:
+        p.error(f"--torch-threads must be >= 0, got {a.torch_threads}")
     if a.warmup < 1:
         p.error(f"--warmup must be >= 1 (the first call compiles), got {a.warmup}")
     if not 0 <= a.min_len <= a.traj_len:
@@ -881,6 +886,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
             transformers.utils.logging.disable_progress_bar()
             dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if args.torch_threads > 0:
+                torch.set_num_threads(args.torch_threads)
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.manual_seed(args.seed)
@@ -894,6 +901,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 "torch_device": str(dev),
                 "torch_device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
                 "attn_implementation": base.config._attn_implementation,
+                "torch_threads": torch.get_num_threads(),
             })
         adapters = adapters_from_numpy(g, jnp, cfg, lora_cfg, params, weights)
         result["ours"] = bench_ours(g, args, cfg, params, adapters, spec, batch_np)

@@ -53,7 +53,7 @@ def test_tiny_end_to_end_json_and_loss_agreement(tmp_path):
     cmd = [sys.executable, "-c", _BLOCKED_RUNNER, str(SCRIPT), "--preset", "tiny",
            "--batch", "3", "--prompt-len", "5", "--traj-len", "4", "--steps", "2",
            "--warmup", "1", "--subtb-lambda", "0.9", "--lora-targets", "q,v,down",
-           "--no-peft", "--json", str(out)]
+           "--no-peft", "--torch-threads", "1", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| train step, median ms |" in proc.stdout
@@ -65,7 +65,7 @@ def test_tiny_end_to_end_json_and_loss_agreement(tmp_path):
     assert cfg["lora_targets"] == ["q", "v", "down"] and cfg["dtype"] == "float32"
     # gfn_jax's package __init__ could not import (ml_collections blocked): fallback used.
     assert "ml_collections" in res["env"]["gfn_jax_import"]
-    assert res["env"]["lora_impl"] == "hand-written"
+    assert res["env"]["lora_impl"] == "hand-written" and res["env"]["torch_threads"] == 1
     for side in ("ours", "reference"):
         for phase, tokens in (("train", 3 * (5 + 4)), ("sample", 3 * 4)):
             r = res[side][phase]
