@@ -44,6 +44,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -184,7 +185,9 @@ def make_lora_weights(
 # Timing and memory helpers
 # ---------------------------------------------------------------------------
 def time_calls(fn: Callable[[int], Any], sync: Callable[[Any], None], warmup: int, steps: int):
-    """Call ``fn(i)`` warmup + steps times; returns (first-call seconds, timed seconds list, first out)."""
+    """Call ``fn(i)`` warmup + steps times, syncing after each.
+
+    Returns (first-call seconds, list of timed seconds, first call's output)."""
     times, first_s, first_out = [], None, None
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -209,7 +212,9 @@ def jax_peak_bytes(jax: Any) -> Optional[int]:
     return int(stats["peak_bytes_in_use"])
 
 
-def summarise(first_s: float, times: List[float], tokens: int, peak: Optional[int]) -> Dict[str, Any]:
+def summarise(
+    first_s: float, times: List[float], tokens: int, peak: Optional[int]
+) -> Dict[str, Any]:
     med = statistics.median(times)
     return {
         "first_call_s": first_s,
@@ -528,7 +533,8 @@ def torch_scores(torch: Any, model: Any, batch: Dict[str, Any], term_ids: Sequen
     return log_pf, log_pterm, log_r
 
 
-def cache_kwarg(torch: Any) -> str:
+@functools.lru_cache(maxsize=None)
+def cache_kwarg() -> str:
     """The KV-cache keyword (and output field) of the installed transformers:
     ``past_key_values`` (the official release's), renamed ``cache`` in transformers >= 5.2x."""
     import inspect
@@ -542,7 +548,7 @@ def cache_kwarg(torch: Any) -> str:
 def torch_sample(torch: Any, model: Any, prompt: Any, prompt_mask: Any, T: int,
                  term_ids: Sequence[int], min_len: int, gen: Any, pad_id: int = 0):
     """Official-style sampling loop with ``past_key_values``; records log q per step."""
-    kv = cache_kwarg(torch)
+    kv = cache_kwarg()
     B = prompt.shape[0]
     dev = prompt.device
     is_term = torch.zeros(model_vocab(model), dtype=torch.bool, device=dev)
@@ -675,7 +681,8 @@ def correctness_check(g: Any, torch: Any, transformers: Any, args: argparse.Name
     adapters = adapters_from_numpy(g, jnp, cfg, lora_cfg, params, weights)
     with jax.default_matmul_precision("highest"):
         lg, _ = make_ours_fns(g, cfg, spec, float(adapters["scale"]), args.subtb_lambda, None)
-        (loss_o, aux), grads = lg(adapters["tree"], params, {k: jnp.asarray(v) for k, v in sub.items()})
+        dev_sub = {k: jnp.asarray(v) for k, v in sub.items()}
+        (loss_o, aux), grads = lg(adapters["tree"], params, dev_sub)
         loss_o = float(loss_o)
 
     def mad(x, y):
@@ -697,7 +704,8 @@ def correctness_check(g: Any, torch: Any, transformers: Any, args: argparse.Name
         leaf = grads["layers"][group][t]["kernel"]
         ta = np.stack([w.grad.detach().cpu().numpy() for w in tgrads[t][0]])  # [L, r, in]
         tb_ = np.stack([w.grad.detach().cpu().numpy() for w in tgrads[t][1]])  # [L, out, r]
-        for ours_g, ref_g in ((leaf["a"], np.swapaxes(ta, 1, 2)), (leaf["b"], np.swapaxes(tb_, 1, 2))):
+        pairs = ((leaf["a"], np.swapaxes(ta, 1, 2)), (leaf["b"], np.swapaxes(tb_, 1, 2)))
+        for ours_g, ref_g in pairs:
             gd = max(gd, mad(ours_g, ref_g))
             gmax = max(gmax, float(np.max(np.abs(ref_g))))
     out["grad_max_abs_diff"] = gd
@@ -712,7 +720,8 @@ def correctness_check(g: Any, torch: Any, transformers: Any, args: argparse.Name
     sampled = dict(sub, tokens=toks.cpu().numpy().astype(np.int32),
                    lengths=lens.cpu().numpy().astype(np.int32))
     with jax.default_matmul_precision("highest"):  # same shapes: no new compile
-        (_, aux_s), _ = lg(adapters["tree"], params, {k: jnp.asarray(v) for k, v in sampled.items()})
+        dev_sampled = {k: jnp.asarray(v) for k, v in sampled.items()}
+        (_, aux_s), _ = lg(adapters["tree"], params, dev_sampled)
     out["sampler_log_pf_max_abs_diff"] = mad(aux_s["log_pf"], s_pf.cpu())
     out["sampler_log_pterm_max_abs_diff"] = mad(aux_s["log_pterm"], s_pterm.cpu())
     out["sampler_mean_length"] = float(np.mean(sampled["lengths"]))
@@ -774,7 +783,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in LORA_TARGETS]
     if not targets or bad:
-        p.error(f"--lora-targets: unknown {bad or 'empty list'}; choose from {sorted(LORA_TARGETS)}")
+        p.error(f"--lora-targets: unknown {bad or 'empty list'}; "
+                f"choose from {sorted(LORA_TARGETS)}")
     a.lora_targets = tuple(dict.fromkeys(targets))
     return a
 
@@ -899,7 +909,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             result["env"].update({
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "torch_device": str(dev),
-                "torch_device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+                "torch_device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                                      else platform.processor()),
                 "attn_implementation": base.config._attn_implementation,
                 "torch_threads": torch.get_num_threads(),
             })
@@ -960,9 +971,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f"{result['first_step_loss_abs_diff_timed_dtype']:.3g}")
     c = result["check"]
     if c:
-        print(f"float32 check on {c['rows']} rows, same weights: SubTB loss ours {c['loss_ours']:.8g}"
-              f" vs reference {c['loss_reference']:.8g}, max |diff| {c['loss_abs_diff']:.3g}; "
-              f"log_pf {c['log_pf_max_abs_diff']:.3g}, log_pterm {c['log_pterm_max_abs_diff']:.3g}, "
+        print(f"float32 check on {c['rows']} rows, same weights: SubTB loss ours "
+              f"{c['loss_ours']:.8g} vs reference {c['loss_reference']:.8g}, "
+              f"max |diff| {c['loss_abs_diff']:.3g}; "
+              f"log_pf {c['log_pf_max_abs_diff']:.3g}, "
+              f"log_pterm {c['log_pterm_max_abs_diff']:.3g}, "
               f"log_r {c['log_r_max_abs_diff']:.3g}; LoRA grads max |diff| "
               f"{c['grad_max_abs_diff']:.3g} (relative {c['grad_rel_diff']:.3g}); torch sampler "
               f"log-probs vs our scorer {c['sampler_log_pf_max_abs_diff']:.3g} / "

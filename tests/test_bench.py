@@ -121,9 +121,9 @@ def test_reference_subtb_equals_naive_pairs(lamb, min_len):
         log_pf[b, n:] = 1e4
         log_pterm[b, n + 1:] = -1e4
         log_r[b, n + 1:] = 1e4
-    got = bench.torch_subtb_loss(
-        torch, torch.tensor(log_pf, dtype=torch.float64), torch.tensor(log_pterm, dtype=torch.float64),
-        torch.tensor(log_r, dtype=torch.float64), torch.tensor(lengths), min_len, lamb)
+    t64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    got = bench.torch_subtb_loss(torch, t64(log_pf), t64(log_pterm), t64(log_r),
+                                 torch.tensor(lengths), min_len, lamb)
     want = _naive_subtb(log_pf, log_pterm, log_r, lengths, min_len, lamb)
     assert float(got) == pytest.approx(want, rel=1e-10)
 
