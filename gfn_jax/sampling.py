@@ -161,9 +161,10 @@ def _sample_jit(
     B, P = prompt_tokens.shape
     T = spec.max_len
     N = B * num_samples
-    logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters)
+    logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
+                              last_only=True)
     cache = _repeat_cache(cache, num_samples)
-    logits = jnp.repeat(logits_p[:, -1], num_samples, axis=0)
+    logits = jnp.repeat(logits_p, num_samples, axis=0)
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
     def cond(c):

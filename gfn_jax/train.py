@@ -18,12 +18,11 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -41,6 +40,9 @@ from gfn_jax.sampling import sample as sample_fn
 from gfn_jax.scoring import score_policy
 from gfn_jax.tasks import make_task
 from gfn_jax.tasks.base import Task
+
+if TYPE_CHECKING:  # ml_collections is only needed to build configs, not to import the library
+    import ml_collections
 
 Params = Any
 OBJECTIVES = ("subtb", "tb", "db", "sft", "reinforce", "ppo")

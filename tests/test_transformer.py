@@ -70,6 +70,11 @@ def test_cached_decoding_matches_forward(models, name):
         np.testing.assert_allclose(step_logits, full[:, P + j], atol=1e-5, rtol=0)
     assert int(cache.index) == P + N
     np.testing.assert_array_equal(cache.next_pos, FULL_MASK.sum(-1))
+    # the sampler's variant: logits of the last prompt position only, same cache
+    last, cache2 = prefill(cfg, params, PROMPT, PROMPT_MASK, P + N, last_only=True)
+    np.testing.assert_allclose(last, full[:, P - 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cache2.k, _prefill(cfg, params, PROMPT, PROMPT_MASK, P + N)[1].k,
+                               atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

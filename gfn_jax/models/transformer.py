@@ -484,9 +484,11 @@ def prefill(
     max_len: int,
     cache_dtype: Any = None,
     adapters: Optional[Params] = None,
+    last_only: bool = False,
 ) -> Tuple[jax.Array, KVCache]:
     """Run the (left-padded) prompt through the model, filling a fresh cache of
-    ``max_len`` slots. Returns (logits [B, P, V], cache)."""
+    ``max_len`` slots. Returns (logits [B, P, V], cache), or logits [B, V] of the last
+    prompt position only with ``last_only`` (what a sampler needs; saves B*P*V floats)."""
     B, P = tokens.shape
     check_length(cfg, P)
     check_length(cfg, max_len)
@@ -499,8 +501,20 @@ def prefill(
     causal = jnp.arange(max_len)[None, :] <= jnp.arange(P)[:, None]  # [P, S]
     mask = causal[None] & valid[:, None, :]
     cache = cache.replace(valid=valid)
-    logits, cache = apply(cfg, params, tokens, positions, mask, cache, adapters=adapters)
+    if last_only:
+        _, cache, hidden = apply(cfg, params, tokens, positions, mask, cache, adapters=adapters,
+                                 return_hidden=True, compute_logits=False)
+        logits = unembed(cfg, params if adapters is None else _merged_top(params, adapters),
+                         hidden[:, -1])
+    else:
+        logits, cache = apply(cfg, params, tokens, positions, mask, cache, adapters=adapters)
     return logits, cache.replace(next_pos=jnp.sum(am, axis=-1).astype(jnp.int32))
+
+
+def _merged_top(params: Params, adapters: Params) -> Params:
+    """Params with the top-level (non-layer) adapters merged, as ``apply`` does."""
+    top = {k: v for k, v in adapters["tree"].items() if k != "layers"}
+    return merge_tree(params, top, adapters["scale"])
 
 
 def decode_step(
