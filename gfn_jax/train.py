@@ -289,6 +289,10 @@ class Trainer:
         if restore and self.ckpt.latest_step() is not None:
             self._restore()
         self._step_fn = None
+        # tasks that score evaluation samples under the reward model (continuation, infill)
+        bind = getattr(self.task, "bind_reward_params", None)
+        if bind is not None and self.base_params is not None:
+            bind(self.base_params)
 
     # ------------------------------------------------------------------ utils
     def _encode_prompt(self, text: str) -> List[int]:

@@ -21,11 +21,15 @@ def make_task(config: Any) -> Task:
 
 
 def _register_builtin() -> None:
+    from gfn_jax.tasks.continuation import ContinuationTask
+    from gfn_jax.tasks.infill import InfillTask
     from gfn_jax.tasks.rng import RandomNumberTask
     from gfn_jax.tasks.toy import ToyTask
 
     register_task("toy_exact", ToyTask)
     register_task("rng", RandomNumberTask)
+    register_task("continuation", ContinuationTask)
+    register_task("infill", InfillTask)
 
 
 _register_builtin()

@@ -1,0 +1,241 @@
+"""Infilling with a fixed suffix (Hu et al. 2024, Sec. 4.2-4.3): sample the middle Z of
+``X Z Y`` from the posterior ``p_base(Z | X, Y) ∝ p_base(Z | X) p_base(Y | X Z)``.
+
+The reward is ``log R(X Z ⊤) = log p_base(Z | X) + log p_base(Y | X Z)`` for every prefix
+of Z at once: the first term is the cumulative ``log_pz`` of one
+:func:`~gfn_jax.scoring.score_reward_prefixes` pass, the second ONE packed
+:func:`~gfn_jax.scoring.score_suffix_prefixes` pass. ⊤ itself is not scored by the LM: the
+suffix Y follows Z directly (so a suffix that starts with the termination token, e.g. a
+newline, makes the end of Z part of the likelihood).
+
+Rows come from a JSON-lines file; each row gives ``X = prompt_template.format(**row)`` and
+``Y = suffix_template.format(**row)``. Y is looked up inside the jitted reward from
+``batch["prompt_index"]`` in a static ``[num_prompts, S]`` token table (+ mask).
+
+Default formulation, SUBJ (subjectivity of movie-review snippets; the paper's latent
+"reasoning then label" set-up, simplified): ``X = "Movie review: <text>\\nThoughts:"``, Z is
+a short free-text thought ended by a newline, ``Y = "\\nSo the review is <label_text>."``
+(``objective`` / ``subjective``). With ``task.candidate_labels`` set, :meth:`evaluate` also
+reports how often the gold label is the most likely suffix after the sampled Z.
+
+Config keys (``config.task``): ``data_path`` (default ``../shared/data/subj/train.20.jsonl``,
+relative to the repository root), ``num_prompts`` (0 = all), ``prompt_template``,
+``suffix_template``, ``label_key``, ``candidate_labels``, ``term_tokens``, ``use_eos``,
+``min_len``, ``max_len``, ``disallow_substrings``, ``disallow_bias``, ``max_prompt_tokens``,
+``eval_batch_size`` (as in :mod:`gfn_jax.tasks.continuation`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.tokenizer import Tokenizer
+from gfn_jax.scoring import score_reward_prefixes, score_suffix_prefixes
+from gfn_jax.tasks.base import Batch
+from gfn_jax.tasks.continuation import ContinuationTask, _missing, resolve_data_path
+
+DEFAULT_DATA = "../shared/data/subj/train.20.jsonl"
+DEFAULT_PROMPT_TEMPLATE = "Movie review: {text}\nThoughts:"
+DEFAULT_SUFFIX_TEMPLATE = "\nSo the review is {label_text}."
+
+__all__ = ["InfillTask", "read_jsonl", "infill_log_reward"]
+
+
+def read_jsonl(path: str, num: int = 0) -> List[Dict[str, Any]]:
+    """Rows (JSON objects) of a JSON-lines file, the first ``num`` if > 0."""
+    full = resolve_data_path(path)
+    if not os.path.isfile(full):
+        raise _missing(full, "infilling data file")
+    rows: List[Dict[str, Any]] = []
+    with open(full, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{full}:{k}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{full}:{k}: each line must be a JSON object, got "
+                                 f"{type(row).__name__}")
+            rows.append(row)
+            if num and len(rows) >= num:
+                break
+    if not rows:
+        raise ValueError(f"infilling data file {full!r} has no rows")
+    return rows
+
+
+def infill_log_reward(cfg: ModelConfig, params: Any, prompt_tokens: jax.Array,
+                      prompt_mask: jax.Array, tokens: jax.Array, lengths: jax.Array,
+                      suffix_tokens: jax.Array, suffix_mask: jax.Array,
+                      term_ids: Sequence[int]) -> jax.Array:
+    """``log p(z_<i | X) + log p(Y | X z_<i)`` for every prefix i, ``[B, T+1]`` (0 beyond n)."""
+    r = score_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths, term_ids)
+    y = score_suffix_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
+                              suffix_tokens, suffix_mask)
+    return r.log_pz + y
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
+def _final_infill(params, pt, pm, z, n, sfx, sm, *, cfg, term_ids):
+    full = infill_log_reward(cfg, params, pt, pm, z, n, sfx, sm, term_ids)
+    return jnp.take_along_axis(full, n[:, None], axis=1)[:, 0]
+
+
+class InfillTask(ContinuationTask):
+    """Infilling: reward ``p_base(Z | X) p_base(Y | X Z)`` with a per-prompt suffix Y."""
+
+    name = "infill"
+
+    def __init__(self, config: Any) -> None:
+        get = config.get
+        self.prompt_template = str(get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
+        self.suffix_template = str(get("suffix_template", DEFAULT_SUFFIX_TEMPLATE))
+        self.label_key = str(get("label_key", "label_text"))
+        self.candidate_labels = tuple(str(x) for x in get("candidate_labels", ()))
+        self.rows: List[Dict[str, Any]] = []
+        super().__init__(_Defaults(config, data_path=DEFAULT_DATA, use_eos=False))
+        self.config = config
+
+    # --- data ---------------------------------------------------------------
+    def _format(self, template: str, row: Dict[str, Any], k: int, what: str) -> str:
+        try:
+            return template.format(**row)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"row {k} of {self.data_path!r} has no field {e} needed by "
+                             f"task.{what} {template!r} (fields: {sorted(row)})") from None
+
+    def _load_prompts(self) -> List[str]:
+        self.rows = read_jsonl(self.data_path, 0 if self.max_prompt_tokens else
+                               self.num_prompts)
+        self.suffixes = [self._format(self.suffix_template, r, k, "suffix_template")
+                         for k, r in enumerate(self.rows)]
+        return [self._format(self.prompt_template, r, k, "prompt_template")
+                for k, r in enumerate(self.rows)]
+
+    def _select(self, keep: List[int]) -> None:
+        super()._select(keep)
+        self.rows = [self.rows[k] for k in keep]
+        self.suffixes = [self.suffixes[k] for k in keep]
+
+    def _label_suffix(self, k: int, label: str) -> str:
+        return self._format(self.suffix_template, {**self.rows[k], self.label_key: label}, k,
+                            "suffix_template")
+
+    # --- set-up -------------------------------------------------------------
+    def _suffix_table(self, texts: Sequence[str], S: int) -> Tuple[np.ndarray, np.ndarray]:
+        assert self.tokenizer is not None
+        pad = self.tokenizer.pad_id or 0
+        toks = np.full((len(texts), S), pad, np.int32)
+        mask = np.zeros((len(texts), S), bool)
+        for k, t in enumerate(texts):
+            ids = self.tokenizer.encode(t, add_bos=False)
+            toks[k, :len(ids)], mask[k, :len(ids)] = ids, True
+        return toks, mask
+
+    def setup(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+        super().setup(model_config, tokenizer)
+        if self.candidate_labels and any(self.label_key not in r for r in self.rows):
+            raise ValueError(f"task.candidate_labels needs field {self.label_key!r} "
+                             f"(task.label_key) in every row of {self.data_path!r}")
+        alts = [self._label_suffix(k, c) for k in range(len(self.rows))
+                for c in self.candidate_labels]
+        lens = [len(tokenizer.encode(t, add_bos=False)) for t in list(self.suffixes) + alts]
+        empty = [k for k, n in enumerate(lens[:len(self.suffixes)]) if n == 0]
+        if empty:
+            raise ValueError(f"the suffix of row(s) {empty[:5]} encodes to no tokens; "
+                             f"check task.suffix_template {self.suffix_template!r}")
+        self.suffix_len = max(lens)
+        self._sfx_tokens, self._sfx_mask = self._suffix_table(self.suffixes, self.suffix_len)
+        longest = max(len(self.encode_prompt(p)) for p in self._prompts or [])
+        need = longest + self.max_len + self.suffix_len
+        if need > model_config.max_seq_len:
+            raise ValueError(
+                f"longest prompt ({longest} tokens) + max_len ({self.max_len}) + suffix "
+                f"({self.suffix_len}) = {need} tokens exceeds the model's context of "
+                f"{model_config.max_seq_len}")
+        self._row_of = {}
+        for k, p in enumerate(self._prompts or []):
+            self._row_of.setdefault(p, k)
+
+    def suffix_table(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The static ``[num_prompts, S]`` suffix tokens and bool mask (row k = prompt k)."""
+        return self._sfx_tokens, self._sfx_mask
+
+    # --- reward -------------------------------------------------------------
+    def log_reward(self, model_config: ModelConfig, base_params: Any, batch: Batch) -> jax.Array:
+        """``log p_base(z_<i | X) + log p_base(Y | X z_<i)`` for every prefix, ``[B, T+1]``."""
+        idx = batch["prompt_index"]
+        sfx = jnp.asarray(self._sfx_tokens)[idx]
+        sm = jnp.asarray(self._sfx_mask)[idx]
+        return infill_log_reward(model_config, base_params, batch["prompt_tokens"],
+                                 batch["prompt_mask"], batch["tokens"], batch["lengths"],
+                                 sfx, sm, self.term_ids)
+
+    # --- evaluation ---------------------------------------------------------
+    def _suffix_rows(self, samples, rows, texts: Optional[List[str]] = None):
+        B, S = self.eval_batch_size, self.suffix_len
+        sfx = np.zeros((B, S), np.int32)
+        sm = np.zeros((B, S), bool)
+        sm[:, 0] = True  # dummy rows: score one token
+        if texts is None:
+            ks = [self._row_of[samples[r]["prompt"]] for r in rows]
+            sfx[:len(rows)], sm[:len(rows)] = self._sfx_tokens[ks], self._sfx_mask[ks]
+        else:
+            t, m = self._suffix_table(texts, S)
+            sfx[:len(rows)], sm[:len(rows)] = t, m
+        return sfx, sm
+
+    def _final_batch_log_reward(self, pt, pm, z, n, samples, rows,
+                                texts: Optional[List[str]] = None) -> jax.Array:
+        sfx, sm = self._suffix_rows(samples, rows, texts)
+        return _final_infill(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
+                             jnp.asarray(z), jnp.asarray(n), jnp.asarray(sfx), jnp.asarray(sm),
+                             cfg=self.model_config, term_ids=self.term_ids)
+
+    def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
+                 tag: str = "") -> Dict[str, float]:
+        """The continuation metrics (``mean_log_p_base`` is here ``log p(Z|X) + log p(Y|XZ)``),
+        plus ``label_accuracy`` when ``task.candidate_labels`` is set and base parameters are
+        bound: the fraction of samples after which the gold label's suffix is the most likely."""
+        unknown = [s["prompt"] for s in samples if s["prompt"] not in self._row_of]
+        if unknown:
+            raise ValueError(f"evaluate got samples for a prompt that is not one of the task's "
+                             f"prompts: {unknown[0][:80]!r}")
+        m = super().evaluate(samples, out_dir, tag)
+        if not (self.candidate_labels and samples and self._reward_params is not None):
+            return m
+        correct = []
+        for s in range(0, len(samples), self.eval_batch_size):
+            rows = list(range(s, min(s + self.eval_batch_size, len(samples))))
+            pt, pm, z, n = self._pack(samples, rows)
+            scores = []
+            for c in self.candidate_labels:
+                texts = [self._label_suffix(self._row_of[samples[r]["prompt"]], c) for r in rows]
+                v = self._final_batch_log_reward(pt, pm, z, n, samples, rows, texts)
+                scores.append(np.asarray(v)[:len(rows)])
+            pred = np.argmax(np.stack(scores, 1), 1)
+            gold = [str(self.rows[self._row_of[samples[r]["prompt"]]][self.label_key])
+                    for r in rows]
+            correct += [self.candidate_labels[p] == g for p, g in zip(pred, gold)]
+        m["label_accuracy"] = float(np.mean(correct))
+        return m
+
+
+class _Defaults:
+    """A read-only view of a config with different defaults for missing keys."""
+
+    def __init__(self, config: Any, **defaults: Any) -> None:
+        self._config, self._defaults = config, defaults
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._config.get(key, self._defaults.get(key, default))
