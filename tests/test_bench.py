@@ -63,8 +63,8 @@ def test_tiny_end_to_end_json_and_loss_agreement(tmp_path):
     cfg = res["config"]
     assert (cfg["preset"], cfg["batch"], cfg["prompt_len"], cfg["traj_len"]) == ("tiny", 3, 5, 4)
     assert cfg["lora_targets"] == ["q", "v", "down"] and cfg["dtype"] == "float32"
-    # gfn_jax's package __init__ could not import (ml_collections blocked): fallback used.
-    assert "ml_collections" in res["env"]["gfn_jax_import"]
+    # the package imports without ml_collections / gguf / tensorboardX (as on the GPU image)
+    assert res["env"]["gfn_jax_import"] is None
     assert res["env"]["lora_impl"] == "hand-written" and res["env"]["torch_threads"] == 1
     for side in ("ours", "reference"):
         for phase, tokens in (("train", 3 * (5 + 4)), ("sample", 3 * 4)):
