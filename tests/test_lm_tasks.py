@@ -299,6 +299,7 @@ def trainer_config(tmp_path, config_file, **task):
     c.train.ckpt_every = 0
     c.explore.p_replay = 0.0
     c.eval.num_samples = 0
+    c.mesh.data = 2  # sharded over 2 of the 8 virtual devices (fewer, cheaper compiles)
     c.task.update(task)
     return c
 
@@ -313,7 +314,7 @@ def test_trainer_three_steps_reward_from_base_params(model, tmp_path, which):
     else:
         c = trainer_config(tmp_path, "infill_subj.py", data_path=jsonl_file(tmp_path),
                            max_len=5)
-    tr = Trainer(c, str(tmp_path / "run"), restore=False)
+    tr = Trainer(c, str(tmp_path / "run"), restore=False, devices=jax.devices()[:2])
     assert tr.use_lora and tr.task._reward_params is tr.base_params  # bound for evaluate
     batch, _ = tr.make_batch(0)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}

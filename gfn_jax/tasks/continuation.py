@@ -4,7 +4,7 @@ continuations Z of a prompt sentence X.
 The reward is the base LM's own likelihood of the terminated continuation,
 ``log R(X Z ⊤) = log p_base(Z ⊤ | X)``, for every prefix at once via one
 :func:`gfn_jax.scoring.score_reward_prefixes` pass (``log_pz + log_pterm``). The trainer
-tempers it (``reward.temp_*``), so the GFlowNet target is ``q(Z⊤ | X) ∝ p_base(Z⊤ | X)^{1/T}``.
+tempers it (``reward.temp_*``): the GFlowNet target is ``q(Z⊤ | X) ∝ p_base(Z⊤ | X)^{1/T}``.
 ⊤ is a set of tokens (``task.term_tokens``, default newline, plus ``eos`` with
 ``task.use_eos``); the policy may additionally be barred from (or penalised for) every other
 vocabulary token whose text contains one of ``task.disallow_substrings`` (a policy logit
@@ -214,8 +214,10 @@ class ContinuationTask(Task):
         shapes: ``eval_batch_size`` rows, prompts padded to a multiple of 16)."""
         assert self.tokenizer is not None
         pids = [self.encode_prompt(samples[r]["prompt"]) for r in rows]
-        P = max(16, -(-max(len(p) for p in pids) // 16) * 16)
         B, T = self.eval_batch_size, self.max_len
+        longest = max(len(p) for p in pids)
+        room = self.model_config.max_seq_len - T - self._extra_len()
+        P = max(longest, min(max(16, -(-longest // 16) * 16), room))
         pad = self.tokenizer.pad_id or 0
         pt = np.full((B, P), pad, np.int32)
         pm = np.zeros((B, P), np.int32)
@@ -228,6 +230,10 @@ class ContinuationTask(Task):
             pt[j, P - len(p):], pm[j, P - len(p):] = p, 1
             z[j, :len(toks)], n[j] = toks, len(toks)
         return pt, pm, z, n
+
+    def _extra_len(self) -> int:
+        """Tokens the reward appends after Z (none here; the suffix for infilling)."""
+        return 0
 
     def base_log_reward(self, samples: Sequence[Dict[str, Any]]) -> Optional[np.ndarray]:
         """Untempered ``log R`` of each sample's full trajectory under the bound base
@@ -242,7 +248,10 @@ class ContinuationTask(Task):
             out.append(np.asarray(v)[: len(rows)])
         return np.concatenate(out)
 
-    def _final_batch_log_reward(self, pt, pm, z, n, samples, rows) -> jax.Array:
+    def _final_batch_log_reward(self, pt: np.ndarray, pm: np.ndarray, z: np.ndarray,
+                                n: np.ndarray, samples: Sequence[Dict[str, Any]],
+                                rows: Sequence[int]) -> jax.Array:
+        """log R of each packed row's full trajectory (one jitted call, fixed shapes)."""
         return _final_log_reward(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
                                  jnp.asarray(z), jnp.asarray(n), cfg=self.model_config,
                                  term_ids=self.term_ids)

@@ -167,6 +167,9 @@ class InfillTask(ContinuationTask):
         for k, p in enumerate(self._prompts or []):
             self._row_of.setdefault(p, k)
 
+    def _extra_len(self) -> int:
+        return self.suffix_len
+
     def suffix_table(self) -> Tuple[np.ndarray, np.ndarray]:
         """The static ``[num_prompts, S]`` suffix tokens and bool mask (row k = prompt k)."""
         return self._sfx_tokens, self._sfx_mask
@@ -182,7 +185,10 @@ class InfillTask(ContinuationTask):
                                  sfx, sm, self.term_ids)
 
     # --- evaluation ---------------------------------------------------------
-    def _suffix_rows(self, samples, rows, texts: Optional[List[str]] = None):
+    def _suffix_rows(self, samples: Sequence[Dict[str, Any]], rows: Sequence[int],
+                     texts: Optional[List[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``[eval_batch_size, S]`` suffix tokens and mask: each sample's own suffix, or
+        ``texts`` (one per row) when given."""
         B, S = self.eval_batch_size, self.suffix_len
         sfx = np.zeros((B, S), np.int32)
         sm = np.zeros((B, S), bool)
@@ -195,7 +201,9 @@ class InfillTask(ContinuationTask):
             sfx[:len(rows)], sm[:len(rows)] = t, m
         return sfx, sm
 
-    def _final_batch_log_reward(self, pt, pm, z, n, samples, rows,
+    def _final_batch_log_reward(self, pt: np.ndarray, pm: np.ndarray, z: np.ndarray,
+                                n: np.ndarray, samples: Sequence[Dict[str, Any]],
+                                rows: Sequence[int],
                                 texts: Optional[List[str]] = None) -> jax.Array:
         sfx, sm = self._suffix_rows(samples, rows, texts)
         return _final_infill(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
