@@ -22,7 +22,6 @@ by process 0.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -38,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gfn_jax.fileutil import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +171,6 @@ def decode_replay(blob: np.ndarray) -> Optional[Dict[str, Any]]:
     return walk(skeleton)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _list_files(root: str) -> List[str]:
     out = []
     for dirpath, _, files in os.walk(root):
@@ -277,7 +270,7 @@ class Checkpointer:
         files = {}
         for rel in _list_files(root):
             path = os.path.join(root, rel)
-            files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+            files[rel] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
         manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "files": files}
         _atomic_write_text(os.path.join(root, MANIFEST_NAME), json.dumps(manifest, indent=1))
 
@@ -400,7 +393,7 @@ class Checkpointer:
                 problems.append(f"missing file {rel}")
             elif os.path.getsize(p) != rec["size"]:
                 problems.append(f"file {rel} has {os.path.getsize(p)} bytes, expected {rec['size']} (truncated?)")
-            elif self.verify_hashes and _sha256(p) != rec["sha256"]:
+            elif self.verify_hashes and sha256_file(p) != rec["sha256"]:
                 problems.append(f"file {rel} has a wrong sha256 (modified or corrupt)")
         if problems:
             shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")

@@ -366,7 +366,7 @@ class Trainer:
         e = self.config.explore
         rng = np.random.default_rng([self.config.seed, step, 17])
         probs = np.array([e.p_on_policy, e.p_tempered, e.p_epsilon, e.p_replay], np.float64)
-        if self.replay_ready() is False:
+        if not self.replay_ready():
             probs[3] = 0.0
         if probs.sum() <= 0:
             probs[0] = 1.0
@@ -492,7 +492,6 @@ class Trainer:
 
     def _build_step(self):
         tx = self.tx
-        on_nan_skip = self.config.train.on_nan == "skip"
 
         def step(state: TrainState, base_params, batch, temperature):
             rng = jax.random.fold_in(state.rng, state.step)  # e.g. LoRA dropout masks
@@ -521,7 +520,6 @@ class Trainer:
                     jax.tree_util.tree_leaves(new_tp["log_z"])[0], jnp.float32).reshape(-1)[0]
             return new_state, metrics, log_r_final
 
-        del on_nan_skip
         rep = parallel.replicated(self.mesh)
         bsh = lambda nd: parallel.batch_sharding(self.mesh, nd)
         batch_sh = {k: bsh(v) for k, v in {

@@ -8,14 +8,13 @@ the ``GFN_JAX_*`` variables set (the test does that).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from multiproc import run_workers
 
 from gfn_jax.models import ModelConfig, forward, param_axes, param_shapes
 
@@ -90,62 +89,20 @@ def _worker(out_path: str) -> None:
     q = sp["layers"]["attn"]["q"]["kernel"]
     q_shards = {s.data.shape for s in q.addressable_shards}
     out = {f"g{k}": v for k, v in _flat(jax.device_get(grads)).items()}
-    np.savez(out_path, loss=np.asarray(loss), q_shard_shape=np.array(sorted(q_shards)), **out)
+    np.savez(out_path.format(pid=pid), loss=np.asarray(loss), q_shard_shape=np.array(sorted(q_shards)), **out)
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_sharded_loss_and_grad(tmp_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = _free_port()
-    procs, logs = [], []
-    start = time.time()
-    try:
-        for pid in range(N_PROC):
-            env = dict(os.environ)
-            for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
-                env.pop(k, None)
-            env.update(
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-                JAX_PLATFORMS="cpu",
-                PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""),
-                GFN_JAX_COORDINATOR=f"localhost:{port}",
-                GFN_JAX_NUM_PROCESSES=str(N_PROC),
-                GFN_JAX_PROCESS_ID=str(pid),
-            )
-            log = open(tmp_path / f"worker{pid}.log", "w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", str(tmp_path / f"out{pid}.npz")],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo,
-            ))
-        for p in procs:
-            p.wait(timeout=max(1.0, TIMEOUT_S - (time.time() - start)))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        for log in logs:
-            log.close()
-    elapsed = time.time() - start
-    for pid, p in enumerate(procs):
-        text = (tmp_path / f"worker{pid}.log").read_text()
-        assert p.returncode == 0, f"worker {pid} rc={p.returncode} after {elapsed:.0f}s:\n{text[-3000:]}"
+    elapsed = run_workers([os.path.abspath(__file__), "--worker", str(tmp_path / "out{pid}.npz")],
+                          str(tmp_path / "worker"), N_PROC, LOCAL_DEVICES, TIMEOUT_S)
 
     tokens, mask = _global_batch()
     params = _np_params()
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(_loss))(params, tokens, mask)
     ref = _flat(jax.device_get(ref_grads))
     for pid in range(N_PROC):
-        out = np.load(tmp_path / f"out{pid}.npz")
+        out = np.load(str(tmp_path / "out{pid}.npz").format(pid=pid))
         np.testing.assert_allclose(out["loss"], float(ref_loss), rtol=1e-5, atol=1e-5)
         # q kernel [L, D, H, Dh] = [2, 32, 4, 8] sharded (None, fsdp, tensor, None)
         np.testing.assert_array_equal(out["q_shard_shape"], [[2, 16, 2, 8]])

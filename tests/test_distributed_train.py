@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import socket
-import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
+from multiproc import run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_PROC, LOCAL_DEVICES = 2, 4
@@ -98,12 +96,6 @@ def _worker(spec_path: str) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp_path, name: str, overrides: Dict[str, Any], workdir: str, until,
            expect_start: int, cache_dir: str):
     """Run the worker in ``N_PROC`` processes; returns per process (losses, params, step).
@@ -113,45 +105,13 @@ def launch(tmp_path, name: str, overrides: Dict[str, Any], workdir: str, until,
     spec_path = tmp_path / f"{name}.json"
     spec_path.write_text(json.dumps({"overrides": overrides, "workdir": workdir, "until": until,
                                      "expect_start": expect_start, "out": out}))
-    port = _free_port()
-    procs, logs = [], []
-    start = time.time()
-    try:
-        for pid in range(N_PROC):
-            env = dict(os.environ)
-            for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
-                env.pop(k, None)
-            env.update(
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-                JAX_PLATFORMS="cpu",
-                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-                GFN_JAX_COORDINATOR=f"localhost:{port}",
-                GFN_JAX_NUM_PROCESSES=str(N_PROC),
-                GFN_JAX_PROCESS_ID=str(pid),
-                JAX_COMPILATION_CACHE_DIR=cache_dir,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            )
-            log = open(tmp_path / f"{name}_worker{pid}.log", "w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", str(spec_path)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-        for p in procs:
-            p.wait(timeout=max(1.0, LAUNCH_TIMEOUT_S - (time.time() - start)))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        for log in logs:
-            log.close()
-    elapsed = time.time() - start
+    elapsed = run_workers([os.path.abspath(__file__), "--worker", str(spec_path)],
+                          str(tmp_path / f"{name}_worker"), N_PROC, LOCAL_DEVICES,
+                          LAUNCH_TIMEOUT_S,
+                          {"JAX_COMPILATION_CACHE_DIR": cache_dir,
+                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     results = []
-    for pid, p in enumerate(procs):
-        text = (tmp_path / f"{name}_worker{pid}.log").read_text()
-        assert p.returncode == 0, f"{name} worker {pid} rc={p.returncode} after {elapsed:.0f}s:\n{text[-4000:]}"
+    for pid in range(N_PROC):
         with open(out.format(pid=pid) + ".json") as f:
             rec = json.load(f)
         with np.load(out.format(pid=pid)) as z:

@@ -360,7 +360,7 @@ def test_smollm2_cache_flow(files, tmp_path, monkeypatch):
     monkeypatch.setenv("GFN_JAX_SMOLLM2_GGUF", path)
     with pytest.raises(ValueError, match="SHA-256 mismatch"):
         registry.load("smollm2-135m")
-    monkeypatch.setattr(registry, "SMOLLM2_GGUF_SHA256", registry._sha256(path))
+    monkeypatch.setattr(registry, "SMOLLM2_GGUF_SHA256", registry.sha256_file(path))
     first = registry.load("smollm2-135m")
     cached = [d for d in os.listdir(tmp_path / "cache") if not d.startswith(".")]
     assert len(cached) == 1 and not [d for d in os.listdir(tmp_path / "cache") if d.startswith(".")]

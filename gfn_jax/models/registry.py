@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.gguf import GGUF_MAGIC, cast_params, dtype_name, load_gguf
 from gfn_jax.models.tokenizer import Tokenizer, byte_level_bpe, char_tokenizer  # noqa: F401
+from gfn_jax.fileutil import sha256_file
 
 Params = Dict[str, Any]
 
@@ -182,17 +182,9 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_sha(path: str, expected: Optional[str] = None) -> None:
     expected = expected or SMOLLM2_GGUF_SHA256
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != expected:
         raise ValueError(
             f"SHA-256 mismatch for {path}: got {got}, expected {expected} "
