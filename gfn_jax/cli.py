@@ -119,7 +119,14 @@ def cmd_train(fv: flags.FlagValues) -> int:
     evaluate = config.eval.num_samples > 0
     if evaluate and config.eval.before_training and trainer.start_step == 0:
         results["before"] = _evaluate(trainer, config.eval.num_samples, "before")
-    summary = trainer.run(progress=fv.progress)
+    from gfn_jax.train import NonFiniteLossError
+
+    try:
+        summary = trainer.run(progress=fv.progress)
+    except NonFiniteLossError as e:
+        latest = trainer.ckpt.latest_step()
+        print(f"error: {e}; the last checkpoint (step {latest}) is clean", file=sys.stderr)
+        return 1
     if evaluate:
         results["after"] = _evaluate(trainer, config.eval.num_samples, "after")
     summary["eval"] = results

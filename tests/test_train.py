@@ -249,3 +249,18 @@ def test_toy_exact_reaches_target(tmp_path, objective):
     top = max(counts, key=counts.get)
     lq = np.mean([r["log_q"] for r in rows if r["text"] == top])
     assert np.exp(lq) == pytest.approx(emp[top], abs=0.02)
+
+
+def test_rng_evaluate_metrics_and_plots(tmp_path):
+    task = RandomNumberTask({})
+    uniform = [{"text": str(k)} for k in range(100) for _ in range(3)]
+    m = task.evaluate(uniform, str(tmp_path), "before")
+    assert m["fraction_valid"] == 1.0 and m["tv_to_uniform"] == pytest.approx(0.0, abs=1e-12)
+    skewed = [{"text": "7"}] * 150 + [{"text": "07"}] * 50 + [{"text": "100"}] * 100
+    m = task.evaluate(skewed, str(tmp_path), "after")
+    # 0.5 on "7" (want 0.01), 0.5 invalid: TV = 0.5 * (0.49 + 99 * 0.01 + 0.5)
+    assert m["fraction_valid"] == pytest.approx(0.5)
+    assert m["tv_to_uniform"] == pytest.approx(0.5 * (0.49 + 0.99 + 0.5))
+    for name in ("rng_histogram_before.png", "rng_histogram_after.png", "rng_histogram.png"):
+        path = tmp_path / name
+        assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

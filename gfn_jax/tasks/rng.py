@@ -138,4 +138,15 @@ class RandomNumberTask(Task):
             )
             np.save(os.path.join(out_dir, f"rng_counts{('_' + tag) if tag else ''}.npy"),
                     np.append(counts, invalid))
+            before = os.path.join(out_dir, "rng_counts_before.npy")
+            if tag == "after" and os.path.exists(before):
+                # one picture a person can compare at a glance
+                n_before = np.load(before)
+                tot_before = max(n_before.sum(), 1)
+                plot_histogram(
+                    {"before": n_before[:100] / tot_before, "after": counts / n},
+                    [str(k) for k in range(100)],
+                    os.path.join(out_dir, "rng_histogram.png"),
+                    "fraction of all samples per integer (uniform = 0.01); invalid: before "
+                    f"{n_before[100] / tot_before:.2%}, after {invalid / n:.2%}")
         return metrics
