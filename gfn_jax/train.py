@@ -290,9 +290,8 @@ class Trainer:
             self._restore()
         self._step_fn = None
         # tasks that score evaluation samples under the reward model (continuation, infill)
-        bind = getattr(self.task, "bind_reward_params", None)
-        if bind is not None and self.base_params is not None:
-            bind(self.base_params)
+        if self.base_params is not None:
+            self.task.bind_reward_params(self.base_params)
 
     # ------------------------------------------------------------------ utils
     def _encode_prompt(self, text: str) -> List[int]:

@@ -77,6 +77,10 @@ class Task(abc.ABC):
     def log_reward(self, model_config: ModelConfig, base_params: Any, batch: Batch) -> jax.Array:
         """Untempered log R of every prefix, [B, T+1]; pure and jittable."""
 
+    def bind_reward_params(self, base_params: Any) -> None:
+        """Receive the reward model's (base) parameters for use in :meth:`evaluate`
+        (e.g. scoring samples under the base LM). Default: ignored."""
+
     def needs_reward_model(self) -> bool:
         """False when the reward ignores the LM (then base params are not passed)."""
         return True
