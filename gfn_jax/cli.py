@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from absl import flags
 
@@ -68,8 +68,7 @@ def _need(fv: flags.FlagValues, *names: str) -> None:
 
 
 def _load_run_config(workdir: str):
-    import ml_collections
-
+    """The config a run was trained with (its config.json over the defaults)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise SystemExit(f"error: {workdir!r} is not a gfn-jax run directory (no config.json); "

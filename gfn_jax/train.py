@@ -13,7 +13,6 @@ One step, as data (see ``docs/architecture.md``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import optax
 
 from gfn_jax import objectives as obj
 from gfn_jax import parallel
-from gfn_jax.checkpoint import Checkpointer, CheckpointError, PreemptionHandler
+from gfn_jax.checkpoint import Checkpointer, PreemptionHandler
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.metrics import MetricsWriter, plot_metrics
 from gfn_jax.models import lora as lora_lib

@@ -11,40 +11,16 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from multiproc import run_workers
+from tiny import CFG, lm_loss, np_params
 
-from gfn_jax.models import ModelConfig, forward, param_axes, param_shapes
+from gfn_jax.models import param_axes
 
-CFG = ModelConfig(
-    family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-    head_dim=8, d_ff=64, max_seq_len=16, tie_embeddings=False,
-)
 B, T = 8, 10
 N_PROC, LOCAL_DEVICES = 2, 4
 TIMEOUT_S = 90.0
-
-
-def _np_params(seed: int = 0):
-    """Random float32 parameters built in numpy (no per-leaf eager JAX compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        x = rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-        return 1.0 + x if "scale" in jax.tree_util.keystr(path) else x
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(CFG))
-
-
-def _loss(params, tokens, mask):
-    """Mean next-token log-likelihood over real target positions."""
-    logits = forward(CFG, params, tokens, mask)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-    return jnp.sum(jnp.where(valid, tok_lp, 0.0)) / jnp.sum(valid)
 
 
 def _global_batch():
@@ -75,11 +51,11 @@ def _worker(out_path: str) -> None:
     batch = par.global_batch_from_local({"t": tokens[rows], "m": mask[rows]}, mesh)
     assert batch["t"].shape == (B, T) and not batch["t"].is_fully_addressable
 
-    params = _np_params()
+    params = np_params()
     shardings = par.tree_shardings(param_axes(CFG), params, mesh)
     sp = par.shard_params(params, shardings)
     fn = jax.jit(
-        jax.value_and_grad(_loss),
+        jax.value_and_grad(lm_loss),
         in_shardings=(shardings, par.batch_sharding(mesh, 2), par.batch_sharding(mesh, 2)),
         # gradients are computed sharded, then gathered inside the same program so each
         # process can read the full value (one compile instead of a second gather)
@@ -98,8 +74,8 @@ def test_two_process_sharded_loss_and_grad(tmp_path):
                           str(tmp_path / "worker"), N_PROC, LOCAL_DEVICES, TIMEOUT_S)
 
     tokens, mask = _global_batch()
-    params = _np_params()
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(_loss))(params, tokens, mask)
+    params = np_params()
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lm_loss))(params, tokens, mask)
     ref = _flat(jax.device_get(ref_grads))
     for pid in range(N_PROC):
         out = np.load(str(tmp_path / "out{pid}.npz").format(pid=pid))

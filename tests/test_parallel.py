@@ -10,37 +10,16 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gfn_jax import parallel as par
-from gfn_jax.models import ModelConfig, forward, param_axes, param_shapes
+from tiny import CFG, lm_loss, np_params
 
-CFG = ModelConfig(
-    family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-    head_dim=8, d_ff=64, max_seq_len=16, tie_embeddings=False,
-)
+from gfn_jax import parallel as par
+
+from gfn_jax.models import param_axes
+
 B, T = 8, 12
 
 
-def _np_params(seed: int = 0):
-    """Random float32 parameters built in numpy (no per-leaf eager JAX compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        x = rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-        return 1.0 + x if "scale" in jax.tree_util.keystr(path) else x
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(CFG))
-
-
-def _loss(params, tokens, mask):
-    """Mean next-token log-likelihood over real (unpadded) target positions."""
-    logits = forward(CFG, params, tokens, mask)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
-    return jnp.sum(jnp.where(valid, tok_lp, 0.0)) / jnp.sum(valid)
-
-
-_loss_and_grad = jax.value_and_grad(_loss)
+_loss_and_grad = jax.value_and_grad(lm_loss)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +29,7 @@ def data():
     lengths = np.array([12, 5, 9, 12, 3, 7, 11, 8])
     mask = (np.arange(T)[None, :] >= (T - lengths)[:, None]).astype(np.int32)  # left pad
     tokens = np.where(mask > 0, tokens, 0).astype(np.int32)
-    params = _np_params()
+    params = np_params()
     ref_loss, ref_grads = jax.jit(_loss_and_grad)(params, tokens, mask)  # one device
     return params, tokens, mask, float(ref_loss), jax.device_get(ref_grads)
 

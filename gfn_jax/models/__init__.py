@@ -18,3 +18,9 @@ from gfn_jax.models.transformer import (
 from gfn_jax.models.hf import load_hf, save_hf
 from gfn_jax.models.gguf import load_gguf
 from gfn_jax.models.registry import Model, load
+
+__all__ = [
+    "ModelConfig", "KVCache", "apply", "causal_mask", "decode_step", "forward", "init_cache",
+    "init_params", "param_axes", "param_shapes", "positions_from_mask", "prefill", "unembed",
+    "load_hf", "save_hf", "load_gguf", "Model", "load",
+]

@@ -7,8 +7,7 @@ target distribution is enumerable, so training can be checked in total variation
 from __future__ import annotations
 
 import itertools
-import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,33 @@
+"""A tiny Llama config, numpy-initialised parameters and an LM loss shared by the
+parallelism tests (single-process and multi-process)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gfn_jax.models import ModelConfig, forward, param_shapes
+
+CFG = ModelConfig(
+    family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+    head_dim=8, d_ff=64, max_seq_len=16, tie_embeddings=False,
+)
+
+
+def np_params(seed: int = 0):
+    """Random float32 parameters built in numpy (no per-leaf eager JAX compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        x = rng.normal(0.0, 0.2, s.shape).astype(np.float32)
+        return 1.0 + x if "scale" in jax.tree_util.keystr(path) else x
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(CFG))
+
+
+def lm_loss(params, tokens, mask):
+    """Mean next-token log-likelihood over real (unpadded) target positions."""
+    logits = forward(CFG, params, tokens, mask)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+    return jnp.sum(jnp.where(valid, tok_lp, 0.0)) / jnp.sum(valid)
