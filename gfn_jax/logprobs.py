@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,8 @@ __all__ = [
     "NEG_INF",
     "DISALLOWED",
     "PolicySpec",
+    "check_spec",
+    "check_bias",
     "term_id_mask",
     "constrain_logits",
     "policy_logprobs",
@@ -81,6 +83,23 @@ class PolicySpec:
         bad = [t for t in self.term_ids if t >= vocab_size]
         if bad:
             raise ValueError(f"termination ids {bad} are outside the vocabulary (size {vocab_size})")
+
+
+def check_spec(spec: Any, vocab_size: int) -> None:
+    """Raise unless ``spec`` is a :class:`PolicySpec` whose termination ids fit the vocab."""
+    if not isinstance(spec, PolicySpec):
+        raise TypeError(f"spec must be a PolicySpec, got {type(spec).__name__}")
+    spec.check_vocab(vocab_size)
+
+
+def check_bias(name: str, bias: Optional[jax.Array], vocab_size: int) -> Optional[jax.Array]:
+    """A ``[V]`` float32 logit bias (or None); raises naming ``name`` on a wrong shape."""
+    if bias is None:
+        return None
+    bias = jnp.asarray(bias, jnp.float32)
+    if bias.shape != (vocab_size,):
+        raise ValueError(f"{name} must have shape [vocab_size={vocab_size}], got {bias.shape}")
+    return bias
 
 
 def term_id_mask(vocab_size: int, term_ids: Sequence[int]) -> jax.Array:

@@ -23,6 +23,8 @@ from gfn_jax.logprobs import (
     DISALLOWED,
     NEG_INF,
     PolicySpec,
+    check_bias,
+    check_spec,
     constrain_logits,
     gather_logprobs,
     policy_logprobs,
@@ -242,15 +244,6 @@ def _check_scalar(name: str, value: Any, lo: float, hi: float, lo_open: bool) ->
         raise ValueError(f"{name}={v} is out of range ({'(' if lo_open else '['}{lo}, {hi}])")
 
 
-def _check_bias(name: str, bias: Optional[jax.Array], vocab: int) -> Optional[jax.Array]:
-    if bias is None:
-        return None
-    bias = jnp.asarray(bias, jnp.float32)
-    if bias.shape != (vocab,):
-        raise ValueError(f"{name} must have shape [vocab_size={vocab}], got {bias.shape}")
-    return bias
-
-
 def sample(
     cfg: ModelConfig,
     params: Any,
@@ -294,9 +287,7 @@ def sample(
         )
     if prompt_tokens.shape[1] < 1:
         raise ValueError("prompts must have at least one token (P >= 1)")
-    if not isinstance(spec, PolicySpec):
-        raise TypeError(f"spec must be a PolicySpec, got {type(spec).__name__}")
-    spec.check_vocab(cfg.vocab_size)
+    check_spec(spec, cfg.vocab_size)
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if int(top_k) < 0:
@@ -313,8 +304,8 @@ def sample(
         jnp.asarray(temperature, jnp.float32),
         jnp.asarray(top_p, jnp.float32),
         jnp.asarray(epsilon, jnp.float32),
-        _check_bias("behaviour_bias", behaviour_bias, cfg.vocab_size),
-        _check_bias("logit_bias", logit_bias, cfg.vocab_size),
+        check_bias("behaviour_bias", behaviour_bias, cfg.vocab_size),
+        check_bias("logit_bias", logit_bias, cfg.vocab_size),
         adapters,
         jnp.asarray(pad_id, jnp.int32),
         cfg=cfg,

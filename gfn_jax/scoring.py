@@ -20,6 +20,8 @@ import numpy as np
 
 from gfn_jax.logprobs import (
     PolicySpec,
+    check_bias,
+    check_spec,
     gather_logprobs,
     masked_cumsum,
     policy_logprobs,
@@ -160,15 +162,8 @@ def score_policy(
     prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
         cfg, prompt_tokens, prompt_mask, tokens, lengths
     )
-    if not isinstance(spec, PolicySpec):
-        raise TypeError(f"spec must be a PolicySpec, got {type(spec).__name__}")
-    spec.check_vocab(cfg.vocab_size)
-    if logit_bias is not None:
-        logit_bias = jnp.asarray(logit_bias, jnp.float32)
-        if logit_bias.shape != (cfg.vocab_size,):
-            raise ValueError(
-                f"logit_bias must have shape [vocab_size={cfg.vocab_size}], got {logit_bias.shape}"
-            )
+    check_spec(spec, cfg.vocab_size)
+    logit_bias = check_bias("logit_bias", logit_bias, cfg.vocab_size)
     if action_mask is not None:
         action_mask = jnp.asarray(action_mask, bool)
         if action_mask.shape != tokens.shape:
