@@ -22,6 +22,8 @@ by process 0.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import io
 import json
 import logging
@@ -39,12 +41,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gfn_jax.fileutil import sha256_file
+from gfn_jax.rundir import find_os_error, one_line_os_error
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "gfn_manifest.json"
 TMP_MARKER = ".orbax-checkpoint-tmp"
+CORRUPT_PREFIX = "corrupt-"  # corrupt checkpoints moved aside: <directory>/corrupt-<step>-<time>/
 _NDARRAY_TAG = "__ndarray__"
 _NPSCALAR_TAG = "__npscalar__"
 _BLOB_JSON_KEY = "__json__"
@@ -52,6 +56,42 @@ _BLOB_JSON_KEY = "__json__"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not match the expected state."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving failed on a file-system error (message: one line, what and where); the
+    previous checkpoints are intact and the failed save's partial files are removed."""
+
+
+class CheckpointDiskFullError(CheckpointWriteError):
+    """Saving failed because the disk (or quota) is full."""
+
+
+@dataclasses.dataclass
+class CorruptCheckpoint:
+    """A checkpoint that failed its manifest check during a restore of the latest step."""
+
+    step: int
+    reason: str
+    moved_to: Optional[str]  # where it was moved aside (None: left in place)
+
+
+@dataclasses.dataclass
+class RestoreFallback:
+    """Set on ``Checkpointer.last_fallback`` when the latest checkpoint was corrupt and an
+    older intact one was restored instead."""
+
+    restored_step: int
+    skipped: List[CorruptCheckpoint]
+
+    @property
+    def message(self) -> str:
+        parts = []
+        for c in self.skipped:
+            where = (f"moved aside to {c.moved_to}" if c.moved_to
+                     else "left in place (could not be moved aside)")
+            parts.append(f"checkpoint step {c.step} is corrupt ({c.reason}); {where}")
+        return "; ".join(parts) + f"; resuming from step {self.restored_step}, the newest intact checkpoint"
 
 
 # --------------------------------------------------------------------------------------
@@ -228,12 +268,18 @@ class Checkpointer:
         self._manager: Optional[ocp.CheckpointManager] = None
         self._pending: List[int] = []
         self._tmp_cleaned = False
+        # Set by restore()/restore_subset() of the latest step when corrupt checkpoints were
+        # skipped (and moved aside); None otherwise. ``.message`` is one line for the user.
+        self.last_fallback: Optional[RestoreFallback] = None
 
     # -- manager -------------------------------------------------------------------------
     def _get_manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep,
+                # retention is ours (_drop_old): only checkpoints with a manifest count, and the
+                # oldest is deleted only after the new one is complete (a save that fails on a
+                # full disk or is killed never costs an older checkpoint)
+                max_to_keep=None,
                 save_interval_steps=self.save_interval_steps,
                 enable_async_checkpointing=self.async_save,
                 cleanup_tmp_directories=False,  # never delete another writer's in-flight save
@@ -254,11 +300,18 @@ class Checkpointer:
         """Wait for in-flight saves and write their manifests."""
         if self._manager is None:
             return
-        self._manager.wait_until_finished()
         pending, self._pending = self._pending, []
-        for step in pending:
-            if os.path.isdir(self._step_dir(step)):  # may already be garbage-collected
-                self._write_manifest(step)
+        try:
+            self._manager.wait_until_finished()
+            for step in pending:
+                if os.path.isdir(self._step_dir(step)):  # may already be garbage-collected
+                    self._write_manifest(step)
+            if pending:
+                self._drop_old()
+        except Exception as e:  # noqa: BLE001
+            for step in pending:
+                self._abort_save(step)
+            raise self._save_error(e, pending[-1] if pending else None) from e
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -297,6 +350,9 @@ class Checkpointer:
     def all_steps(self) -> List[int]:
         """Complete checkpoints (committed and with a manifest), ascending."""
         self._finalize_pending()
+        return self._complete_steps()
+
+    def _complete_steps(self) -> List[int]:
         steps = self._committed_steps()
         return [s for s in steps if os.path.isfile(os.path.join(self._step_dir(s), MANIFEST_NAME))]
 
@@ -363,14 +419,78 @@ class Checkpointer:
             replay=ocp.args.StandardSave({"blob": encode_replay(replay)}),
             info=ocp.args.JsonSave(info),
         )
-        saved = bool(manager.save(step, args=args, force=True))
-        if saved:
-            if self.async_save:
-                self._pending.append(step)
-            else:
-                manager.wait_until_finished()
-                self._write_manifest(step)
+        try:
+            saved = bool(manager.save(step, args=args, force=True))
+            if saved:
+                if self.async_save:
+                    self._pending.append(step)
+                else:
+                    manager.wait_until_finished()
+                    self._write_manifest(step)
+                    self._drop_old()
+        except Exception as e:  # noqa: BLE001
+            self._abort_save(step)
+            raise self._save_error(e, step) from e
         return saved
+
+    def _drop_old(self) -> None:
+        """Delete the oldest complete checkpoints beyond ``keep`` (process 0). Each is first
+        renamed out of the step listing, so an interrupted deletion never leaves a partial
+        checkpoint that looks complete (the leftover is removed with the interrupted saves)."""
+        if jax.process_index() != 0:
+            return
+        complete = self._complete_steps()
+        for step in complete[: max(0, len(complete) - self.keep)]:
+            doomed = os.path.join(self.directory, f"{step}{TMP_MARKER}-deleting-{os.getpid()}")
+            try:
+                os.rename(self._step_dir(step), doomed)
+            except OSError as e:
+                log.warning("could not delete old checkpoint %s: %s", self._step_dir(step), e)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+        if self._manager is not None:
+            self._manager.reload()
+
+    def _abort_save(self, step: int) -> None:
+        """After a failed save of ``step``: remove its partial files (uncommitted temporary
+        directory, or committed directory without a manifest), never a complete checkpoint,
+        and drop the manager (its state is unknown)."""
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - it re-raises the save's error
+                pass
+        # Orbax's writer threads of the failed save may still be running: let them finish
+        # before removing their directory (else they re-create it, or write into the next save).
+        deadline = time.time() + 60.0
+        for t in threading.enumerate():
+            if type(t).__name__ == "_SignalingThread" and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.time()))
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{step}{TMP_MARKER}"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        root = self._step_dir(step)
+        if os.path.isdir(root) and not os.path.isfile(os.path.join(root, MANIFEST_NAME)):
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _save_error(self, e: BaseException, step: Optional[int]) -> BaseException:
+        """A one-line CheckpointWriteError for a file-system error, else ``e`` itself."""
+        if isinstance(e, CheckpointError):
+            return e
+        oe = find_os_error(e)
+        if oe is None:
+            return e
+        latest = self.latest_step()
+        intact = (f"the previous checkpoints are intact (latest: step {latest})" if latest is not None
+                  else "no earlier checkpoint exists")
+        what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
+        msg = f"{one_line_os_error(oe, what, self.directory, '--workdir')}; {intact}"
+        cls = CheckpointDiskFullError if oe.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) \
+            else CheckpointWriteError
+        return cls(msg)
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished and is complete on disk."""
@@ -384,12 +504,16 @@ class Checkpointer:
             with open(mpath) as f:
                 manifest = json.load(f)
             files = manifest["files"]
+            if not isinstance(files, dict):
+                raise TypeError("'files' is not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {root}: manifest {MANIFEST_NAME} is unreadable ({e})") from e
         problems = []
         for rel, rec in files.items():
             p = os.path.join(root, rel)
-            if not os.path.isfile(p):
+            if not isinstance(rec, dict) or "size" not in rec or "sha256" not in rec:
+                problems.append(f"manifest entry for {rel} is malformed")
+            elif not os.path.isfile(p):
                 problems.append(f"missing file {rel}")
             elif os.path.getsize(p) != rec["size"]:
                 problems.append(f"file {rel} has {os.path.getsize(p)} bytes, expected {rec['size']} (truncated?)")
@@ -398,6 +522,62 @@ class Checkpointer:
         if problems:
             shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
             raise CheckpointError(f"checkpoint {root} (step {step}) is corrupt: {shown}")
+
+    def _resolve_verified_step(self, step: Optional[int]) -> int:
+        """The step to restore, verified against its manifest.
+
+        An explicit ``step`` must be intact (else CheckpointError). For the latest step,
+        corrupt checkpoints are skipped, newest first, until an intact one is found; the
+        skipped ones are moved aside to ``<directory>/corrupt-<step>-<time>/`` (outside the
+        step listing) and ``self.last_fallback`` says which and why. When none is intact,
+        nothing is moved and CheckpointError lists every problem.
+        """
+        self.last_fallback = None
+        if step is not None:
+            step = self._resolve_step(step)
+            self._verify(step)
+            return step
+        newest = self._resolve_step(None)
+        skipped: List[Tuple[int, str]] = []
+        for s in reversed([s for s in self.all_steps() if s <= newest]):
+            try:
+                self._verify(s)
+            except CheckpointError as e:
+                skipped.append((s, self._reason(s, e)))
+                continue
+            if skipped:
+                corrupt = [CorruptCheckpoint(c, r, self._move_aside(c)) for c, r in skipped]
+                self.last_fallback = RestoreFallback(s, corrupt)
+                log.warning("%s", self.last_fallback.message)
+                if self._manager is not None:
+                    self._manager.reload()
+            return s
+        shown = "; ".join(f"step {c}: {r}" for c, r in skipped[:5])
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory} ({shown}); nothing was moved: inspect or "
+            f"delete them, or start again in a new --workdir")
+
+    def _reason(self, step: int, e: CheckpointError) -> str:
+        msg = str(e)
+        for marker in (f"(step {step}) is corrupt: ", f"{self._step_dir(step)}: "):
+            if marker in msg:
+                return msg.split(marker, 1)[1]
+        return msg
+
+    def _move_aside(self, step: int) -> Optional[str]:
+        """Rename a corrupt step directory out of the step listing (process 0 only)."""
+        if jax.process_index() != 0:
+            return None
+        base = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        dest, i = base, 1
+        while os.path.lexists(dest):
+            dest, i = f"{base}-{i}", i + 1
+        try:
+            os.rename(self._step_dir(step), dest)
+        except OSError as e:
+            log.warning("could not move corrupt checkpoint %s aside: %s", self._step_dir(step), e)
+            return None
+        return dest
 
     def _resolve_step(self, step: Optional[int]) -> int:
         if not os.path.isdir(self.directory):
@@ -435,16 +615,15 @@ class Checkpointer:
         raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; complete steps: {complete}")
 
     def _abstract_for_restore(
-        self, step: int, abstract_state: Any, keys: Mapping[str, str]
+        self, step: int, abstract_state: Any, keys: Mapping[str, str], subset: bool = False
     ) -> Any:
-        """Check ``abstract_state`` against the stored metadata; key leaves -> key data."""
-        try:
-            stored = self._get_manager().item_metadata(step)["state"]
-        except Exception as e:  # noqa: BLE001 - orbax raises many kinds
-            raise CheckpointError(f"checkpoint {self._step_dir(step)}: cannot read state metadata ({e})") from e
-        stored_tree = getattr(stored, "tree", stored)
-        if stored_tree is None:
-            raise CheckpointError(f"checkpoint {self._step_dir(step)}: state metadata is missing")
+        """Check ``abstract_state`` against the stored metadata; key leaves -> key data.
+
+        ``subset``: ``abstract_state`` is a dict of some top-level entries; only those are
+        compared (the others are not restored)."""
+        stored_tree = self._stored_state_tree(step)
+        if subset:
+            stored_tree = {k: stored_tree[k] for k in abstract_state}
         stored_leaves = {
             _path_str(p): m
             for p, m in jax.tree_util.tree_flatten_with_path(stored_tree)[0]
@@ -508,18 +687,11 @@ class Checkpointer:
             or a structure mismatch with ``abstract_state``.
         """
         self._finalize_pending()
-        step = self._resolve_step(step)
-        self._verify(step)
+        step = self._resolve_verified_step(step)
         manager = self._get_manager()
         manager.reload()
         root = self._step_dir(step)
-        try:
-            info = manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {root}: cannot read info ({e})") from e
-        if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {root}: unsupported format {info!r}")
-        keys: Dict[str, str] = info.get("prng_keys", {})
+        keys = self._read_info(step)
         if abstract_state is not None:
             state_args = ocp.args.StandardRestore(self._abstract_for_restore(step, abstract_state, keys))
         else:
@@ -549,6 +721,94 @@ class Checkpointer:
         state = jax.tree_util.tree_map_with_path(rekey, out["state"])
         replay = decode_replay(np.asarray(out["replay"]["blob"]))
         return state, dict(out["meta"] or {}), replay
+
+    def _read_info(self, step: int) -> Dict[str, str]:
+        """The checkpoint's info record (format check); returns its PRNG-key leaves."""
+        root = self._step_dir(step)
+        try:
+            info = self._get_manager().restore(
+                step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {root}: cannot read info ({e})") from e
+        if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {root}: unsupported format {info!r}")
+        return info.get("prng_keys", {})
+
+    def restore_subset(
+        self,
+        step: Optional[int] = None,
+        abstract_subset: Optional[Mapping[str, Any]] = None,
+        keys: Optional[Iterable[str]] = None,
+    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Restore only some top-level entries of the saved state, e.g. ``step``,
+        ``trainable`` and ``log_z`` of a TrainState, without reading the others (the
+        optimizer state is neither read nor allocated). Returns ``(subset, meta)`` where
+        ``subset`` is a dict keyed by the requested entry names.
+
+        ``abstract_subset`` maps entry names to abstract subtrees (``jax.ShapeDtypeStruct``
+        with shardings, or arrays) that must match what is stored for those entries; ``keys``
+        instead names entries restored as stored (shapes and dtypes from the checkpoint,
+        on the default device; use ``abstract_subset`` on multi-host runs). The step is
+        chosen and verified as in :meth:`restore` (latest with fallback, or explicit and
+        strict). PRNG keys come back typed, as in :meth:`restore`.
+        """
+        if (abstract_subset is None) == (keys is None):
+            raise ValueError("pass exactly one of abstract_subset or keys")
+        self._finalize_pending()
+        step = self._resolve_verified_step(step)
+        manager = self._get_manager()
+        manager.reload()
+        root = self._step_dir(step)
+        prng_keys = self._read_info(step)
+        stored = self._stored_state_tree(step)
+        if not isinstance(stored, Mapping):
+            raise CheckpointError(f"checkpoint {root}: the saved state is not a tree of named entries")
+        names = list(abstract_subset) if abstract_subset is not None else list(keys or ())
+        unknown = [n for n in names if n not in stored]
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint {root} (step {step}) has no state entries {unknown}; it has {sorted(stored)}")
+        if abstract_subset is None:
+            device = jax.local_devices()[0]
+            sharding = jax.sharding.SingleDeviceSharding(device)
+
+            def from_meta(m: Any) -> Any:
+                return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+
+            target = {n: jax.tree_util.tree_map(from_meta, stored[n]) for n in names}
+            # stored key data is already uint32: restore it as is, re-wrap below
+        else:
+            target = self._abstract_for_restore(step, dict(abstract_subset), prng_keys, subset=True)
+        try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+                out = ckptr.restore(
+                    os.path.join(root, "state"),
+                    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                partial_restore=True),
+                )
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {root} (step {step}) could not be restored: {e}") from e
+
+        def rekey(path, x):
+            impl = prng_keys.get(_path_str(path))
+            return jax.random.wrap_key_data(x, impl=impl) if impl is not None else x
+
+        subset = jax.tree_util.tree_map_with_path(rekey, {n: out[n] for n in names})
+        return subset, dict(meta or {})
+
+    def _stored_state_tree(self, step: int) -> Any:
+        try:
+            stored = self._get_manager().item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds
+            raise CheckpointError(f"checkpoint {self._step_dir(step)}: cannot read state metadata ({e})") from e
+        tree = getattr(stored, "tree", stored)
+        if tree is None:
+            raise CheckpointError(f"checkpoint {self._step_dir(step)}: state metadata is missing")
+        return tree
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""

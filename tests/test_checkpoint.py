@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import flax
 import numpy as np
 import optax
 import pytest
@@ -19,7 +22,9 @@ import pytest
 from gfn_jax.checkpoint import (
     MANIFEST_NAME,
     Checkpointer,
+    CheckpointDiskFullError,
     CheckpointError,
+    CheckpointWriteError,
     PreemptionHandler,
     decode_replay,
     encode_replay,
@@ -228,25 +233,92 @@ def _largest_state_file(step_dir):
     return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
-def test_corrupt_checkpoint(saved_dir, damage):
-    path = _largest_state_file(saved_dir / "2")
+def _snapshot(root):
+    """{relative path: bytes} of every file under ``root``."""
+    out = {}
+    for r, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(r, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+def _damage(path, damage):
     if damage == "truncate":
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
-        pattern = r"step 2\) is corrupt: file state/.* bytes, expected .*truncated"
-    elif damage == "delete":
+        return r"file state/.* bytes, expected .*truncated"
+    if damage == "delete":
         os.remove(path)
-        pattern = r"step 2\) is corrupt: missing file state/"
-    else:
-        data = bytearray(open(path, "rb").read())
-        data[len(data) // 2] ^= 0xFF
-        open(path, "wb").write(bytes(data))
-        pattern = r"step 2\) is corrupt: file state/.* wrong sha256"
+        return r"missing file state/"
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    return r"file state/.* wrong sha256"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_corrupt_checkpoint(saved_dir, damage):
+    """An explicitly requested corrupt step is an error; the latest falls back (kept aside)."""
+    reason = _damage(_largest_state_file(saved_dir / "2"), damage)
+    damaged = _snapshot(saved_dir / "2")
+    intact = _snapshot(saved_dir / "1")
     ck = Checkpointer(saved_dir)
-    with pytest.raises(CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=r"step 2\) is corrupt: " + reason):
+        ck.restore(2)
+    assert ck.last_fallback is None and "2" in os.listdir(saved_dir)  # strict: nothing moved
+
+    state, meta, replay = ck.restore(abstract_state=abstract_of(make_state(1)))
+    assert meta == {"s": 1}
+    assert_identical(state, make_state(1))
+    assert_replay_equal(replay, REPLAY)
+    fb = ck.last_fallback
+    assert fb.restored_step == 1 and [c.step for c in fb.skipped] == [2]
+    assert re.search(reason, fb.skipped[0].reason)
+    moved = fb.skipped[0].moved_to
+    assert os.path.dirname(moved) == str(saved_dir) and re.fullmatch(r"corrupt-2-\d{8}-\d{6}", os.path.basename(moved))
+    assert re.fullmatch(r"checkpoint step 2 is corrupt \(.+\); moved aside to .*corrupt-2-.*; resuming from "
+                        r"step 1, the newest intact checkpoint", fb.message)
+    # the corrupt checkpoint is kept byte for byte, outside the step listing; step 1 untouched
+    assert "2" not in os.listdir(saved_dir)
+    assert _snapshot(moved) == damaged
+    assert _snapshot(saved_dir / "1") == intact
+    assert ck.all_steps() == [1]
+    # the run continues: step 2 is saved again and restored; the corrupt copy stays aside
+    assert ck.save(2, make_state(5), {"s": 22}, None)
+    ck.close()
+    ck = Checkpointer(saved_dir)
+    assert ck.latest_step() == 2
+    assert ck.restore()[1] == {"s": 22} and ck.last_fallback is None
+    assert _snapshot(moved) == damaged
+    ck.close()
+
+
+def test_corrupt_latest_two_deep_and_restore_subset_fallback(tmp_path):
+    d = tmp_path / "ck"
+    with Checkpointer(d, keep=5) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, make_state(s), {"s": s}, None)
+    _damage(_largest_state_file(d / "3"), "flip")
+    (d / "2" / MANIFEST_NAME).write_text("{not json")
+    ck = Checkpointer(d)
+    sub, meta = ck.restore_subset(keys=["step"])
+    assert meta == {"s": 1} and int(sub["step"]) == 8
+    assert [c.step for c in ck.last_fallback.skipped] == [3, 2]
+    assert "manifest gfn_manifest.json is unreadable" in ck.last_fallback.skipped[1].reason
+    assert sorted(n.split("-")[1] for n in os.listdir(d) if n.startswith("corrupt-")) == ["2", "3"]
+    assert ck.all_steps() == [1]
+
+
+def test_all_checkpoints_corrupt_moves_nothing(saved_dir):
+    _damage(_largest_state_file(saved_dir / "1"), "truncate")
+    _damage(_largest_state_file(saved_dir / "2"), "flip")
+    before = _snapshot(saved_dir)
+    ck = Checkpointer(saved_dir)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*ck \(step 2: file state/.*sha256.*; "
+                       r"step 1: file state/.*truncated.*\); nothing was moved"):
         ck.restore()
-    assert ck.restore(1)[1] == {"s": 1}  # the older one is intact
+    assert _snapshot(saved_dir) == before and ck.last_fallback is None
 
 
 def test_unreadable_manifest(saved_dir):
@@ -274,6 +346,156 @@ def test_structure_mismatch(saved_dir):
     dtype["step"] = jax.ShapeDtypeStruct((), jnp.float32)
     with pytest.raises(CheckpointError, match=r"step: dtype float32 requested, int32 stored"):
         ck.restore(abstract_state=dtype)
+
+
+@flax.struct.dataclass
+class _TrainState:  # the shape of gfn_jax.train.TrainState
+    step: jax.Array
+    trainable: dict
+    log_z: dict
+    opt_state: object
+    rng: jax.Array
+
+
+def _train_state(seed, width=8):
+    rng = np.random.default_rng(seed)
+    trainable = {"a": jnp.asarray(rng.normal(size=(width, 4)), jnp.float32),
+                 "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    log_z = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    opt_state = optax.adamw(1e-2).init({"trainable": trainable, "log_z": log_z})
+    return _TrainState(step=jnp.int32(10 + seed), trainable=trainable, log_z=log_z,
+                       opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)))
+
+
+@pytest.fixture
+def deserialized_names(monkeypatch):
+    """Names of the arrays orbax deserializes (reads and allocates)."""
+    from orbax.checkpoint import type_handlers
+
+    names = []
+    real = type_handlers.ArrayHandler.deserialize
+
+    async def spy(self, infos, args=None):
+        names.extend(i.name for i in infos)
+        return await real(self, infos, args)
+
+    monkeypatch.setattr(type_handlers.ArrayHandler, "deserialize", spy)
+    return names
+
+
+def test_restore_subset_skips_optimizer_state(tmp_path, deserialized_names):
+    saved = _train_state(1)
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(11, saved, {"step": 11}, REPLAY)
+    ck.close()
+    # The policy's shapes now differ from the optimizer state stored (e.g. it was saved
+    # with another optimizer): only the requested entries must match.
+    want = {k: abstract_of(getattr(saved, k)) for k in ("step", "trainable", "log_z")}
+    ck = Checkpointer(tmp_path / "ck")
+    sub, meta = ck.restore_subset(abstract_subset=want)
+    assert meta == {"step": 11} and set(sub) == {"step", "trainable", "log_z"}
+    for k in want:
+        assert_identical(sub[k], getattr(saved, k))
+    assert sorted(deserialized_names) == ["log_z.w", "step", "trainable.a", "trainable.b"]
+    # keys= restores entries as stored (on the default device), here without opt_state
+    deserialized_names.clear()
+    sub2, _ = ck.restore_subset(keys=["trainable", "rng"])
+    assert_identical(sub2["trainable"], saved.trainable)
+    np.testing.assert_array_equal(np.asarray(sub2["rng"]), np.asarray(saved.rng))
+    assert not any(n.startswith("opt_state") for n in deserialized_names) and deserialized_names
+    # a full restore with a state whose optimizer state has another shape fails; the subset does not care
+    other = _train_state(1, width=5)
+    with pytest.raises(CheckpointError, match=r"opt_state/0/mu/trainable/a: shape \(5, 4\) requested, \(8, 4\) stored"):
+        ck.restore(abstract_state=abstract_of(other).replace(trainable=want["trainable"]))
+    # a mismatch inside a requested entry, and an unknown entry, are clear errors
+    with pytest.raises(CheckpointError, match=r"trainable/a: shape \(5, 4\) requested, \(8, 4\) stored"):
+        ck.restore_subset(abstract_subset={"trainable": abstract_of(other.trainable)})
+    with pytest.raises(CheckpointError, match=r"has no state entries \['params'\]; it has \['log_z', "
+                       r"'opt_state', 'rng', 'step', 'trainable'\]"):
+        ck.restore_subset(keys=["params"])
+    with pytest.raises(ValueError, match="exactly one"):
+        ck.restore_subset()
+    ck.close()
+
+
+def test_restore_subset_typed_keys_and_explicit_step(saved_dir):
+    ck = Checkpointer(saved_dir)
+    sub, meta = ck.restore_subset(step=1, keys=["rng", "params"])
+    assert meta == {"s": 1}
+    want = make_state(1)
+    assert_identical(sub["rng"], want["rng"])  # typed PRNG key re-wrapped
+    assert_identical(sub["params"], want["params"])
+    _damage(_largest_state_file(saved_dir / "1"), "flip")
+    with pytest.raises(CheckpointError, match=r"step 1\) is corrupt"):
+        ck.restore_subset(step=1, keys=["rng"])  # explicit step: strict
+    ck.close()
+
+
+# --------------------------------------------------------------------------------------
+# disk full while saving
+# --------------------------------------------------------------------------------------
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "somefile")
+
+
+@pytest.mark.parametrize("where", ["orbax_write", "manifest", "orbax_write_async"])
+def test_disk_full_while_saving_keeps_previous(tmp_path, monkeypatch, where):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    d = tmp_path / "ck"
+    ck = Checkpointer(d, keep=2, async_save=where.endswith("async"))
+    ck.save(1, make_state(1), {"s": 1}, REPLAY)
+    ck.save(2, make_state(2), {"s": 2}, REPLAY)
+    ck.wait()
+    before = _snapshot(d)
+    with monkeypatch.context() as m:
+        if where == "manifest":
+            m.setattr("gfn_jax.checkpoint._atomic_write_text", _enospc)
+        else:
+            async def full(self, x, directory):
+                _enospc()
+            m.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full)
+        with pytest.raises(CheckpointDiskFullError) as info:
+            ck.save(3, make_state(3), {"s": 3}, REPLAY)
+            ck.wait()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg == (f"disk full while saving checkpoint step 3 to {d}; free space or point --workdir "
+                   f"elsewhere; the previous checkpoints are intact (latest: step 2)")
+    # nothing lost (keep=2 did not drop step 1 for the failed step 3), nothing half-written left
+    assert _snapshot(d) == before
+    assert sorted(os.listdir(d)) == ["1", "2"]
+    ck2 = Checkpointer(d)
+    state, meta, replay = ck2.restore(abstract_state=abstract_of(make_state(2)))
+    assert meta == {"s": 2} and ck2.last_fallback is None
+    assert_identical(state, make_state(2))
+    # with space again, the same Checkpointer saves step 3
+    assert ck.save(3, make_state(3), {"s": 3}, REPLAY)
+    ck.wait()
+    assert ck.all_steps() == [2, 3]
+    assert ck.restore()[1] == {"s": 3}
+    ck.close()
+    ck2.close()
+
+
+def test_other_write_errors_are_one_line(tmp_path, monkeypatch):
+    d = tmp_path / "ck"
+    ck = Checkpointer(d)
+    ck.save(1, make_state(1), {"s": 1}, None)
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", "x")
+
+    monkeypatch.setattr("gfn_jax.checkpoint._atomic_write_text", denied)
+    with pytest.raises(CheckpointWriteError, match=r"^permission denied while saving checkpoint step 2 to "
+                       r".*ck; fix the permissions or point --workdir elsewhere; the previous checkpoints "
+                       r"are intact \(latest: step 1\)$") as info:
+        ck.save(2, make_state(2), {"s": 2}, None)
+    assert not isinstance(info.value, CheckpointDiskFullError)
+    assert sorted(os.listdir(d)) == ["1"]
+    ck.close()
 
 
 def test_sharded_restore(tmp_path):
