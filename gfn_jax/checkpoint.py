@@ -15,6 +15,14 @@ manifest, so a truncated or deleted file raises :class:`CheckpointError` instead
 returning garbage. A save that is interrupted (crash, SIGKILL, preemption) leaves either
 an uncommitted temporary directory or a committed directory without a manifest; both are
 ignored by :meth:`Checkpointer.latest_step` and the previous checkpoint stays restorable.
+Old checkpoints beyond ``keep`` are deleted only after a new one is complete, so a failed
+save (disk full: :class:`CheckpointDiskFullError`, one line) never costs an older one.
+
+Restoring the latest step skips corrupt checkpoints (manifest check failed), newest first,
+moves them to ``<directory>/corrupt-<step>-<time>/`` and records why in
+``Checkpointer.last_fallback``; an explicitly requested step is restored strictly.
+:meth:`Checkpointer.restore_subset` restores some top-level state entries (e.g. a
+TrainState's ``step``, ``trainable``, ``log_z``) without reading the optimizer state.
 
 Paths are local/POSIX (a shared file system on multi-host runs); the manifest is written
 by process 0.
