@@ -1,26 +1,43 @@
 #!/usr/bin/env bash
-# Run `gfn-jax train` on every worker of a Cloud TPU VM (single host or pod slice).
+# Run `gfn-jax train` on every worker of a Cloud TPU VM (single host or pod slice), and keep
+# it running through preemptions: recreate the TPU (or its queued resource) and resume from
+# the last checkpoint, in a loop, until the run is finished.
 #
 # Usage:
-#   launch/tpu.sh --tpu NAME --zone ZONE [--project PROJECT] [--repo GIT_URL] \
-#       [--ref BRANCH] [--remote-dir DIR] [--no-setup] [--dry-run] -- <gfn-jax train args>
+#   launch/tpu.sh --tpu NAME --zone ZONE [--project PROJECT] [--repo GIT_URL] [--ref BRANCH]
+#       [--remote-dir DIR] [--no-setup] [--dry-run]
+#       [--accelerator-type TYPE --runtime-version VERSION [--spot | --preemptible]]
+#       [--queued-resource QR_ID] [--max-restarts N] [--max-failures N] [--poll SECONDS]
+#       -- <gfn-jax train args, including --workdir>
 #
-# Example (v4-32: 4 hosts x 4 chips = 16 devices; fsdp over 16):
-#   launch/tpu.sh --tpu my-v4-32 --zone us-central2-b -- \
+# Example (a v4-32 spot slice: 4 hosts x 4 chips; recreated when preempted):
+#   launch/tpu.sh --tpu my-v4-32 --zone us-central2-b --accelerator-type v4-32 \
+#       --runtime-version tpu-ubuntu2204-base --spot -- \
 #       --config configs/rng.py --workdir gs://my-bucket/runs/rng \
 #       --config.mesh.data=1 --config.mesh.fsdp=16 --config.train.steps=1000
 #
-# What it does, on all workers at once (gcloud ... tpu-vm ssh --worker=all):
-#   1. copies the code: clone GIT_URL into DIR and check out REF (branch, tag or commit)
-#      when --repo is given, else
-#      the local checkout this script lives in (tracked files, `git archive` + scp);
+# Each attempt, on all workers at once (gcloud ... tpu-vm ssh --worker=all):
+#   0. makes sure the TPU is READY: waits while it is being created or repaired; when it is
+#      missing, PREEMPTED or TERMINATED, deletes and recreates it (needs --accelerator-type
+#      and --runtime-version), or, with --queued-resource, deletes and recreates the queued
+#      resource (node id = --tpu) when it is SUSPENDED or FAILED and waits until ACTIVE;
+#   1. copies the code (after every (re)creation): clone GIT_URL at REF with --repo, else the
+#      local checkout this script lives in (tracked files at HEAD, `git archive` + scp);
 #   2. set-up (skip with --no-setup): `pip install -e DIR "jax[tpu]"`;
-#   3. runs `gfn-jax train <args>` with GFN_JAX_DISTRIBUTED=auto, so every worker calls
-#      jax.distributed.initialize() and JAX reads the pod layout from the TPU metadata.
-# Everything after `--` is passed to `gfn-jax train` unchanged (config overrides such as
-# --config.mesh.tensor=4). Use a gs:// workdir (or a shared disk) so all hosts see it.
+#   3. runs `gfn-jax train <args>` with GFN_JAX_DISTRIBUTED=auto (every worker calls
+#      jax.distributed.initialize(); JAX reads the pod layout from the TPU metadata); the
+#      trainer resumes from the workdir's latest checkpoint by itself;
+#   4. asks worker 0 whether the run is finished (`python3 gfn_jax/sweep.py status WORKDIR`:
+#      a DONE file, or summary.json after evaluation with steps == train.steps). If it is,
+#      the script exits 0; if not (preempted, SIGTERM, lost ssh), it goes back to 0.
+# A training failure on a healthy (READY) TPU counts against --max-failures (default 2), so
+# a broken config does not loop; every retry counts against --max-restarts (default 50).
+# The workdir must outlive the VM: use gs://... (or another shared disk).
+# --dry-run prints every gcloud / git command of one attempt instead of running it (the TPU
+# is taken as missing when --accelerator-type is given, else as READY, and the run as
+# finished after one attempt).
 # Environment: TPU_NAME, TPU_ZONE, TPU_PROJECT may replace the flags; JAX_TPU_EXTRA
-# (default "jax[tpu]") is the pip requirement that brings libtpu.
+# (default "jax[tpu]") is the pip requirement that brings libtpu; GCLOUD (default gcloud).
 set -euo pipefail
 
 TPU="${TPU_NAME:-}"
@@ -31,9 +48,18 @@ REF="main"
 REMOTE_DIR="gfn-jax"          # relative to the remote user's home directory
 SETUP=1
 DRY_RUN=0
+ACCEL=""
+RUNTIME=""
+PRICING=""                    # --spot | --preemptible
+QR=""
+MAX_RESTARTS=50
+MAX_FAILURES=2
+POLL=30
 JAX_TPU_EXTRA="${JAX_TPU_EXTRA:-jax[tpu]}"
+GCLOUD_BIN="${GCLOUD:-gcloud}"
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+log() { echo "[tpu.sh $(date +%H:%M:%S)] $*" >&2; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -45,6 +71,14 @@ while [[ $# -gt 0 ]]; do
     --remote-dir) REMOTE_DIR="$2"; shift 2 ;;
     --no-setup) SETUP=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --accelerator-type) ACCEL="$2"; shift 2 ;;
+    --runtime-version|--version) RUNTIME="$2"; shift 2 ;;
+    --spot) PRICING="--spot"; shift ;;
+    --preemptible) PRICING="--preemptible"; shift ;;
+    --queued-resource) QR="$2"; shift 2 ;;
+    --max-restarts) MAX_RESTARTS="$2"; shift 2 ;;
+    --max-failures) MAX_FAILURES="$2"; shift 2 ;;
+    --poll) POLL="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1 (put gfn-jax arguments after --)" >&2; usage >&2; exit 2 ;;
@@ -55,8 +89,41 @@ if [[ -z "$TPU" || -z "$ZONE" ]]; then
   echo "error: --tpu and --zone (or TPU_NAME and TPU_ZONE) are required" >&2
   exit 2
 fi
+CAN_CREATE=0
+if [[ -n "$ACCEL" || -n "$RUNTIME" ]]; then
+  if [[ -z "$ACCEL" || -z "$RUNTIME" ]]; then
+    echo "error: (re)creating the TPU needs both --accelerator-type and --runtime-version" >&2
+    exit 2
+  fi
+  CAN_CREATE=1
+fi
+if [[ -n "$QR" && "$CAN_CREATE" == 0 ]]; then
+  echo "error: --queued-resource needs --accelerator-type and --runtime-version" >&2
+  exit 2
+fi
+if [[ -n "$QR" && "$PRICING" == "--preemptible" ]]; then
+  echo "error: a queued resource takes --spot, not --preemptible" >&2
+  exit 2
+fi
 
-GCLOUD=(gcloud compute tpus tpu-vm)
+# The workdir (for the "finished?" check) from the pass-through arguments.
+WORKDIR=""
+prev=""
+for a in "$@"; do
+  if [[ "$prev" == "--workdir" ]]; then WORKDIR="$a"; fi
+  case "$a" in --workdir=*) WORKDIR="${a#--workdir=}" ;; esac
+  prev="$a"
+done
+if [[ -z "$WORKDIR" ]]; then
+  echo "error: pass --workdir to gfn-jax (after --); it is how a resumed run finds its checkpoints" >&2
+  exit 2
+fi
+if [[ "$CAN_CREATE" == 1 && "$WORKDIR" != gs://* ]]; then
+  log "warning: workdir $WORKDIR is not on gs://; a recreated TPU VM starts with an empty disk"
+fi
+
+TPUVM=("$GCLOUD_BIN" compute tpus tpu-vm)
+QRCMD=("$GCLOUD_BIN" compute tpus queued-resources)
 COMMON=(--zone "$ZONE")
 [[ -n "$PROJECT" ]] && COMMON+=(--project "$PROJECT")
 
@@ -68,28 +135,157 @@ run() {  # print, or run, a command
 TRAIN_ARGS=""
 for a in "$@"; do TRAIN_ARGS+=" $(printf '%q' "$a")"; done
 RDIR="$(printf '%q' "$REMOTE_DIR")"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TARBALL=""
+trap '[[ -n "$TARBALL" ]] && rm -f "$TARBALL"' EXIT
 
-# 1. code
-if [[ -n "$REPO" ]]; then
-  QREF="$(printf '%q' "$REF")"
-  FETCH="if [ ! -d $RDIR/.git ]; then git clone -q $(printf '%q' "$REPO") $RDIR; fi && git -C $RDIR fetch -q origin $QREF && git -C $RDIR checkout -q FETCH_HEAD"
-  run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command "$FETCH"
-else
-  HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  TARBALL="$(mktemp -t gfn-jax-XXXXXX.tar.gz)"
-  trap 'rm -f "$TARBALL"' EXIT
-  run git -C "$HERE" archive --format=tar.gz -o "$TARBALL" HEAD
-  run "${GCLOUD[@]}" scp "$TARBALL" "$TPU:gfn-jax-src.tar.gz" "${COMMON[@]}" --worker=all
-  run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all \
-    --command "mkdir -p $RDIR && tar -xzf gfn-jax-src.tar.gz -C $RDIR && rm gfn-jax-src.tar.gz"
-fi
+# ---------------------------------------------------------------- TPU state
+STATE=""
+get_state() {  # sets STATE (NOT_FOUND when describe fails)
+  local cmd
+  if [[ -n "$QR" ]]; then
+    cmd=("${QRCMD[@]}" describe "$QR" "${COMMON[@]}" --format="value(state.state)")
+  else
+    cmd=("${TPUVM[@]}" describe "$TPU" "${COMMON[@]}" --format="value(state)")
+  fi
+  if [[ "$DRY_RUN" == 1 ]]; then
+    run "${cmd[@]}"
+    if [[ "$CAN_CREATE" == 1 && -z "${DRY_STATE_SEEN:-}" ]]; then STATE=NOT_FOUND; else STATE=READY; fi
+    DRY_STATE_SEEN=1
+    [[ -n "$QR" && "$STATE" == READY ]] && STATE=ACTIVE
+    return 0
+  fi
+  STATE="$("${cmd[@]}" 2>/dev/null)" || STATE=NOT_FOUND
+  STATE="${STATE//[[:space:]]/}"
+  [[ -z "$STATE" ]] && STATE=NOT_FOUND
+  return 0
+}
 
-# 2. set-up
-if [[ "$SETUP" == 1 ]]; then
-  run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all \
-    --command "python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e $RDIR $(printf '%q' "$JAX_TPU_EXTRA")"
-fi
+create() {
+  if [[ -n "$QR" ]]; then
+    run "${QRCMD[@]}" create "$QR" --node-id "$TPU" "${COMMON[@]}" \
+      --accelerator-type "$ACCEL" --runtime-version "$RUNTIME" ${PRICING:+"$PRICING"}
+  else
+    run "${TPUVM[@]}" create "$TPU" "${COMMON[@]}" \
+      --accelerator-type "$ACCEL" --version "$RUNTIME" ${PRICING:+"$PRICING"}
+  fi
+}
 
-# 3. train on all workers at once
-run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all \
-  --command "cd $RDIR && export GFN_JAX_DISTRIBUTED=auto PATH=\"\$HOME/.local/bin:\$PATH\" && gfn-jax train$TRAIN_ARGS"
+delete() {
+  if [[ -n "$QR" ]]; then
+    run "${QRCMD[@]}" delete "$QR" "${COMMON[@]}" --force --quiet || true
+  else
+    run "${TPUVM[@]}" delete "$TPU" "${COMMON[@]}" --quiet || true
+  fi
+}
+
+FRESH=1  # the code must be (re)copied and set up
+ensure_ready() {  # returns once the TPU is usable; recreates it when it is gone
+  while :; do
+    get_state
+    case "$STATE" in
+      READY|ACTIVE) return 0 ;;
+      CREATING|STARTING|RESTARTING|REPAIRING|PROVISIONING|WAITING_FOR_RESOURCES|ACCEPTED|DELETING|SUSPENDING)
+        log "TPU ${QR:-$TPU} is $STATE; waiting" ;;
+      STOPPED)
+        if [[ -n "$QR" ]]; then log "queued resource $QR is STOPPED"; return 1; fi
+        log "TPU $TPU is STOPPED; starting it"
+        run "${TPUVM[@]}" start "$TPU" "${COMMON[@]}"; FRESH=1 ;;
+      *)  # NOT_FOUND, PREEMPTED, TERMINATED, SUSPENDED, FAILED, ...
+        if [[ "$CAN_CREATE" != 1 ]]; then
+          log "error: TPU ${QR:-$TPU} is $STATE and cannot be recreated without" \
+              "--accelerator-type and --runtime-version"
+          return 1
+        fi
+        if [[ "$STATE" != NOT_FOUND ]]; then
+          log "TPU ${QR:-$TPU} is $STATE; deleting it"
+          delete
+        fi
+        log "creating ${QR:+queued resource $QR for }TPU $TPU ($ACCEL, $RUNTIME${PRICING:+, ${PRICING#--}})"
+        create || log "create failed; will retry"
+        FRESH=1 ;;
+    esac
+    [[ "$DRY_RUN" == 1 ]] && continue
+    sleep "$POLL"
+  done
+}
+
+# ---------------------------------------------------------------- remote steps
+ssh_all() { run "${TPUVM[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command "$1"; }
+
+copy_code() {
+  if [[ -n "$REPO" ]]; then
+    local qref
+    qref="$(printf '%q' "$REF")"
+    ssh_all "if [ ! -d $RDIR/.git ]; then git clone -q $(printf '%q' "$REPO") $RDIR; fi && git -C $RDIR fetch -q origin $qref && git -C $RDIR checkout -q FETCH_HEAD"
+  else
+    if [[ -z "$TARBALL" ]]; then
+      if [[ "$DRY_RUN" == 1 ]]; then TARBALL="$(mktemp -u -t gfn-jax-XXXXXX.tar.gz)"
+      else TARBALL="$(mktemp -t gfn-jax-XXXXXX.tar.gz)"; fi
+      run git -C "$HERE" archive --format=tar.gz -o "$TARBALL" HEAD
+    fi
+    run "${TPUVM[@]}" scp "$TARBALL" "$TPU:gfn-jax-src.tar.gz" "${COMMON[@]}" --worker=all
+    ssh_all "mkdir -p $RDIR && tar -xzf gfn-jax-src.tar.gz -C $RDIR && rm gfn-jax-src.tar.gz"
+  fi
+}
+
+setup() {
+  ssh_all "python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e $RDIR $(printf '%q' "$JAX_TPU_EXTRA")"
+}
+
+train() {
+  ssh_all "cd $RDIR && export GFN_JAX_DISTRIBUTED=auto PATH=\"\$HOME/.local/bin:\$PATH\" && gfn-jax train$TRAIN_ARGS"
+}
+
+finished() {  # worker 0 reads the workdir; no JAX import
+  run "${TPUVM[@]}" ssh "$TPU" "${COMMON[@]}" --worker=0 \
+    --command "cd $RDIR && python3 gfn_jax/sweep.py status $(printf '%q' "$WORKDIR")"
+}
+
+# ---------------------------------------------------------------- the loop
+attempt=0
+failures=0
+while :; do
+  attempt=$((attempt + 1))
+  log "attempt $attempt: TPU ${QR:+$QR/}$TPU, workdir $WORKDIR"
+  if ! ensure_ready; then exit 1; fi
+  if [[ "$FRESH" == 1 ]]; then
+    if copy_code && { [[ "$SETUP" == 0 ]] || setup; }; then
+      FRESH=0
+    else
+      log "copying the code or set-up failed"
+    fi
+  fi
+  rc=0
+  if [[ "$FRESH" == 0 ]]; then
+    train || rc=$?
+  else
+    rc=1
+  fi
+  if [[ "$DRY_RUN" == 1 ]]; then
+    finished
+    log "dry run: one attempt shown; the real loop repeats it until the status check says finished"
+    exit 0
+  fi
+  if finished; then
+    log "run finished (attempt $attempt)"
+    exit 0
+  fi
+  sleep "$POLL"  # give a preemption time to show in the TPU's state
+  get_state
+  if [[ "$rc" != 0 && ( "$STATE" == READY || "$STATE" == ACTIVE ) ]]; then
+    failures=$((failures + 1))
+    log "training exited with $rc on a healthy TPU (failure $failures of $MAX_FAILURES)"
+    if (( failures >= MAX_FAILURES )); then
+      log "error: giving up: training keeps failing on a healthy TPU (see its output above)"
+      exit 1
+    fi
+  else
+    failures=0
+    log "run not finished (exit $rc, TPU $STATE): resuming"
+  fi
+  if (( attempt > MAX_RESTARTS )); then
+    log "error: giving up after $MAX_RESTARTS restarts"
+    exit 1
+  fi
+done
