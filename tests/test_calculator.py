@@ -435,6 +435,7 @@ def test_smollm2_tokenizer_and_data_rationales():
     with open(os.path.join(DATA, "1digit_34_op+-_train_50.json")) as f:
         rows = json.load(f)
     T = 40
+    step = jax.jit(tool)
     for row in rows:
         tokens, mask = rationale_trajectory(tool, tok, row["str_rationale"])
         text = tok.decode(tokens)
@@ -444,8 +445,10 @@ def test_smollm2_tokenizer_and_data_rationales():
         for s in steps:
             lhs, rhs = s.split("=")
             assert evaluate_expression(lhs) == int(rhs)
-        pre = np.array([tokens[:i] + [0] * (T - i) for i in range(len(tokens))], np.int32)
-        force, forced = jax.jit(tool)(pre, np.arange(len(tokens), dtype=np.int32), jnp.int32(0))
-        np.testing.assert_array_equal(np.asarray(force), ~np.array(mask))
-        np.testing.assert_array_equal(np.asarray(forced)[~np.array(mask)],
-                                      np.array(tokens)[~np.array(mask)])
+        n = len(tokens)
+        assert n <= T
+        pre = np.array([tokens[:i] + [0] * (T - min(i, n)) for i in range(T)], np.int32)  # one shape
+        force, forced = step(pre, np.minimum(np.arange(T), n).astype(np.int32), jnp.int32(0))
+        force, forced, m = np.asarray(force)[:n], np.asarray(forced)[:n], np.array(mask)
+        np.testing.assert_array_equal(force, ~m)
+        np.testing.assert_array_equal(forced[~m], np.array(tokens)[~m])
