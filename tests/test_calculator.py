@@ -327,9 +327,10 @@ def test_sampler_with_calculator_and_rescoring():
     bias = np.zeros(V, np.float32)
     for ch, b in {"=": 2.5, ",": 1.0, "-": 0.5, " ": 0.5}.items():
         bias[tok.encode(ch)[0]] = b
-    bias[eos] = -1.0
+    bias[eos] = -3.0
     T = 24
-    spec = PolicySpec((eos,), max_len=T, min_len=6)
+    # min_len 0: a length mask would also differ between the two re-scorings below
+    spec = PolicySpec((eos,), max_len=T, min_len=0)
     prompts = [tok.encode("3 - 5 - 1 = "), tok.encode("12 + 4,")]
     P = max(map(len, prompts))
     pt = np.array([[eos] * (P - len(p)) + p for p in prompts], np.int32)
@@ -386,11 +387,9 @@ def test_sampler_with_calculator_and_rescoring():
         keep = toks[r, : lens[r]][act[r, : lens[r]]]
         comp[r, : len(keep)] = keep
         clen[r] = len(keep)
-    # (no min-length mask, so that only the context differs, not the prefix lengths' masks)
-    spec0 = PolicySpec((eos,), max_len=T, min_len=0)
-    dropped = score_policy(cfg, params, ptr, pmr, comp, clen, spec0, logit_bias=bias)
-    ours = np.asarray(score_policy(cfg, params, ptr, pmr, out.tokens, out.lengths, spec0,
-                                   logit_bias=bias, action_mask=out.action_mask).log_pf).sum(1)
+    dropped = score_policy(cfg, params, ptr, pmr, comp, clen, spec, logit_bias=bias,
+                           action_mask=np.ones_like(act))  # (same jit entry as above)
+    ours = lpf.sum(1)
     theirs = np.asarray(dropped.log_pf).sum(1)
     affected = np.array([
         (~act[r, : lens[r]]).any() and act[r, np.argmax(~act[r, : lens[r]]) :lens[r]].any()

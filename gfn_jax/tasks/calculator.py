@@ -383,6 +383,11 @@ class CalculatorTool:
 
     Build with :meth:`from_tokenizer`. Equality and hash use a digest of the tables, so two
     tools built from the same tokenizer and options share one jit cache entry.
+
+    Cost: each call re-reads the whole trajectory, a ``lax.scan`` of ``T * width`` character
+    steps over ``[N]`` vectors (the tables are jit constants: ``[V, width]`` int8 and
+    ``[2 * max_abs + 1, M]`` int32). That is cheap for rationale lengths (tens of tokens);
+    for long trajectories a windowed variant would be the next step.
     """
 
     def __init__(
