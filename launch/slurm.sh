@@ -97,7 +97,9 @@ if [[ "$DRY_RUN" == 1 && "$SLURM_JOB_NODELIST" == '$SLURM_JOB_NODELIST' ]]; then
   COORD_HOST='$FIRST_NODE'
   PORT="${GFN_JAX_PORT:-12000 + \$SLURM_JOB_ID % 20000}"
 else
-  COORD_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  # sed reads all of its input: `head -n 1` could close the pipe early and, with pipefail,
+  # fail the script with SIGPIPE when scontrol prints many nodes
+  COORD_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
   PORT="${GFN_JAX_PORT:-$((12000 + SLURM_JOB_ID % 20000))}"
 fi
 export GFN_JAX_COORDINATOR="${COORD_HOST}:${PORT}"
