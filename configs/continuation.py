@@ -10,27 +10,27 @@ Run: gfn-jax train --config configs/continuation.py --workdir runs/continuation
 Smoke test: ... --config.train.steps=3 --config.eval.num_samples=0
 """
 
-from gfn_jax.defaults import default_config
+from gfn_jax.defaults import default_config, with_task
 
 
 def get_config():
     c = default_config()
-    c.task.name = "continuation"
-    c.task.data_path = "../shared/data/openwebtext/prompts.txt"  # relative to the repo root
-    c.task.num_prompts = 64
-    c.task.max_prompt_tokens = 24
-    c.task.prompt_prefix = ""
-    c.task.prompt_suffix = ""
-    c.task.term_tokens = (".", "\n")
-    c.task.use_eos = True
-    c.task.min_len = 2
-    c.task.max_len = 12
+    with_task(c, "continuation",
+              data_path="../shared/data/openwebtext/prompts.txt",  # relative to the working directory (or data.root)
+              num_prompts=64,
+              max_prompt_tokens=24,
+              prompt_prefix="",
+              prompt_suffix="",
+              term_tokens=(".", "\n"),
+              use_eos=True,
+              min_len=2,
+              max_len=12,
+              disallow_substrings=(".", "\n") + tuple("0123456789"),
+              disallow_bias=-1e9,  # a finite value (e.g. -5.0) penalises instead
+              eval_batch_size=64)
     # other tokens with "." or newline are forbidden; so are digits: with them the base LM's
     # favourite "next sentence" is a list marker (" 1." has a high likelihood), which a
     # 150-step run learned to emit almost always
-    c.task.disallow_substrings = (".", "\n") + tuple("0123456789")
-    c.task.disallow_bias = -1e9  # a finite value (e.g. -5.0) penalises instead
-    c.task.eval_batch_size = 64
     c.model.spec = "smollm2-135m"
     c.lora.enabled = True
     c.lora.rank = 16

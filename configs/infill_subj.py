@@ -10,26 +10,26 @@ Data: the paper's 20-example training subset, ../shared/data/subj/train.20.jsonl
 Run: gfn-jax train --config configs/infill_subj.py --workdir runs/infill_subj
 """
 
-from gfn_jax.defaults import default_config
+from gfn_jax.defaults import default_config, with_task
 
 
 def get_config():
     c = default_config()
-    c.task.name = "infill"
-    c.task.data_path = "../shared/data/subj/train.20.jsonl"  # relative to the repo root
-    c.task.num_prompts = 0  # all rows
-    c.task.max_prompt_tokens = 0
-    c.task.prompt_template = "Movie review: {text}\nThoughts:"
-    c.task.suffix_template = "\nSo the review is {label_text}."
-    c.task.label_key = "label_text"
-    c.task.candidate_labels = ("objective", "subjective")
-    c.task.term_tokens = ("\n",)
-    c.task.use_eos = False
-    c.task.min_len = 1
-    c.task.max_len = 10
-    c.task.disallow_substrings = ("\n",)  # no multi-newline tokens inside Z
-    c.task.disallow_bias = -1e9
-    c.task.eval_batch_size = 32
+    with_task(c, "infill",
+              data_path="../shared/data/subj/train.20.jsonl",  # relative to the working directory (or data.root)
+              num_prompts=0,  # all rows
+              max_prompt_tokens=0,
+              prompt_template="Movie review: {text}\nThoughts:",
+              suffix_template="\nSo the review is {label_text}.",
+              label_key="label_text",
+              candidate_labels=("objective", "subjective"),
+              term_tokens=("\n",),
+              use_eos=False,
+              min_len=1,
+              max_len=10,
+              disallow_substrings=("\n",),  # no multi-newline tokens inside Z
+              disallow_bias=-1e9,
+              eval_batch_size=32)
     c.model.spec = "smollm2-135m"
     c.lora.enabled = True
     c.lora.rank = 16

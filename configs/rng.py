@@ -7,18 +7,18 @@ uniform over the valid integers.
 Run: gfn-jax train --config configs/rng.py --workdir runs/rng
 """
 
-from gfn_jax.defaults import default_config
+from gfn_jax.defaults import default_config, with_task
 
 
 def get_config():
     c = default_config()
-    c.task.name = "rng"
-    c.task.prompt = "The following is a random integer drawn uniformly between 0 and 100: "
-    c.task.max_len = 3
-    c.task.invalid_log_reward = -8.0
-    c.task.term_tokens = ("\n",)
-    c.task.use_eos = True
-    c.task.digits_only = True  # actions: the ten digit tokens and termination
+    with_task(c, "rng",
+              prompt="The following is a random integer drawn uniformly between 0 and 100: ",
+              max_len=3,
+              invalid_log_reward=-8.0,
+              term_tokens=("\n",),
+              use_eos=True,
+              digits_only=True)  # actions: the ten digit tokens and termination
     c.model.spec = "smollm2-135m"
     c.lora.enabled = True
     c.lora.rank = 16

@@ -5,14 +5,14 @@ Run: gfn-jax train --config configs/toy_exact.py --workdir runs/toy
 (TB instead of SubTB: --config.objective.name=tb)
 """
 
-from gfn_jax.defaults import default_config
+from gfn_jax.defaults import default_config, with_task
 
 
 def get_config():
     c = default_config()
-    c.task.name = "toy_exact"
-    c.task.min_len = 1
-    c.task.max_len = 3
+    with_task(c, "toy_exact",
+              min_len=1,
+              max_len=3)
     c.model.spec = "random"
     c.model.random.update(dict(family="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                d_ff=128, max_seq_len=16))

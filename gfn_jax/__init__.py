@@ -9,8 +9,13 @@ Public API (see ``docs/architecture.md``):
   :func:`score_reward_prefixes`, :func:`score_suffix_prefixes`
 * objectives: :func:`subtb_loss`, :func:`tb_loss`, :func:`db_loss`, :func:`sft_loss`,
   :func:`reinforce_loss`, :func:`ppo_loss`
-* training: :class:`Trainer`, :class:`ReplayBuffer`, :class:`Checkpointer`, tasks
-  (:class:`Task`, :func:`make_task`, :func:`register_task`), parallelism
+* objectives as registered values: :class:`Objective`, :class:`Needs`,
+  :class:`LossInputs`, :func:`register_objective`, :func:`get_objective`,
+  :func:`objective_names`
+* the policy as a value: :class:`Policy`, :func:`load_policy`, :func:`load_run`
+* training: :class:`TrainBatch`, :class:`StepSpec`, :func:`make_train_step`,
+  :class:`Trainer`, :class:`ReplayBuffer`, :class:`Checkpointer`, tasks (:class:`Task`,
+  :class:`Target`, :func:`make_task`, :func:`register_task`), parallelism
   (:class:`MeshConfig`, :func:`make_mesh`)
 """
 
@@ -28,6 +33,7 @@ from gfn_jax.models import (
     param_axes,
     save_hf,
 )
+from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.lora import LoraConfig, init_lora, merge_lora
 from gfn_jax.objectives import (
     db_loss,
@@ -44,8 +50,19 @@ from gfn_jax.replay import ReplayBuffer
 from gfn_jax.sampling import SampleOutput, sample
 from gfn_jax.scoring import score_policy, score_reward_prefixes, score_suffix_prefixes
 from gfn_jax.checkpoint import Checkpointer, CheckpointError
-from gfn_jax.tasks import Task, make_task, register_task
-from gfn_jax.train import Trainer, TrainState
+from gfn_jax.tasks import Target, Task, make_task, register_task
+from gfn_jax.batch import TrainBatch
+from gfn_jax.objective_registry import (
+    LossInputs,
+    Needs,
+    Objective,
+    get_objective,
+    objective_names,
+    register_objective,
+)
+from gfn_jax.policy import Policy, load_policy, load_run
+from gfn_jax.step import StepSpec, TrainState, make_prepare, make_train_step
+from gfn_jax.train import Trainer
 
 __all__ = [
     "PolicySpec", "Model", "ModelConfig", "forward", "init_params", "load", "load_gguf",
@@ -53,5 +70,8 @@ __all__ = [
     "init_log_z", "apply_log_z", "ppo_loss", "reinforce_loss", "sft_loss", "subtb_loss",
     "tb_loss", "MeshConfig", "make_mesh", "ReplayBuffer", "SampleOutput", "sample",
     "score_policy", "score_reward_prefixes", "score_suffix_prefixes", "Checkpointer",
-    "CheckpointError", "Task", "make_task", "register_task", "Trainer", "TrainState",
+    "CheckpointError", "Task", "Target", "make_task", "register_task", "Trainer", "TrainState",
+    "Adapters", "TrainBatch", "LossInputs", "Needs", "Objective", "get_objective",
+    "objective_names", "register_objective", "Policy", "load_policy", "load_run", "StepSpec",
+    "make_prepare", "make_train_step",
 ]

@@ -1,11 +1,8 @@
 """Command line: ``gfn-jax train | sample | eval | convert``.
 
-Examples::
-
-    gfn-jax train --config configs/rng.py --workdir runs/rng --config.train.steps=10
-    gfn-jax sample --workdir runs/rng --num 100 --output samples.jsonl --temperature 1.0
-    gfn-jax eval --workdir runs/rng --num 10000
-    gfn-jax convert --model smollm2-135m --out exported/ [--workdir runs/rng]
+Every command takes ``--help``; expected errors (configuration, paths, data, checkpoints,
+model files) print one line saying what is wrong, where and what to do (the traceback with
+``--debug`` or ``GFN_JAX_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -17,32 +14,64 @@ from typing import Dict, List, Optional
 
 from absl import flags
 
-USAGE = __doc__
+USAGE = """usage: gfn-jax COMMAND [flags]   (gfn-jax COMMAND --help lists a command's flags)
+
+commands:
+  train     fine-tune a policy from a config file (resumes a run directory)
+  sample    draw samples from a trained run into a JSON-lines file
+  eval      evaluate a trained run with its task's metrics
+  convert   export a run (LoRA merged) or a model to a Hugging Face directory
+
+examples:
+  gfn-jax train --config configs/rng.py --workdir runs/rng --config.train.steps=10
+  gfn-jax sample --workdir runs/rng --num 100 --output samples.jsonl --temperature 1.0
+  gfn-jax eval --workdir runs/rng --num 10000
+  gfn-jax convert --workdir runs/rng --out exported/rng
+"""
+
+EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 3
+
+
+def _common(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("debug", False, "show full tracebacks for errors", flag_values=fv)
 
 
 def _define_train(fv: flags.FlagValues, argv: List[str]) -> None:
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file (configs/*.py); override any key with "
+        "--config.KEY=VALUE (e.g. --config.train.steps=10)", flag_values=fv, lock_config=True,
+        sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, plots)",
                         flag_values=fv)
-    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
-    flags.DEFINE_bool("resume", True, "resume from the latest checkpoint in workdir",
-                      flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
+    flags.DEFINE_bool("resume", True, "resume from the latest checkpoint in --workdir; "
+                      "--noresume starts a fresh run (refused on a used directory unless "
+                      "--move_aside)", flag_values=fv)
+    flags.DEFINE_bool("move_aside", False, "with --noresume: rename an existing run in "
+                      "--workdir to WORKDIR.old-TIMESTAMP first", flag_values=fv)
+    flags.DEFINE_bool("allow_config_change", False, "resume even though the config changes "
+                      "the run's meaning (learning rate, seed, objective, ...)", flag_values=fv)
+    flags.DEFINE_bool("force_unlock", False, "take the run directory's lock even if another "
+                      "process seems to hold it", flag_values=fv)
+    _common(fv)
 
 
 def _define_sample(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_string("workdir", None, "a run directory written by `gfn-jax train`",
                         flag_values=fv)
-    flags.DEFINE_integer("num", 100, "number of samples", flag_values=fv)
-    flags.DEFINE_string("output", None, "output JSON-lines file", flag_values=fv)
-    flags.DEFINE_float("temperature", 1.0, "sampling temperature", flag_values=fv)
-    flags.DEFINE_string("prompt", None, "prompt text (default: the task's prompts)",
-                        flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "PRNG seed", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 0, "samples per sampler call (0: config.eval)",
+    flags.DEFINE_integer("num", 100, "number of samples in all (cycling through the prompts)",
                          flag_values=fv)
+    flags.DEFINE_string("output", None, "output JSON-lines file (one object per sample: "
+                        "prompt, text, tokens, log_q)", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "sampling temperature", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "prompt text (default: the task's evaluation prompts); "
+                        "any prompt that fits the model's context", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "PRNG seed", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 0, "samples per sampler call (0: config.eval.batch_size)",
+                         flag_values=fv)
+    _common(fv)
 
 
 def _define_eval(fv: flags.FlagValues, argv: List[str]) -> None:
@@ -51,102 +80,151 @@ def _define_eval(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_integer("num", 0, "number of samples (0: config.eval.num_samples)",
                          flag_values=fv)
     flags.DEFINE_integer("seed", 0, "PRNG seed", flag_values=fv)
+    _common(fv)
 
 
 def _define_convert(fv: flags.FlagValues, argv: List[str]) -> None:
-    flags.DEFINE_string("model", None, "model spec: HF dir, .gguf file or registered name",
+    flags.DEFINE_string("model", None, "model spec: HF dir, .gguf file or registered name "
+                        "(without --workdir)", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "a run directory whose LoRA adapters (or fine-tuned "
+                        "weights) are merged into the export", flag_values=fv)
+    flags.DEFINE_string("out", None, "output Hugging Face directory (new or empty)",
                         flag_values=fv)
-    flags.DEFINE_string("workdir", None, "optional run directory whose LoRA adapters (or "
-                        "fine-tuned weights) are merged into the export", flag_values=fv)
-    flags.DEFINE_string("out", None, "output Hugging Face directory", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory", flag_values=fv)
+    _common(fv)
+
+
+class UsageError(Exception):
+    """A command-line mistake (exit status 2)."""
 
 
 def _need(fv: flags.FlagValues, *names: str) -> None:
     missing = [n for n in names if getattr(fv, n) is None]
     if missing:
-        raise SystemExit("error: missing required flag(s): " + ", ".join("--" + m for m in missing))
+        raise UsageError("missing required flag(s): " + ", ".join("--" + m for m in missing))
 
 
-def _load_run_config(workdir: str):
-    """The config a run was trained with (its config.json over the defaults)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {workdir!r} is not a gfn-jax run directory (no config.json); "
+def _positive(fv: flags.FlagValues, *names: str) -> None:
+    for n in names:
+        v = getattr(fv, n)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{n} must be > 0, got {v}")
+
+
+def _load_run(workdir: str):
+    """(config, task, policy, base params) of a run directory; no optimizer state is built."""
+    from gfn_jax.checkpoint import Checkpointer
+    from gfn_jax.policy import load_run
+
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise UsageError(f"{workdir!r} is not a gfn-jax run directory (no config.json); "
                          "run `gfn-jax train` first")
-    with open(path) as f:
-        d = json.load(f)
-    from gfn_jax.defaults import default_config
-
-    cfg = default_config()
-    _merge(cfg, d)
-    return cfg
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    if ckpt.latest_step() is None:
+        raise UsageError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')!r}; the run "
+                         "has not saved one yet")
+    return load_run(workdir)
 
 
-def _merge(cfg, d: Dict) -> None:
-    import ml_collections
-
-    for k, v in d.items():
-        if isinstance(v, dict) and k in cfg and isinstance(cfg[k], ml_collections.ConfigDict):
-            _merge(cfg[k], v)
-        else:
-            if isinstance(v, list):
-                v = tuple(v)
-            if k in cfg:
-                with cfg.ignore_type():
-                    cfg[k] = v
-            else:
-                cfg[k] = v
-
-
-def _trainer_from_workdir(workdir: str):
-    from gfn_jax.train import Trainer
-
-    cfg = _load_run_config(workdir)
-    trainer = Trainer(cfg, workdir, restore=True)
-    if trainer.ckpt.latest_step() is None:
-        raise SystemExit(f"error: no checkpoint in {os.path.join(workdir, 'checkpoints')!r}")
-    return trainer
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_train(fv: flags.FlagValues) -> int:
     _need(fv, "config", "workdir")
-    from gfn_jax.train import Trainer
+    import jax
+
+    from gfn_jax.defaults import validate_config
+    from gfn_jax.rundir import RunLock, check_config_change, prepare_fresh_run
+    from gfn_jax.train import NonFiniteLossError, Trainer, _jsonable
 
     config = fv.config
-    trainer = Trainer(config, fv.workdir, restore=fv.resume)
-    results: Dict[str, Dict[str, float]] = {}
-    evaluate = config.eval.num_samples > 0
-    if evaluate and config.eval.before_training and trainer.start_step == 0:
-        results["before"] = _evaluate(trainer, config.eval.num_samples, "before")
-    from gfn_jax.train import NonFiniteLossError
+    validate_config(config)  # before any model is loaded or compiled
+    workdir = os.path.abspath(fv.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    with RunLock(workdir, is_primary=primary, force=fv.force_unlock,
+                 force_hint="--force_unlock") as lock:
+        if getattr(lock, "took_over", None):
+            print(f"note: took over a stale lock: {lock.took_over['reason']}")
+        if not fv.resume and primary:
+            moved = prepare_fresh_run(workdir, "move_aside" if fv.move_aside else "refuse",
+                                      lock=lock)
+            if moved:
+                print(f"moved the previous run to {moved}")
+        old_cfg = _read_json(os.path.join(workdir, "config.json")) if fv.resume else None
+        if old_cfg is not None:
+            change = check_config_change(old_cfg, _jsonable(config.to_dict()),
+                                         allow=fv.allow_config_change)
+            change.raise_if_refused()
+        trainer = Trainer(config, workdir, restore=fv.resume)
+        fb = getattr(trainer.ckpt, "last_fallback", None)
+        if fb is not None:
+            print(f"warning: {fb.message}")
+        summary_path = os.path.join(workdir, "summary.json")
+        old_summary = _read_json(summary_path) or {}
+        if trainer.start_step > 0:
+            if trainer.start_step >= config.train.steps and old_summary.get("complete"):
+                print(f"the run in {workdir} is already complete at step {trainer.start_step} "
+                      f"(summary.json kept); raise --config.train.steps to continue it or "
+                      f"use a new --workdir")
+                return 0
+            print(f"resuming from step {trainer.start_step} of {config.train.steps}")
+        results: Dict[str, Dict[str, float]] = dict((old_summary.get("eval") or {})
+                                                    if trainer.start_step > 0 else {})
+        results.pop("after", None)
+        evaluate = config.eval.num_samples > 0
+        if evaluate and config.eval.before_training and trainer.start_step == 0:
+            results["before"] = _evaluate(trainer, config.eval.num_samples, "before")
+        try:
+            summary = trainer.run(progress=fv.progress)
+        except NonFiniteLossError as e:
+            latest = trainer.ckpt.latest_step()
+            where = (f"the last checkpoint on disk (step {latest}) is clean" if latest is not None
+                     else "no checkpoint was saved before it")
+            print(f"error: {e}; {where}", file=sys.stderr)
+            return EXIT_ERROR
+        summary["eval"] = results
+        preempted = "preempted_at" in summary
+        if evaluate and not preempted:
+            results["after"] = _evaluate(trainer, config.eval.num_samples, "after")
+        summary["complete"] = not preempted
+        if primary:
+            from gfn_jax.rundir import atomic_write_file
 
-    try:
-        summary = trainer.run(progress=fv.progress)
-    except NonFiniteLossError as e:
-        latest = trainer.ckpt.latest_step()
-        print(f"error: {e}; the last checkpoint (step {latest}) is clean", file=sys.stderr)
-        return 1
-    if evaluate:
-        results["after"] = _evaluate(trainer, config.eval.num_samples, "after")
-    summary["eval"] = results
-    from gfn_jax.train import _jsonable
-
-    with open(os.path.join(trainer.workdir, "summary.json"), "w") as f:
-        json.dump(_jsonable(summary), f, indent=2)
-    print(json.dumps(_jsonable({"steps": summary.get("steps"),
-                                "wall_time_s": summary.get("wall_time_s"), "eval": results}),
-                     indent=2))
+            with atomic_write_file(summary_path) as f:
+                f.write(json.dumps(_jsonable(summary), indent=2))
+        print(json.dumps(_jsonable({"steps": summary.get("steps"),
+                                    "wall_time_s": summary.get("wall_time_s"),
+                                    "eval": results}), indent=2))
+        if preempted:
+            print(f"preempted at step {summary['preempted_at']}: checkpoint saved; run the same "
+                  f"command again to resume", file=sys.stderr)
+            return EXIT_PREEMPTED
     return 0
 
 
 def _evaluate(trainer, num: int, tag: str, seed: int = 1234) -> Dict[str, float]:
+    return _evaluate_policy(trainer.config, trainer.task, trainer.policy, trainer.workdir, num,
+                            tag, seed)
+
+
+def _evaluate_policy(config, task, policy, workdir: str, num: int, tag: str,
+                     seed: int = 1234) -> Dict[str, float]:
     import time
 
     t0 = time.time()
-    samples = trainer.generate(num, seed=seed)
-    metrics = trainer.task.evaluate(samples, out_dir=trainer.workdir, tag=tag)
+    label = {"before": "evaluating the base model", "after": "evaluating the tuned policy"}
+    samples = policy.sample_total(list(task.eval_prompts()), num,
+                                  batch_size=int(config.eval.batch_size), seed=seed,
+                                  progress=True, desc=label.get(tag, f"evaluating ({tag})"))
+    metrics = task.evaluate(samples, out_dir=workdir, tag=tag)
     metrics["eval_time_s"] = time.time() - t0
-    with open(os.path.join(trainer.workdir, f"eval_{tag}.json"), "w") as f:
+    with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"eval ({tag}):", json.dumps(metrics))
     return metrics
@@ -154,11 +232,18 @@ def _evaluate(trainer, num: int, tag: str, seed: int = 1234) -> Dict[str, float]
 
 def cmd_sample(fv: flags.FlagValues) -> int:
     _need(fv, "workdir", "output")
-    trainer = _trainer_from_workdir(fv.workdir)
-    samples = trainer.generate(fv.num, prompt=fv.prompt, temperature=fv.temperature,
-                               batch_size=fv.batch_size, seed=fv.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(fv.output)), exist_ok=True)
-    with open(fv.output, "w") as f:
+    _positive(fv, "num", "temperature")
+    if fv.batch_size < 0:
+        raise UsageError(f"--batch_size must be >= 0, got {fv.batch_size}")
+    from gfn_jax.rundir import atomic_write_file, check_writable
+
+    check_writable(fv.output, flag="--output")  # before anything expensive
+    config, task, policy, _ = _load_run(fv.workdir)
+    prompts = [fv.prompt] if fv.prompt is not None else list(task.eval_prompts())
+    bs = fv.batch_size or int(config.eval.batch_size)
+    samples = policy.sample_total(prompts, fv.num, batch_size=bs, temperature=fv.temperature,
+                                  seed=fv.seed, progress=True)
+    with atomic_write_file(fv.output) as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
     print(f"wrote {len(samples)} samples to {fv.output}")
@@ -167,29 +252,39 @@ def cmd_sample(fv: flags.FlagValues) -> int:
 
 def cmd_eval(fv: flags.FlagValues) -> int:
     _need(fv, "workdir")
-    trainer = _trainer_from_workdir(fv.workdir)
-    num = fv.num or trainer.config.eval.num_samples
-    _evaluate(trainer, num, f"step{int(trainer.state.step)}", seed=fv.seed)
+    _positive(fv, "num") if fv.num != 0 else None
+    if fv.num < 0:
+        raise UsageError(f"--num must be > 0 (or 0 for config.eval.num_samples), got {fv.num}")
+    config, task, policy, base = _load_run(fv.workdir)
+    task.bind_reward_params(base)
+    from gfn_jax.checkpoint import Checkpointer
+
+    step = Checkpointer(os.path.join(fv.workdir, "checkpoints")).latest_step()
+    num = fv.num or config.eval.num_samples
+    if num <= 0:
+        raise UsageError("the run's config.eval.num_samples is 0: pass --num")
+    _evaluate_policy(config, task, policy, fv.workdir, num, f"step{step}", seed=fv.seed)
     return 0
 
 
 def cmd_convert(fv: flags.FlagValues) -> int:
     _need(fv, "out")
     from gfn_jax.models import hf
-    from gfn_jax.models import lora as lora_lib
+    from gfn_jax.rundir import atomic_output_dir, check_output_dir
 
+    forbid = [fv.workdir] if fv.workdir else []
+    check_output_dir(fv.out, overwrite=fv.overwrite, forbid_inside=forbid, flag="--out")
     if fv.workdir:
-        trainer = _trainer_from_workdir(fv.workdir)
-        params, adapters = trainer.policy_params
-        if adapters is not None:
-            params = lora_lib.merge_lora(params, adapters)
-        hf.save_hf(trainer.model_cfg, params, fv.out, tokenizer=trainer.tokenizer)
+        _, _, policy, _ = _load_run(fv.workdir)
+        with atomic_output_dir(fv.out, overwrite=fv.overwrite, forbid_inside=forbid) as tmp:
+            policy.save_hf(tmp)
     else:
         _need(fv, "model")
         from gfn_jax.models import load
 
         m = load(fv.model)
-        hf.save_hf(m.config, m.params, fv.out, tokenizer=m.tokenizer)
+        with atomic_output_dir(fv.out, overwrite=fv.overwrite) as tmp:
+            hf.save_hf(m.config, m.params, tmp, tokenizer=m.tokenizer)
     print(f"wrote Hugging Face checkpoint to {fv.out}")
     return 0
 
@@ -202,6 +297,46 @@ COMMANDS: Dict[str, tuple] = {
 }
 
 
+def _command_help(cmd: str, fv: flags.FlagValues) -> str:
+    lines = [f"usage: gfn-jax {cmd} [flags]", "", "flags:"]
+    seen = set()
+    for name in sorted(fv):
+        flag = fv[name]
+        if id(flag) in seen or name in ("help", "helpshort", "helpfull", "helpxml", "flagfile",
+                                        "undefok"):
+            continue
+        seen.add(id(flag))
+        default = "" if flag.default is None else f" (default: {flag.default!r})"
+        kind = "--[no]" if isinstance(flag, flags.BooleanFlag) else "--"
+        lines.append(f"  {kind}{name}: {flag.help}{default}")
+    return "\n".join(lines)
+
+
+def _expected_errors() -> tuple:
+    from gfn_jax.checkpoint import CheckpointError
+    from gfn_jax.rundir import RunDirError
+
+    errs = [ValueError, OSError, KeyError, CheckpointError, RunDirError, UsageError]
+    try:
+        from gfn_jax.train import NonFiniteLossError
+
+        errs.append(NonFiniteLossError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def _one_line(e: BaseException) -> str:
+    from gfn_jax.rundir import find_os_error, one_line_os_error
+
+    if isinstance(e, OSError) or find_os_error(e) is not None:
+        ose = e if isinstance(e, OSError) else find_os_error(e)
+        return one_line_os_error(ose, "running the command", getattr(ose, "filename", None),
+                                 "--workdir")
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return msg.strip() or type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``gfn-jax`` console command."""
     argv = list(sys.argv if argv is None else argv)
@@ -210,24 +345,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     cmd = argv[1]
     if cmd not in COMMANDS:
-        print(f"error: unknown command {cmd!r}; choose one of {sorted(COMMANDS)}\n{USAGE}",
+        print(f"error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     define, run = COMMANDS[cmd]
     fv = flags.FlagValues()
-    args = [f"gfn-jax {cmd}"] + argv[2:]
+    rest = argv[2:]
+    args = [f"gfn-jax {cmd}"] + [a for a in rest if a not in ("-h", "--help", "-help")]
+    if len(args) != len(rest) + 1:  # --help: the command's flags, nothing else
+        define(fv, [args[0]])
+        print(_command_help(cmd, fv))
+        return 0
     define(fv, args)
+    debug = os.environ.get("GFN_JAX_DEBUG", "") not in ("", "0") or "--debug" in rest
     try:
         fv(args)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e} (see gfn-jax {cmd} --help)", file=sys.stderr)
+        return EXIT_USAGE
     except (KeyError, AttributeError) as e:
         bad = [a.split("=")[0] for a in args if a.startswith("--config.")]
         print(f"error: unknown config key {e} (in one of the overrides {bad}); "
-              "see gfn_jax/defaults.py for every key", file=sys.stderr)
-        return 2
-    return run(fv)
+              "see gfn_jax/defaults.py and the task's DEFAULTS for every key", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - e.g. an error inside the config file itself
+        if debug:
+            raise
+        print(f"error: could not load the config: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(fv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except _expected_errors() as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print("(run with --debug or GFN_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

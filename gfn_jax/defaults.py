@@ -1,6 +1,11 @@
-"""Default configuration shared by every ``configs/*.py`` file (ml_collections)."""
+"""Default configuration shared by every ``configs/*.py`` file (ml_collections), the task
+schemas merged into ``c.task``, and validation of a whole config before anything is built."""
 
 from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Dict, Mapping
 
 import ml_collections
 
@@ -26,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.max_prompt_len = 0  # 0 = longest training prompt; longer prompts are an error
+    c.data.root = ""  # relative data paths resolve against this (default: the working dir)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True
@@ -40,13 +46,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.log_z = "scalar"  # tb only: scalar | conditional
     c.objective.log_z_init = 0.0
     c.objective.log_z_lr = 0.1
+    c.objective.sft_source = "data"  # sft: "data" (task targets) | "policy" (behaviour mix)
+    c.objective.kl_coef = 0.05  # reinforce / ppo: beta of the KL(q || p_ref) penalty
+    c.objective.kl_target = 0.0  # > 0: adapt kl_coef towards this sequence KL per rollout
+    c.objective.kl_adapt_rate = 1.0
+    c.objective.baseline = "loo"  # reinforce / ppo advantages: loo | mean | none
+    c.objective.scale_by_std = False  # GRPO-style: divide advantages by the group's std
     c.objective.ppo_clip = 0.2
-    c.objective.kl_coef = 0.05
+    c.objective.ppo_epochs = 4  # update epochs per rollout
+    c.objective.ppo_minibatches = 2  # minibatches per epoch
 
     c.reward = ml_collections.ConfigDict()
     c.reward.temp_start = 1.0
     c.reward.temp_end = 1.0
-    c.reward.temp_horizon = 1000
+    c.reward.temp_horizon = 1000  # in optimizer updates
+    c.reward.model = ""  # "" = the base model with adapters off; else a model spec
 
     c.explore = ml_collections.ConfigDict()
     c.explore.p_on_policy = 1.0
@@ -61,10 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.replay = ml_collections.ConfigDict()
     c.replay.capacity = 32  # per prompt
-    c.replay.dedup_fraction = 0.0
+    c.replay.near_dedup = False  # drop near-duplicates (edit distance < fraction * length)
+    c.replay.dedup_fraction = 0.25
     c.replay.sampling = "reward"  # uniform | reward
     c.replay.min_size = 4
     c.replay.always_fill = False
+    c.replay.seed_from_data = False  # seed the buffer with the task's target sequences
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -97,3 +113,138 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     return c
+
+
+# ---------------------------------------------------------------------------- task schemas
+def with_task(c: ml_collections.ConfigDict, name: str, **overrides: Any
+              ) -> ml_collections.ConfigDict:
+    """Set ``c.task`` to task ``name``'s defaults (its schema) plus ``overrides``; every key of
+    the schema is then overridable from the command line (``--config.task.KEY=...``)."""
+    from gfn_jax.tasks import task_defaults
+
+    d = task_defaults(name)
+    unknown = sorted(set(overrides) - set(d))
+    if unknown:
+        raise ValueError(_unknown_keys_message(f"task {name!r}", unknown, d))
+    c.task = ml_collections.ConfigDict({"name": name, **d, **overrides})
+    return c
+
+
+def _unknown_keys_message(where: str, unknown: Any, known: Mapping[str, Any]) -> str:
+    parts = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(known), n=3)
+        parts.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return f"unknown config key(s) for {where}: {', '.join(parts)}"
+
+
+def config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config from a saved ``config.json`` dict, over today's defaults (keys added since the
+    run was written keep their defaults)."""
+    cfg = default_config()
+    _merge(cfg, d)
+    return cfg
+
+
+def _merge(cfg: ml_collections.ConfigDict, d: Mapping[str, Any]) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict) and k in cfg and isinstance(cfg[k], ml_collections.ConfigDict):
+            if k == "task":  # a task's schema is its own: replace, don't merge
+                cfg[k] = ml_collections.ConfigDict(_tuples(v))
+            else:
+                _merge(cfg[k], v)
+        else:
+            v = _tuples(v)
+            if k in cfg:
+                with cfg.ignore_type():
+                    cfg[k] = v
+            else:
+                cfg[k] = v
+
+
+def _tuples(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_tuples(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _tuples(x) for k, x in v.items()}
+    return v
+
+
+# ---------------------------------------------------------------------------- validation
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check a whole config before any model is loaded or compiled; raises ``ValueError``
+    whose message names the config key(s) and what to do."""
+    from gfn_jax.objective_registry import get_objective
+    from gfn_jax.tasks import check_task_config
+
+    t, o, e, r, opt = config.train, config.objective, config.explore, config.reward, config.optim
+    for key, v in (("train.steps", t.steps),):
+        if v < 0:
+            raise ValueError(f"{key} must be >= 0, got {v}")
+    for key, v in (("train.prompts_per_batch", t.prompts_per_batch),
+                   ("train.samples_per_prompt", t.samples_per_prompt),
+                   ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                   ("train.keep_checkpoints", t.keep_checkpoints),
+                   ("eval.batch_size", config.eval.batch_size),
+                   ("replay.capacity", config.replay.capacity)):
+        if v < 1:
+            raise ValueError(f"{key} must be >= 1, got {v}")
+    for key, v in (("train.ckpt_every", t.ckpt_every),
+                   ("eval.num_samples", config.eval.num_samples),
+                   ("data.max_prompt_len", config.data.max_prompt_len)):
+        if v < 0:
+            raise ValueError(f"{key} must be >= 0, got {v}")
+    if t.on_nan not in ("stop", "skip"):
+        raise ValueError(f"train.on_nan must be 'stop' or 'skip', got {t.on_nan!r}")
+    if not (opt.lr >= 0 and math.isfinite(opt.lr)):
+        raise ValueError(f"optim.lr must be a finite number >= 0, got {opt.lr}")
+    if opt.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    if opt.schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"optim.schedule must be constant, cosine or linear, got {opt.schedule!r}")
+    if r.temp_start <= 0 or r.temp_end <= 0:
+        raise ValueError(f"reward.temp_start and reward.temp_end must be > 0, got "
+                         f"{r.temp_start} and {r.temp_end}")
+    if r.temp_horizon < 1:
+        raise ValueError(f"reward.temp_horizon must be >= 1, got {r.temp_horizon}")
+    if config.replay.sampling not in ("uniform", "reward"):
+        raise ValueError(f"replay.sampling must be 'uniform' or 'reward', "
+                         f"got {config.replay.sampling!r}")
+    if not 0 <= config.replay.dedup_fraction < 1:
+        raise ValueError(f"replay.dedup_fraction must be in [0, 1), got "
+                         f"{config.replay.dedup_fraction}")
+    ps = {"explore.p_on_policy": e.p_on_policy, "explore.p_tempered": e.p_tempered,
+          "explore.p_epsilon": e.p_epsilon, "explore.p_replay": e.p_replay}
+    if any(p < 0 for p in ps.values()) or sum(ps.values()) <= 0:
+        raise ValueError(f"explore probabilities must be >= 0 with a positive sum, got {ps}")
+    if e.p_tempered > 0 and not 0 < e.temp_min <= e.temp_max:
+        raise ValueError(f"need 0 < explore.temp_min <= explore.temp_max, got "
+                         f"{e.temp_min} and {e.temp_max}")
+    if e.p_epsilon > 0 and not 0 <= e.epsilon <= 1:
+        raise ValueError(f"explore.epsilon must be in [0, 1], got {e.epsilon}")
+    if config.lora.enabled and (config.lora.rank < 1 or not 0 <= config.lora.dropout < 1):
+        raise ValueError(f"lora.rank must be >= 1 and lora.dropout in [0, 1), got "
+                         f"{config.lora.rank} and {config.lora.dropout}")
+
+    objective = get_objective(o.name)
+    if objective.validate is not None:
+        objective.validate(config)
+    options = o.to_dict()
+    if objective.on_policy:
+        bad = ["explore.p_replay"] if e.p_replay > 0 else []
+        if not objective.uses_behaviour_logprobs:
+            bad += [k for k in ("explore.p_tempered", "explore.p_epsilon") if ps[k] > 0]
+        if bad:
+            raise ValueError(
+                f"objective {o.name!r} is on-policy only: set {' and '.join(bad)} to 0 "
+                + ("(replayed trajectories have no behaviour log-probs)"
+                   if objective.uses_behaviour_logprobs
+                   else "(its gradient estimator assumes samples from the current policy)"))
+    if config.replay.seed_from_data and objective.on_policy:
+        raise ValueError(f"replay.seed_from_data has no use with the on-policy objective "
+                         f"{o.name!r}")
+    if objective.source_for(options) == "data" and e.p_replay > 0:
+        raise ValueError(f"objective {o.name!r} trains on the task's data "
+                         f"(objective.sft_source='data'): explore.* is unused; set "
+                         f"explore.p_replay to 0")
+    check_task_config(config.task)

@@ -46,6 +46,7 @@ __all__ = [
     "group_advantages",
     "reinforce_loss",
     "ppo_loss",
+    "sequence_logprob",
     "LogZ",
     "init_log_z",
     "apply_log_z",
@@ -132,6 +133,14 @@ def _seq_logprob(
         act = act & jnp.asarray(action_mask, bool)
     lp = jnp.sum(jnp.where(act, _f32(log_pf), 0.0), axis=1) + _terminal_select(_f32(log_pterm), lengths)
     return lp, jnp.sum(act, axis=1).astype(jnp.float32) + 1.0
+
+
+def sequence_logprob(
+    log_pf: Array, log_pterm: Array, lengths: Array, action_mask: Optional[Array] = None
+) -> Array:
+    """log q(Z ⊤ | X) per row [B]: the policy's actions (t < n, in ``action_mask``) plus the
+    termination at s_n. Tool-spliced tokens (``action_mask`` False) carry no log-prob."""
+    return _seq_logprob(log_pf, log_pterm, lengths, action_mask)[0]
 
 
 # ----------------------------------------------------------------------------- flows
@@ -330,18 +339,24 @@ def tb_loss(
 
 
 def sft_loss(
-    log_pf: Array, log_pterm: Array, lengths: Array, action_mask: Optional[Array] = None
+    log_pf: Array,
+    log_pterm: Array,
+    lengths: Array,
+    action_mask: Optional[Array] = None,
+    weight: Optional[Array] = None,
 ) -> LossAndAux:
     """Negative log-likelihood of given sequences including their termination ⊤.
 
     Per-token mean over the batch: -(sum of log q over counted actions + log q(⊤|s_n)) divided
     by the total number of counted tokens (actions with t < n in ``action_mask``, plus one ⊤
-    per row). Aux: ``loss``, ``nll_seq_mean`` (per-sequence NLL), ``num_tokens``.
+    per row). ``weight [B]`` (optional) weighs each row's tokens in both sums. Aux: ``loss``,
+    ``nll_seq_mean`` (per-sequence NLL), ``num_tokens``.
     """
     lq, ntok = _seq_logprob(log_pf, log_pterm, lengths, action_mask)
-    total = jnp.sum(ntok)
-    loss = -jnp.sum(lq) / total
-    return loss, {"loss": loss, "nll_seq_mean": -jnp.mean(lq), "num_tokens": total}
+    w = jnp.ones_like(lq) if weight is None else _f32(weight)
+    total = jnp.sum(w * ntok)
+    loss = -_safe_div(jnp.sum(w * lq), total)
+    return loss, {"loss": loss, "nll_seq_mean": -jnp.mean(lq), "num_tokens": jnp.sum(ntok)}
 
 
 def group_advantages(

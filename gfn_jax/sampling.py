@@ -65,6 +65,9 @@ class SampleOutput:
         by a tool-spliced token); 0 beyond n.
       action_mask: bool [N, T] True where the policy chose the token.
       prompt_index: int32 [N] index of the prompt each row continues.
+      beh_log_pf, beh_log_pterm: the same as ``log_pf`` / ``log_pterm`` under the behaviour
+        that actually drew the sample (temperature, top-k/top-p, epsilon, behaviour bias):
+        the "old" log-probs of importance-weighted objectives such as PPO.
     """
 
     tokens: jax.Array
@@ -73,6 +76,8 @@ class SampleOutput:
     log_pterm: jax.Array
     action_mask: jax.Array
     prompt_index: jax.Array
+    beh_log_pf: jax.Array
+    beh_log_pterm: jax.Array
 
 
 def behaviour_logprobs(
@@ -174,7 +179,7 @@ def _sample_jit(
         return (t < T) & ~jnp.all(done)
 
     def body(c):
-        t, logits, cache, tokens, lengths, done, log_pf, log_pterm, act = c
+        t, logits, cache, tokens, lengths, done, log_pf, log_pterm, act, b_pf, b_pterm = c
         lp_tok, lp_term = policy_logprobs(logits, t, spec, logit_bias)
         log_pterm = log_pterm.at[:, t].set(jnp.where(done, 0.0, lp_term))
         beh = behaviour_logprobs(
@@ -185,6 +190,8 @@ def _sample_jit(
             epsilon=epsilon,
             behaviour_bias=behaviour_bias,
         )
+        b_term = jax.nn.logsumexp(jnp.where(is_term_vocab[None, :], beh, NEG_INF), axis=-1)
+        b_pterm = b_pterm.at[:, t].set(jnp.where(done, 0.0, b_term))
         tok = jax.random.categorical(jax.random.fold_in(rng, t), beh, axis=-1).astype(jnp.int32)
         if tool is not None:
             force, forced = tool(tokens, lengths, t)
@@ -197,13 +204,15 @@ def _sample_jit(
         chosen = emits & ~force
         tokens = tokens.at[:, t].set(jnp.where(emits, tok, pad_id))
         log_pf = log_pf.at[:, t].set(jnp.where(chosen, gather_logprobs(lp_tok, tok), 0.0))
+        b_pf = b_pf.at[:, t].set(jnp.where(chosen, gather_logprobs(beh, tok), 0.0))
         act = act.at[:, t].set(chosen)
         lengths = jnp.where(emits, t + 1, lengths)
         done = done | ends
         logits, cache = decode_step(
             cfg, params, cache, jnp.where(emits, tok, pad_id), adapters=adapters
         )
-        return (t + 1, logits, cache, tokens, lengths, done, log_pf, log_pterm, act)
+        return (t + 1, logits, cache, tokens, lengths, done, log_pf, log_pterm, act, b_pf,
+                b_pterm)
 
     init = (
         jnp.zeros((), jnp.int32),
@@ -215,13 +224,16 @@ def _sample_jit(
         jnp.zeros((N, T), jnp.float32),
         jnp.zeros((N, T + 1), jnp.float32),
         jnp.zeros((N, T), bool),
+        jnp.zeros((N, T), jnp.float32),
+        jnp.zeros((N, T + 1), jnp.float32),
     )
-    t, logits, _, tokens, lengths, done, log_pf, log_pterm, act = jax.lax.while_loop(
-        cond, body, init
-    )
-    # Rows still running here have T tokens: the prefix of length T must terminate.
+    (t, logits, _, tokens, lengths, done, log_pf, log_pterm, act, b_pf,
+     b_pterm) = jax.lax.while_loop(cond, body, init)
+    # Rows still running here have T tokens: the prefix of length T must terminate (under
+    # the policy and under every behaviour, which only ever allows what the policy allows).
     _, lp_term = policy_logprobs(logits, t, spec, logit_bias)
     log_pterm = log_pterm.at[:, T].set(jnp.where(done, 0.0, lp_term))
+    b_pterm = b_pterm.at[:, T].set(0.0)
     return SampleOutput(
         tokens=tokens,
         lengths=lengths,
@@ -229,6 +241,8 @@ def _sample_jit(
         log_pterm=log_pterm,
         action_mask=act,
         prompt_index=jnp.repeat(jnp.arange(B, dtype=jnp.int32), num_samples),
+        beh_log_pf=b_pf,
+        beh_log_pterm=b_pterm,
     )
 
 

@@ -1,197 +1,71 @@
-"""Training: train state, the jitted sharded step, exploration, and the loop.
+"""Training: the composition root and the loop.
 
-One step, as data (see ``docs/architecture.md``):
+:class:`Trainer` builds the pieces from a config and runs them; it holds no maths:
 
-1. host picks prompts and a behaviour (on-policy, tempered, epsilon-uniform, replay);
-2. the jitted sampler draws trajectories (or replay supplies stored ones);
-3. the jitted, sharded train step scores the policy over [X | Z] in one pass (log q of every
-   token and of termination at every prefix), computes log R of every prefix with the base
-   model (adapters off), tempers it, evaluates the objective and applies the update;
-4. host feeds replay, writes metrics, checkpoints.
+* the task (:mod:`gfn_jax.tasks`), the model and its shardings (:mod:`gfn_jax.parallel`),
+  LoRA adapters or full fine-tuning, the reward model (the base with adapters off, or a
+  separate checkpoint), the registered objective (:mod:`gfn_jax.objective_registry`);
+* the pure jitted step (:mod:`gfn_jax.step`) and, for objectives like PPO, the
+  once-per-rollout ``prepare``;
+* the host-side rollouts (:mod:`gfn_jax.rollout`): prompts, behaviour, replay, data batches;
+* checkpoints, metrics, the loop (progress bar, preemption, non-finite steps).
+
+One loop step is one rollout: a batch of trajectories, then the objective's epochs x
+minibatches of updates. Schedules count optimizer updates (:mod:`gfn_jax.optim`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gfn_jax import objectives as obj
 from gfn_jax import parallel
+from gfn_jax.batch import TrainBatch
 from gfn_jax.checkpoint import Checkpointer, PreemptionHandler
-from gfn_jax.logprobs import PolicySpec
 from gfn_jax.metrics import MetricsWriter, plot_metrics
 from gfn_jax.models import lora as lora_lib
 from gfn_jax.models import registry
-from gfn_jax.models.config import ModelConfig
-from gfn_jax.models.transformer import init_params, param_axes, param_shapes
+from gfn_jax.models.adapters import Adapters
+from gfn_jax.models.transformer import param_axes, param_shapes
+from gfn_jax.objective_registry import final_values, get_objective
+from gfn_jax.optim import build_optimizer, reward_temperature, total_updates
+from gfn_jax.policy import Policy, load_base_model, lora_config, policy_from_task
 from gfn_jax.replay import ReplayBuffer
-from gfn_jax.sampling import sample as sample_fn
-from gfn_jax.scoring import score_policy
+from gfn_jax.rollout import BEHAVIOURS, Rollouts
+from gfn_jax.step import (StepSpec, TrainState, host_hyper, make_prepare, make_train_step,
+                          state_mask_from)
 from gfn_jax.tasks import make_task
-from gfn_jax.tasks.base import Task
 
 if TYPE_CHECKING:  # ml_collections is only needed to build configs, not to import the library
     import ml_collections
 
 Params = Any
-OBJECTIVES = ("subtb", "tb", "db", "sft", "reinforce", "ppo")
-BEHAVIOURS = ("on_policy", "tempered", "epsilon", "replay")
+
+__all__ = ["Trainer", "TrainState", "NonFiniteLossError", "state_mask_from", "validate_config"]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check a whole config before anything is built (see
+    :func:`gfn_jax.defaults.validate_config`)."""
+    from gfn_jax.defaults import validate_config as _validate
+
+    _validate(config)
 
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the loss is NaN/inf and ``train.on_nan == 'stop'``."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything the step updates. ``trainable`` is the LoRA adapter tree or the full
-    parameters; ``log_z`` holds learned log Z parameters (empty unless TB)."""
-
-    step: jax.Array
-    trainable: Params
-    log_z: Params
-    opt_state: Any
-    rng: jax.Array
-
-
-# ---------------------------------------------------------------------------
-# Schedules and optimizer
-# ---------------------------------------------------------------------------
-def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Warm-up then constant / cosine / linear decay."""
-    warm = int(c.warmup_steps)
-    decay_steps = max(total_steps - warm, 1)
-    if c.schedule == "constant":
-        decay = optax.constant_schedule(c.lr)
-    elif c.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(c.lr, decay_steps, alpha=c.get("end_lr_frac", 0.0))
-    elif c.schedule == "linear":
-        decay = optax.linear_schedule(c.lr, c.lr * c.get("end_lr_frac", 0.0), decay_steps)
-    else:
-        raise ValueError(f"optim.schedule must be constant, cosine or linear, got {c.schedule!r}")
-    if warm <= 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warm), decay], [warm])
-
-
-def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with clipping and schedules; log Z gets its own learning rate; gradient
-    accumulation via ``optax.MultiSteps``."""
-    c = config.optim
-    sched = learning_rate_schedule(c, config.train.steps)
-
-    def adamw(lr):
-        return optax.chain(
-            optax.clip_by_global_norm(c.clip_norm) if c.clip_norm > 0 else optax.identity(),
-            optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay),
-        )
-
-    tx = optax.multi_transform(
-        {"model": adamw(sched), "log_z": optax.adam(config.objective.log_z_lr)},
-        {"trainable": "model", "log_z": "log_z"},
-    )
-    if config.train.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.train.grad_accum)
-    return tx
-
-
-def reward_temperature(config: ml_collections.ConfigDict, step: int) -> float:
-    """Linear anneal of the reward temperature from ``start`` to ``end`` over ``horizon``."""
-    r = config.reward
-    frac = min(max(step / max(r.temp_horizon, 1), 0.0), 1.0)
-    return float(r.temp_start + frac * (r.temp_end - r.temp_start))
-
-
-# ---------------------------------------------------------------------------
-# Pure per-batch maths (used inside the jitted step)
-# ---------------------------------------------------------------------------
-def state_mask_from(lengths: jax.Array, action_mask: jax.Array, min_len: int) -> jax.Array:
-    """[B, T+1] prefixes that are terminable states: i <= n, i >= min_len, and not inside a
-    tool splice (the token that follows prefix i, if any, is a policy action)."""
-    B, T = action_mask.shape
-    i = jnp.arange(T + 1)[None, :]
-    n = lengths[:, None]
-    next_is_action = jnp.concatenate([action_mask.astype(bool), jnp.ones((B, 1), bool)], 1)
-    return (i <= n) & (i >= min_len) & (next_is_action | (i == n))
-
-
-def final_values(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """x[b, lengths[b]] for x [B, T+1]."""
-    return jnp.take_along_axis(x, lengths[:, None], axis=1)[:, 0]
-
-
-def sequence_logprobs(log_pf: jax.Array, log_pterm: jax.Array, lengths: jax.Array):
-    """Per-action log-probs of (z_1..z_n, ⊤) as [B, T+1] plus its mask."""
-    B, T = log_pf.shape
-    i = jnp.arange(T + 1)[None, :]
-    steps = jnp.concatenate([log_pf, jnp.zeros((B, 1), log_pf.dtype)], 1)
-    out = jnp.where(i < lengths[:, None], steps, 0.0)
-    out = jnp.where(i == lengths[:, None], log_pterm, out)
-    return out, i <= lengths[:, None]
-
-
-# ---------------------------------------------------------------------------
-# Trainer
-# ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class Batch:
-    """A host-side batch (numpy)."""
-
-    prompt_tokens: np.ndarray
-    prompt_mask: np.ndarray
-    tokens: np.ndarray
-    lengths: np.ndarray
-    action_mask: np.ndarray
-    prompt_index: np.ndarray
-    old_log_pf: np.ndarray
-    old_log_pterm: np.ndarray
-    behaviour: str
-
-    def arrays(self) -> Dict[str, np.ndarray]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_mask": self.prompt_mask,
-            "tokens": self.tokens,
-            "lengths": self.lengths,
-            "action_mask": self.action_mask,
-            "prompt_index": self.prompt_index,
-            "old_log_pf": self.old_log_pf,
-            "old_log_pterm": self.old_log_pterm,
-        }
-
-
-def load_model(config: ml_collections.ConfigDict, task: Task):
-    """The model named by ``config.model`` (``spec='random'`` builds one from
-    ``config.model.random`` with the task's tokenizer)."""
-    m = config.model
-    if m.spec == "random":
-        tok = task.build_tokenizer()
-        kw = dict(m.random.to_dict())
-        if tok is not None and not kw.get("vocab_size"):
-            kw["vocab_size"] = tok.vocab_size
-        cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **kw)
-        params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std)
-        return cfg, params, tok
-    model = registry.load(m.spec, dtype=m.param_dtype)
-    cfg = model.config.replace(dtype=m.dtype, remat=m.remat)
-    tok = model.tokenizer or task.build_tokenizer()
-    if tok is None:
-        raise ValueError(f"model {m.spec!r} has no tokenizer and the task supplies none")
-    return cfg, model.params, tok
-
-
 class Trainer:
-    """Builds everything from a config and runs the GFlowNet fine-tuning loop."""
+    """Builds everything from a config and runs the fine-tuning loop."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  restore: bool = True, devices: Optional[List[Any]] = None) -> None:
@@ -202,127 +76,179 @@ class Trainer:
         parallel.initialize_distributed()
         self.mesh = parallel.make_mesh(parallel.MeshConfig(**config.mesh.to_dict()), devices)
         self.rules = parallel.DEFAULT_RULES
+        self.objective = get_objective(config.objective.name)
+        self.options = dict(config.objective.to_dict())
+        needs = self.objective.any_needs(self.options)
+        self.source = self.objective.source_for(self.options)
 
-        self.task = make_task(config.task)
-        self.model_cfg, base_params, self.tokenizer = load_model(config, self.task)
+        # --- task, model, policy constraints --------------------------------
+        self.task = make_task(config.task, config.data.root)
+        self.model_cfg, base_params, self.tokenizer = load_base_model(config, self.task)
         self.task.setup(self.model_cfg, self.tokenizer)
-        self.spec: PolicySpec = self.task.policy_spec()
-        # Balance objectives score every prefix as a terminable state, including those
-        # shorter than min_len, with the *unconstrained* termination probability: sampling
-        # conditions on length >= min_len (renormalising without ⊤), which then draws from
-        # the target restricted to those lengths. Without this the first min_len tokens
-        # would appear in no residual and stay untrained.
-        self.balance_spec = dataclasses.replace(self.spec, min_len=0)
+        self.spec = self.task.policy_spec()
         bias = self.task.policy_logit_bias()
         self.logit_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
-        self.tool = self.task.tool()
         self.prompts: List[str] = list(self.task.train_prompts())
-        self.prompt_ids = [self._encode_prompt(p) for p in self.prompts]
-        self.prompt_len = int(config.data.max_prompt_len) or max(len(p) for p in self.prompt_ids)
-        self.prompt_len = max(self.prompt_len, max(len(p) for p in self.prompt_ids))
-        if self.prompt_len + self.spec.max_len > self.model_cfg.max_seq_len:
-            raise ValueError(
-                f"prompt ({self.prompt_len} tokens) + max_len ({self.spec.max_len}) exceeds the "
-                f"model's context of {self.model_cfg.max_seq_len} tokens"
-            )
+        self.prompt_ids = [self._encode(p, k, "prompt") for k, p in enumerate(self.prompts)]
+        self.prompt_len = self._padded_len(self.prompt_ids)
+        reward_prompts = self.task.reward_prompts()
+        if reward_prompts is None:
+            self.reward_prompt_ids, self.reward_prompt_len = self.prompt_ids, self.prompt_len
+        else:
+            if len(reward_prompts) != len(self.prompts):
+                raise ValueError(f"task {self.task.name!r} gave {len(reward_prompts)} reward "
+                                 f"prompts for {len(self.prompts)} training prompts")
+            self.reward_prompt_ids = [self._encode(p, k, "reward prompt", reward=True)
+                                      for k, p in enumerate(reward_prompts)]
+            self.reward_prompt_len = max(len(p) for p in self.reward_prompt_ids)
 
-        # --- parameters and their shardings --------------------------------
-        axes = param_axes(self.model_cfg)
-        shapes = param_shapes(self.model_cfg)
-        self.base_shardings = parallel.tree_shardings(axes, shapes, self.mesh, self.rules)
+        # --- parameters and their shardings ---------------------------------
+        self.base_shardings = parallel.tree_shardings(
+            param_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh, self.rules)
         base_params = parallel.shard_params(base_params, self.base_shardings)
         self.use_lora = bool(config.lora.enabled)
         rng = jax.random.PRNGKey(config.seed)
         rng, k_lora, k_logz = jax.random.split(rng, 3)
+        self.frozen: Dict[str, Params] = {}
+        reward_model_cfg = None
+        reward_key: Optional[str] = None
+        uses_reward_model = needs.reward and self.task.needs_reward_model()
+        if config.reward.model:
+            rm = registry.load(config.reward.model, dtype=config.model.param_dtype)
+            if rm.config.vocab_size != self.model_cfg.vocab_size:
+                raise ValueError(f"reward.model={config.reward.model!r} has a vocabulary of "
+                                 f"{rm.config.vocab_size} tokens, the policy "
+                                 f"{self.model_cfg.vocab_size}: they must share a tokenizer")
+            reward_model_cfg = rm.config.replace(dtype=config.model.dtype)
+            sh = parallel.tree_shardings(param_axes(reward_model_cfg),
+                                         param_shapes(reward_model_cfg), self.mesh, self.rules)
+            self.frozen["reward"] = parallel.shard_params(rm.params, sh)
+            reward_key = "reward"
         if self.use_lora:
-            self.lora_cfg = lora_lib.LoraConfig(
-                rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                targets=tuple(config.lora.targets))
-            adapters = lora_lib.init_lora(self.model_cfg, base_params, self.lora_cfg, k_lora)
-            # the scale alpha/r is a constant, not a trainable leaf
-            self.lora_scale = float(self.lora_cfg.scale)
-            trainable = adapters["tree"]
+            self.lora_cfg = lora_config(config)
+            tree = lora_lib.init_lora(self.model_cfg, base_params, self.lora_cfg, k_lora)["tree"]
             t_axes = lora_lib.lora_axes(self.model_cfg, self.lora_cfg)["tree"]
             t_shapes = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-            t_shard = parallel.tree_shardings(t_axes, t_shapes, self.mesh, self.rules)
-            trainable = parallel.shard_params(trainable, t_shard)
-            self.base_params = base_params
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+            trainable = parallel.shard_params(
+                tree, parallel.tree_shardings(t_axes, t_shapes, self.mesh, self.rules))
+            self.frozen["base"] = base_params  # policy base = reference = default reward
         else:
+            self.lora_cfg = None
             trainable = base_params
-            needs_base = self.task.needs_reward_model() or config.objective.name == "ppo"
             # the reward / reference model is the frozen initial model: keep one copy
-            self.base_params = jax.tree_util.tree_map(jnp.copy, base_params) if needs_base else None
-        self.log_z_kind = config.objective.log_z if config.objective.name == "tb" else "none"
+            if needs.reference or (uses_reward_model and reward_key is None) \
+                    or self.task_scores_eval():
+                self.frozen["base"] = jax.tree_util.tree_map(jnp.copy, base_params)
+        if reward_key is None and "base" in self.frozen:
+            reward_key = "base"
         log_z = {}
-        if self.log_z_kind != "none":
-            log_z = obj.init_log_z({"scalar": "scalar", "conditional": "mlp"}[self.log_z_kind],
-                                   self.model_cfg.d_model, k_logz,
+        if needs.log_z:
+            kind = {"scalar": "scalar", "conditional": "mlp"}[config.objective.log_z]
+            log_z = obj.init_log_z(kind, self.model_cfg.d_model, k_logz,
                                    init_value=config.objective.log_z_init)
-        log_z = jax.device_put(log_z, parallel.replicated(self.mesh))
+        rep = parallel.replicated(self.mesh)
+        log_z = jax.device_put(log_z, rep)
 
-        self.tx = build_optimizer(config)
+        # --- optimizer and state ---------------------------------------------
+        self.epochs = self.objective.epochs_for(self.options)
+        self.minibatches = self.objective.minibatches_for(self.options)
+        self.calls_per_rollout = self.epochs * self.minibatches
+        self.total_updates = total_updates(config.train.steps, self.calls_per_rollout,
+                                           config.train.grad_accum)
+        self.tx = build_optimizer(config, self.total_updates)
         opt_state = jax.jit(self.tx.init)({"trainable": trainable, "log_z": log_z})
         # leaves that follow a parameter keep its sharding; the rest (counters, scalar
         # moments) are replicated over the mesh so every state leaf lives on the mesh
         mesh_devices = set(self.mesh.devices.flat)
         opt_state = jax.tree_util.tree_map(
             lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-            and x.sharding.device_set == mesh_devices else jax.device_put(x, parallel.replicated(self.mesh)),
-            opt_state)
-        rep = parallel.replicated(self.mesh)
+            and x.sharding.device_set == mesh_devices else jax.device_put(x, rep), opt_state)
         self.state = TrainState(
             step=jax.device_put(jnp.zeros((), jnp.int32), rep), trainable=trainable,
             log_z=log_z, opt_state=opt_state,
             rng=jax.device_put(jax.random.key_data(rng) if _is_typed_key(rng) else rng, rep))
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+        self.frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
+        self.hyper: Dict[str, float] = {"kl_coef": float(config.objective.kl_coef)}
 
-        if config.replay.sampling not in ("uniform", "reward"):
-            raise ValueError(f"replay.sampling must be 'uniform' or 'reward', "
-                             f"got {config.replay.sampling!r}")
-        self.replay = ReplayBuffer(capacity=config.replay.capacity,
-                                   dedup_fraction=config.replay.dedup_fraction, seed=config.seed)
+        self.replay = ReplayBuffer(
+            capacity=config.replay.capacity, seed=config.seed,
+            dedup_fraction=config.replay.dedup_fraction if config.replay.near_dedup else 0.0)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                  keep=config.train.keep_checkpoints)
         self.start_step = 0
+        self.calls = 0
         if restore and self.ckpt.latest_step() is not None:
             self._restore()
+
+        self.step_spec = StepSpec(
+            model_cfg=self.model_cfg, objective=self.objective, options=self.options,
+            spec=self.spec, reward_fn=self.task.log_reward, logit_bias=self.logit_bias,
+            use_lora=self.use_lora,
+            lora_scale=float(self.lora_cfg.scale) if self.lora_cfg else 1.0,
+            lora_dropout=float(self.lora_cfg.dropout) if self.lora_cfg else 0.0,
+            num_groups=len(self.prompts), reward_key=reward_key,
+            reference_key="base" if "base" in self.frozen else None,
+            reward_model_cfg=reward_model_cfg)
         self._step_fn = None
+        self._prepare_fn = None
+        targets = None
+        if self.source == "data" or config.replay.seed_from_data:
+            targets = self.task.targets()
+            if not targets:
+                raise ValueError(f"task {self.task.name!r} supplied no target sequences")
+        self.rollouts = Rollouts(config, self.prompt_ids, self.reward_prompt_ids,
+                                 self.prompt_len, self.reward_prompt_len,
+                                 self.tokenizer.pad_id or 0, self.replay, self.spec.max_len,
+                                 targets)
+        if config.replay.seed_from_data and self.start_step == 0 and len(self.replay) == 0:
+            self.seed_replay(targets)
         # tasks that score evaluation samples under the reward model (continuation, infill)
-        if self.base_params is not None:
-            self.task.bind_reward_params(self.base_params)
+        if reward_key is not None:
+            self.task.bind_reward_params(self.frozen[reward_key])
 
     # ------------------------------------------------------------------ utils
-    def _encode_prompt(self, text: str) -> List[int]:
-        ids = self.task.encode_prompt(text)
+    def task_scores_eval(self) -> bool:
+        """Whether the task scores evaluation samples with the reward model."""
+        return type(self.task).bind_reward_params is not _base_bind()
+
+    def _encode(self, text: str, k: int, what: str, reward: bool = False) -> List[int]:
+        ids = (self.task.encode_reward_prompt if reward else self.task.encode_prompt)(text)
         limit = int(self.config.data.max_prompt_len)
-        if limit and len(ids) > limit:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens exceeds data.max_prompt_len={limit}: {text[:80]!r}")
+        if limit and len(ids) > limit and not reward:
+            raise ValueError(f"{what} {k} has {len(ids)} tokens, more than "
+                             f"data.max_prompt_len={limit}: {text[:80]!r}")
         if not ids:
-            raise ValueError(f"prompt {text!r} encodes to no tokens")
+            raise ValueError(f"{what} {k} ({text[:80]!r}) encodes to no tokens")
         return ids
+
+    def _padded_len(self, ids: List[List[int]]) -> int:
+        longest = max(len(p) for p in ids)
+        P = max(int(self.config.data.max_prompt_len) or longest, longest)
+        if P + self.spec.max_len > self.model_cfg.max_seq_len:
+            raise ValueError(
+                f"prompts of {P} tokens + task.max_len ({self.spec.max_len}) exceed the "
+                f"model's context of {self.model_cfg.max_seq_len} tokens; shorten the prompts "
+                f"or lower task.max_len")
+        return P
 
     def pad_prompts(self, ids: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
         """Left-pad prompts to ``self.prompt_len``."""
-        P = self.prompt_len
-        toks = np.full((len(ids), P), self.tokenizer.pad_id or 0, np.int32)
-        mask = np.zeros((len(ids), P), np.int32)
-        for r, seq in enumerate(ids):
-            toks[r, P - len(seq):] = seq
-            mask[r, P - len(seq):] = 1
-        return toks, mask
+        return self.rollouts.pad(ids, self.prompt_len)
 
     @property
-    def policy_params(self) -> Tuple[Params, Optional[Params]]:
-        """(params, adapters) for the current policy."""
+    def policy_params(self) -> Tuple[Params, Optional[Adapters]]:
+        """(params, adapters) of the current policy."""
         if self.use_lora:
-            return self.base_params, self.adapters(self.state.trainable)
+            return self.frozen["base"], self.step_spec.adapters(self.state.trainable)
         return self.state.trainable, None
 
-    def adapters(self, tree: Params) -> Params:
-        """The adapter dict the model functions take, from the trainable adapter tree."""
-        return {"scale": jnp.float32(self.lora_scale), "tree": tree}
+    @property
+    def policy(self) -> Policy:
+        """The current policy as a :class:`~gfn_jax.policy.Policy` value."""
+        params, adapters = self.policy_params
+        return policy_from_task(self.task, self.model_cfg, params, adapters, self.tokenizer)
 
     def _restore(self) -> None:
         abstract = jax.tree_util.tree_map(
@@ -333,241 +259,120 @@ class Trainer:
         if replay is not None:
             self.replay = ReplayBuffer.from_state_dict(replay)
         self.start_step = int(meta.get("step", int(state.step)))
+        self.calls = int(jax.device_get(state.step))
+        self.hyper.update({k: float(v) for k, v in (meta.get("hyper") or {}).items()})
 
-    # --------------------------------------------------------------- sampling
-    def draw(self, rng: jax.Array, prompt_rows: List[int], num_samples: int,
-             behaviour: Dict[str, Any]) -> Dict[str, np.ndarray]:
-        """Sample ``num_samples`` trajectories for each prompt index in ``prompt_rows``."""
-        toks, mask = self.pad_prompts([self.prompt_ids[i] for i in prompt_rows])
-        params, adapters = self.policy_params
-        out = sample_fn(
-            self.model_cfg, params, rng, jnp.asarray(toks), jnp.asarray(mask), self.spec,
-            num_samples=num_samples, temperature=behaviour.get("temperature", 1.0),
-            top_k=int(self.config.explore.top_k), top_p=float(self.config.explore.top_p),
-            epsilon=behaviour.get("epsilon", 0.0), logit_bias=self.logit_bias,
-            adapters=adapters, tool=self.tool, pad_id=self.tokenizer.pad_id or 0)
-        out = _to_host(out)
-        rows = np.repeat(np.asarray(prompt_rows), num_samples)
-        return {
-            "prompt_tokens": np.repeat(toks, num_samples, 0),
-            "prompt_mask": np.repeat(mask, num_samples, 0),
-            "tokens": np.asarray(out.tokens, np.int32),
-            "lengths": np.asarray(out.lengths, np.int32),
-            "action_mask": np.asarray(out.action_mask, bool),
-            "prompt_index": rows.astype(np.int32),
-            "old_log_pf": np.asarray(out.log_pf, np.float32),
-            "old_log_pterm": np.asarray(out.log_pterm, np.float32),
-        }
+    def updates_done(self) -> float:
+        """Optimizer updates made so far (step calls / grad_accum)."""
+        return self.calls / max(int(self.config.train.grad_accum), 1)
 
-    def choose_behaviour(self, step: int) -> Dict[str, Any]:
-        """Host-side, stateless (seeded by step) choice of the batch's behaviour policy."""
-        e = self.config.explore
-        rng = np.random.default_rng([self.config.seed, step, 17])
-        probs = np.array([e.p_on_policy, e.p_tempered, e.p_epsilon, e.p_replay], np.float64)
-        if not self.replay_ready():
-            probs[3] = 0.0
-        if probs.sum() <= 0:
-            probs[0] = 1.0
-        kind = BEHAVIOURS[int(rng.choice(4, p=probs / probs.sum()))]
-        out: Dict[str, Any] = {"kind": kind, "temperature": 1.0, "epsilon": 0.0}
-        if kind == "tempered":
-            out["temperature"] = float(rng.uniform(e.temp_min, e.temp_max))
-        elif kind == "epsilon":
-            out["epsilon"] = float(e.epsilon)
-        return out
+    def temperature(self) -> float:
+        """The reward temperature now (anneals with optimizer updates)."""
+        return reward_temperature(self.config, self.updates_done())
 
-    def replay_ready(self) -> bool:
-        need = self.config.train.samples_per_prompt
-        return len(self.replay) > 0 and all(
-            self.replay.size(str(i)) >= min(need, self.config.replay.min_size)
-            for i in range(len(self.prompts)))
+    # --------------------------------------------------------------- replay seeding
+    def seed_replay(self, targets: List[Any], chunk: int = 64) -> int:
+        """Add the task's target trajectories, with their untempered log R, to the buffer."""
+        ss = self.step_spec
+        rkey = ss.reward_key
+        rcfg = ss.reward_model_cfg or self.model_cfg
+        reward_fn = self.task.log_reward
 
-    def make_batch(self, step: int) -> Tuple[Dict[str, np.ndarray], str]:
-        """Prompts for this step (stateless given step) and trajectories from the chosen
-        behaviour."""
-        tc = self.config.train
-        rng = np.random.default_rng([self.config.seed, step, 3])
-        P = tc.prompts_per_batch
-        rows = list(rng.choice(len(self.prompts), size=P, replace=len(self.prompts) < P))
-        beh = self.choose_behaviour(step)
-        if beh["kind"] == "replay":
-            batch = self.replay_batch(rows, tc.samples_per_prompt)
-            if batch is not None:
-                return batch, "replay"
-            beh = {"kind": "on_policy", "temperature": 1.0, "epsilon": 0.0}
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
-        return self.draw(key, rows, tc.samples_per_prompt, beh), beh["kind"]
+        @jax.jit
+        def final_log_r(frozen, batch):
+            params = frozen.get(rkey) if rkey else None
+            return final_values(reward_fn(rcfg, params, batch).astype(jnp.float32),
+                                batch.lengths)
 
-    def replay_batch(self, rows: List[int], k: int) -> Optional[Dict[str, np.ndarray]]:
-        T = self.spec.max_len
-        toks, lens, amask, prow = [], [], [], []
-        temp = None
-        if self.config.replay.sampling == "reward":
-            temp = reward_temperature(self.config, int(self.state.step))
-        for r in rows:
-            if self.replay.size(str(r)) == 0:
-                return None
-            entries = self.replay.sample(str(r), k, temperature=temp)
-            for e in entries:
-                z = np.asarray(e.tokens, np.int32)
-                row = np.full(T, self.tokenizer.pad_id or 0, np.int32)
-                row[: len(z)] = z
-                am = np.zeros(T, bool)
-                am[: len(z)] = e.arrays.get("action_mask", np.ones(len(z), bool))
-                toks.append(row), lens.append(len(z)), amask.append(am), prow.append(r)
-        pt, pm = self.pad_prompts([self.prompt_ids[i] for i in prow])
-        B = len(prow)
-        return {
-            "prompt_tokens": pt, "prompt_mask": pm, "tokens": np.stack(toks),
-            "lengths": np.asarray(lens, np.int32), "action_mask": np.stack(amask),
-            "prompt_index": np.asarray(prow, np.int32),
-            "old_log_pf": np.zeros((B, T), np.float32),
-            "old_log_pterm": np.zeros((B, T + 1), np.float32),
-        }
+        added = 0
+        for s in range(0, len(targets), chunk):
+            part = list(targets[s:s + chunk])
+            n = len(part)
+            part += [part[-1]] * (chunk - n)  # one static shape
+            b = self.rollouts.trajectories([t.prompt_index for t in part],
+                                           [t.tokens for t in part],
+                                           [t.action_mask for t in part])
+            lr = np.asarray(jax.device_get(final_log_r(self.frozen, b)))[:n]
+            self.rollouts.add_to_replay(b.take(range(n)), lr)
+            added += n
+        return added
 
     # -------------------------------------------------------------- the step
-    def loss_fn(self, trainable: Params, log_z_params: Params, base_params: Optional[Params],
-                batch: Dict[str, jax.Array], temperature: jax.Array,
-                rng: Optional[jax.Array] = None):
-        """Scalar loss and aux metrics for one batch (pure; traced inside the step)."""
-        c = self.config.objective
-        if self.use_lora:
-            params = base_params
-            adapters = lora_lib.with_dropout(self.adapters(trainable), self.lora_cfg.dropout, rng)
-        else:
-            params, adapters = trainable, None
-        balance = c.name in ("subtb", "db")
-        spec = self.balance_spec if balance else self.spec
-        scores = score_policy(
-            self.model_cfg, params, batch["prompt_tokens"], batch["prompt_mask"],
-            batch["tokens"], batch["lengths"], spec, logit_bias=self.logit_bias,
-            adapters=adapters, action_mask=batch["action_mask"])
-        log_r_raw = jax.lax.stop_gradient(
-            self.task.log_reward(self.model_cfg, base_params, batch).astype(jnp.float32))
-        log_r = log_r_raw / temperature
-        lengths = batch["lengths"]
-        smask = state_mask_from(lengths, batch["action_mask"], spec.min_len)
-        aux: Dict[str, jax.Array] = {}
-        name = c.name
-        if name == "subtb":
-            loss, aux = obj.subtb_loss(scores.log_pf, scores.log_pterm, log_r, smask,
-                                       lamb=c.subtb_lambda)
-        elif name == "db":
-            loss, aux = obj.db_loss(scores.log_pf, scores.log_pterm, log_r, smask)
-        elif name == "tb":
-            log_z = obj.apply_log_z(log_z_params, jax.lax.stop_gradient(scores.prompt_hidden))
-            loss, aux = obj.tb_loss(scores.log_pf, scores.log_pterm, log_r, lengths, log_z)
-        elif name == "sft":
-            loss, aux = obj.sft_loss(scores.log_pf, scores.log_pterm, lengths,
-                                     batch["action_mask"])
-        elif name == "reinforce":
-            loss, aux = obj.reinforce_loss(
-                scores.log_pf, scores.log_pterm, lengths, final_values(log_r, lengths),
-                batch["prompt_index"], len(self.prompts))
-        elif name == "ppo":
-            new, m = sequence_logprobs(scores.log_pf, scores.log_pterm, lengths)
-            old, _ = sequence_logprobs(batch["old_log_pf"], batch["old_log_pterm"], lengths)
-            ref_scores = score_policy(
-                self.model_cfg, base_params, batch["prompt_tokens"], batch["prompt_mask"],
-                batch["tokens"], lengths, self.spec, logit_bias=self.logit_bias,
-                adapters=None, action_mask=batch["action_mask"])
-            ref, _ = sequence_logprobs(ref_scores.log_pf, ref_scores.log_pterm, lengths)
-            adv = obj.group_advantages(final_values(log_r, lengths), batch["prompt_index"],
-                                       len(self.prompts))
-            loss, aux = obj.ppo_loss(new, old, jax.lax.stop_gradient(ref), adv[:, None]
-                                     * jnp.ones_like(new), m, clip_eps=c.ppo_clip,
-                                     kl_coef=c.kl_coef)
-        else:  # validated earlier
-            raise ValueError(name)
-        seq_lp, _ = sequence_logprobs(scores.log_pf, scores.log_pterm, lengths)
-        metrics = {
-            "log_r": jnp.mean(final_values(log_r_raw, lengths)),
-            "log_q": jnp.mean(jnp.sum(seq_lp, -1)),
-            "length": jnp.mean(lengths.astype(jnp.float32)),
-        }
-        metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
-        return loss, (metrics, final_values(log_r_raw, lengths))
+    def _build(self) -> None:
+        bsh = parallel.batch_sharding(self.mesh, 1, self.rules)
+        self._step_fn = make_train_step(self.step_spec, self.tx, self.mesh,
+                                        self.state_shardings, self.frozen_shardings, bsh)
+        if self.objective.prepare is not None:
+            self._prepare_fn = make_prepare(self.step_spec, self.mesh, self.state_shardings,
+                                            self.frozen_shardings, bsh)
 
-    def _build_step(self):
-        tx = self.tx
-
-        def step(state: TrainState, base_params, batch, temperature):
-            rng = jax.random.fold_in(state.rng, state.step)  # e.g. LoRA dropout masks
-
-            def f(tp):
-                return self.loss_fn(tp["trainable"], tp["log_z"], base_params, batch, temperature,
-                                    rng)
-
-            tp = {"trainable": state.trainable, "log_z": state.log_z}
-            (loss, (metrics, log_r_final)), grads = jax.value_and_grad(f, has_aux=True)(tp)
-            gnorm = optax.tree.norm(grads)
-            updates, new_opt = tx.update(grads, state.opt_state, tp)
-            new_tp = optax.apply_updates(tp, updates)
-            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-            # never let a non-finite step touch the state (checkpoints stay clean)
-            keep = lambda new, old: jax.tree_util.tree_map(
-                lambda a, b: jnp.where(ok, a, b), new, old)
-            new_tp = keep(new_tp, tp)
-            new_opt = keep(new_opt, state.opt_state)
-            new_state = state.replace(
-                step=state.step + 1, trainable=new_tp["trainable"], log_z=new_tp["log_z"],
-                opt_state=new_opt)
-            metrics = dict(metrics, loss=loss, grad_norm=gnorm, finite=ok.astype(jnp.float32))
-            if self.log_z_kind == "scalar":
-                metrics["log_z"] = jnp.asarray(
-                    jax.tree_util.tree_leaves(new_tp["log_z"])[0], jnp.float32).reshape(-1)[0]
-            return new_state, metrics, log_r_final
-
-        rep = parallel.replicated(self.mesh)
-        bsh = lambda nd: parallel.batch_sharding(self.mesh, nd)
-        batch_sh = {k: bsh(v) for k, v in {
-            "prompt_tokens": 2, "prompt_mask": 2, "tokens": 2, "lengths": 1, "action_mask": 2,
-            "prompt_index": 1, "old_log_pf": 2, "old_log_pterm": 2}.items()}
-        base_sh = None if self.base_params is None else jax.tree_util.tree_map(
-            lambda x: x.sharding, self.base_params)
-        return jax.jit(
-            step,
-            in_shardings=(self.state_shardings, base_sh, batch_sh, rep),
-            out_shardings=(self.state_shardings, rep, bsh(1)),
-            donate_argnums=(0,),
-        )
-
-    def train_step(self, batch: Dict[str, np.ndarray], temperature: float):
-        """Run one jitted step on a host batch; returns (metrics dict, log R final)."""
+    def train_step(self, batch: TrainBatch, temperature: Optional[float] = None,
+                   step: int = 0) -> Tuple[Dict[str, float], np.ndarray]:
+        """One rollout's updates on a host batch: the objective's ``prepare`` (if any), then
+        its epochs x minibatches of jitted steps. Returns (metrics, final untempered log R)."""
         if self._step_fn is None:
-            self._step_fn = self._build_step()
-        B = batch["tokens"].shape[0]
-        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if B % n_dev:
-            raise ValueError(f"batch of {B} rows is not divisible by data*fsdp={n_dev}")
-        if jax.process_count() > 1:
-            # every host built the same global batch (seeded by step); each feeds its rows
-            rows = parallel.process_batch_slice(self.mesh, B)
-            arrays = parallel.global_batch_from_local(
-                {k: np.asarray(v)[rows] for k, v in batch.items()}, self.mesh)
-        else:
-            arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-        self.state, metrics, log_r_final = self._step_fn(
-            self.state, self.base_params, arrays, jnp.float32(temperature))
-        return _to_host(metrics), np.asarray(_to_host(log_r_final))
+            self._build()
+        temp = self.temperature() if temperature is None else float(temperature)
+        hyper = host_hyper(temp, self.hyper["kl_coef"])
+        pre_metrics: Dict[str, float] = {}
+        log_r_final = None
+        if self._prepare_fn is not None:
+            extras, pm = self._prepare_fn(self.state, self.frozen, batch.to_device(self.mesh),
+                                          hyper)
+            extras = _to_host(extras)
+            batch = batch.with_extras({k: np.asarray(v) for k, v in extras.items()})
+            pre_metrics = {k: float(v) for k, v in _to_host(pm).items()}
+            log_r_final = np.asarray(extras.get("log_r_final"))
+        B = batch.size
+        M = self.minibatches
+        if B % M:
+            raise ValueError(f"a batch of {B} rows does not split into {M} minibatches")
+        calls: List[Dict[str, float]] = []
+        lrf_parts = []
+        for e in range(self.epochs):
+            order = (np.arange(B) if M == 1 and e == 0 else
+                     np.random.default_rng([self.config.seed, step, 7, e]).permutation(B))
+            for m in range(M):
+                mb = batch if M == 1 and e == 0 else batch.take(order[m * B // M:(m + 1) * B // M])
+                self.state, met, lrf = self._step_fn(self.state, self.frozen,
+                                                     mb.to_device(self.mesh), hyper)
+                self.calls += 1
+                calls.append({k: float(v) for k, v in _to_host(met).items()})
+                if e == 0 and M == 1:
+                    lrf_parts.append(np.asarray(_to_host(lrf)))
+        metrics = {k: float(np.mean([c[k] for c in calls])) for k in calls[0]}
+        metrics["finite"] = float(min(c["finite"] for c in calls))
+        metrics["loss"] = float(np.mean([c["loss"] for c in calls]))
+        for k, v in pre_metrics.items():
+            metrics.setdefault(k, v)
+        if log_r_final is None:
+            log_r_final = lrf_parts[0] if lrf_parts else np.zeros(B, np.float32)
+        if self.objective.after_rollout is not None:
+            self.hyper = self.objective.after_rollout(self.hyper, metrics, self.options)
+        metrics["kl_coef"] = float(self.hyper["kl_coef"])
+        return metrics, np.asarray(log_r_final)
 
     # ---------------------------------------------------------------- loop
     def save(self, step: int, force: bool = False) -> None:
-        meta = {"step": step, "config": self.config.to_dict(),
-                "reward_temperature": reward_temperature(self.config, step)}
+        meta = {"step": step, "config": self.config.to_dict(), "hyper": dict(self.hyper),
+                "reward_temperature": self.temperature(), "updates": self.updates_done()}
+        if step == getattr(self, "_last_saved", None):
+            return  # already saved (e.g. by ckpt_every at the last step): no second save
         self.ckpt.save(step, self.state, meta=_jsonable(meta),
                        replay=self.replay.state_dict(), force=force)
+        self._last_saved = step
 
-    def add_to_replay(self, batch: Dict[str, np.ndarray], log_r_final: np.ndarray) -> None:
+    def make_batch(self, step: int) -> Tuple[TrainBatch, str]:
+        """The host batch of loop step ``step`` and its behaviour's name."""
+        temp = self.temperature() if self.config.replay.sampling == "reward" else None
+        return self.rollouts.make_batch(step, self.policy, temp, self.source)
+
+    def add_to_replay(self, batch: TrainBatch, log_r_final: np.ndarray) -> None:
         if self.config.explore.p_replay <= 0 and not self.config.replay.always_fill:
             return
-        for r in range(len(log_r_final)):
-            if not np.isfinite(log_r_final[r]):
-                continue  # an impossible trajectory is never replayed
-            n = int(batch["lengths"][r])
-            self.replay.add(str(int(batch["prompt_index"][r])), batch["tokens"][r, :n],
-                            float(log_r_final[r]),
-                            arrays={"action_mask": batch["action_mask"][r, :n]})
+        if self.source == "data":
+            return
+        self.rollouts.add_to_replay(batch, log_r_final)
 
     def run(self, progress: bool = True, until: Optional[int] = None) -> Dict[str, Any]:
         """The training loop: returns the final summary dict. ``until`` stops early (with a
@@ -584,20 +389,19 @@ class Trainer:
         tokens_seen = 0
         last: Dict[str, float] = {}
         bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps,
-                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+                   desc="training", disable=not progress or jax.process_index() != 0,
+                   dynamic_ncols=True)
         step = self.start_step
-        with PreemptionHandler() as preempt:
+        with PreemptionHandler(catch_sigint=True) as preempt:
             for step in bar:
                 t0 = time.time()
                 batch, kind = self.make_batch(step)
                 t_sample = time.time() - t0
-                temp = reward_temperature(self.config, step)
-                metrics, log_r_final = self.train_step(batch, temp)
+                temp = self.temperature()
+                metrics, log_r_final = self.train_step(batch, temp, step)
                 dt = time.time() - t0
-                n_tok = int(batch["tokens"].shape[0] * (batch["tokens"].shape[1]
-                                                        + batch["prompt_tokens"].shape[1]))
+                n_tok = int(batch.size * (batch.max_len + np.shape(batch.prompt_tokens)[1]))
                 tokens_seen += n_tok
-                metrics = {k: float(v) for k, v in metrics.items()}
                 if not metrics["finite"]:
                     msg = (f"non-finite loss ({metrics['loss']}) or gradient "
                            f"({metrics['grad_norm']}) at step {step}; the update was skipped")
@@ -614,8 +418,10 @@ class Trainer:
                 last = metrics
                 if step % tc.log_every == 0 or step == tc.steps - 1:
                     writer.write(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", logR=f"{metrics['log_r']:.3g}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                post = {"loss": f"{metrics['loss']:.3g}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+                if "log_r" in metrics:
+                    post["logR"] = f"{metrics['log_r']:.3g}"
+                bar.set_postfix(**post)
                 done = step + 1
                 if tc.ckpt_every and done % tc.ckpt_every == 0:
                     self.save(done)
@@ -631,7 +437,8 @@ class Trainer:
                     self.save(done, force=True)
         self.ckpt.wait()
         summary.update(
-            steps=int(self.state.step), wall_time_s=time.time() - t_start,
+            steps=int(self.state.step) // max(self.calls_per_rollout, 1),
+            optimizer_updates=self.updates_done(), wall_time_s=time.time() - t_start,
             tokens_per_s=tokens_seen / max(time.time() - t_start, 1e-9),
             final_metrics=last)
         writer.write_summary(_jsonable(summary))
@@ -649,37 +456,15 @@ class Trainer:
         """Draw ``num`` samples (from ``prompt`` or cycling through the task's eval prompts)
         from the current policy; returns dicts with prompt, text, tokens, log_q."""
         prompts = [prompt] if prompt is not None else list(self.task.eval_prompts())
-        ids = [self._encode_prompt(p) for p in prompts]
         bs = batch_size or int(self.config.eval.batch_size)
-        out: List[Dict[str, Any]] = []
-        key = jax.random.PRNGKey(seed)
-        saved_prompt_ids = self.prompt_ids
-        self.prompt_ids = ids
-        from tqdm.auto import tqdm
+        return self.policy.sample_total(prompts, num, batch_size=bs, temperature=temperature,
+                                        seed=seed, progress=True)
 
-        bar = tqdm(total=num, desc="sampling", unit="seq", dynamic_ncols=True,
-                   disable=num < 2 * bs or jax.process_index() != 0)
-        try:
-            c = 0
-            while len(out) < num:
-                key, sub = jax.random.split(key)
-                pi = c % len(ids)
-                k = min(bs, num - len(out))
-                d = self.draw(sub, [pi], k, {"temperature": temperature})
-                lp, _ = jax.device_get(sequence_logprobs(
-                    jnp.asarray(d["old_log_pf"]), jnp.asarray(d["old_log_pterm"]),
-                    jnp.asarray(d["lengths"])))
-                for r in range(k):
-                    n = int(d["lengths"][r])
-                    toks = d["tokens"][r, :n].tolist()
-                    out.append({"prompt": prompts[pi], "text": self.tokenizer.decode(toks),
-                                "tokens": toks, "log_q": float(np.sum(lp[r]))})
-                bar.update(k)
-                c += 1
-        finally:
-            bar.close()
-            self.prompt_ids = saved_prompt_ids
-        return out
+
+def _base_bind():
+    from gfn_jax.tasks.base import Task
+
+    return Task.bind_reward_params
 
 
 def _to_host(tree: Any) -> Any:
@@ -705,24 +490,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Clear errors for bad config values (unknown keys are caught by config_flags)."""
-    o = config.objective
-    if o.name not in OBJECTIVES:
-        raise ValueError(f"objective.name must be one of {OBJECTIVES}, got {o.name!r}")
-    if o.name == "tb" and o.log_z not in ("scalar", "conditional"):
-        raise ValueError(f"objective.log_z must be 'scalar' or 'conditional', got {o.log_z!r}")
-    e = config.explore
-    ps = [e.p_on_policy, e.p_tempered, e.p_epsilon, e.p_replay]
-    if any(p < 0 for p in ps) or sum(ps) <= 0:
-        raise ValueError(f"explore probabilities must be >= 0 with a positive sum, got {ps}")
-    if config.train.on_nan not in ("stop", "skip"):
-        raise ValueError(f"train.on_nan must be 'stop' or 'skip', got {config.train.on_nan!r}")
-    if config.train.steps < 0 or config.train.prompts_per_batch < 1 \
-            or config.train.samples_per_prompt < 1:
-        raise ValueError("train.steps >= 0, train.prompts_per_batch >= 1 and "
-                         "train.samples_per_prompt >= 1 are required")
-    if config.reward.temp_start <= 0 or config.reward.temp_end <= 0:
-        raise ValueError("reward temperatures must be positive")

@@ -7,7 +7,9 @@ layers). Leaves not adapted are absent. ``Adapters = {"scale": f32[], "tree": ..
 
 Public API: :class:`LoraConfig`, :func:`init_lora`, :func:`lora_axes`, :func:`merge_lora`,
 :func:`lora_trainable_mask`, :func:`num_params`, :func:`split_axes` (the in/out rule), and
-the low-level :func:`merge_kernel` / :func:`merge_tree` used by the transformer.
+the typed :class:`~gfn_jax.models.adapters.Adapters` value with the low-level
+:func:`merge_kernel` / :func:`merge_tree` (defined in :mod:`gfn_jax.models.adapters`, which
+the transformer imports, so this module and the transformer do not import each other).
 
 LoRA dropout: :func:`with_dropout` adds ``dropout_rng``/``dropout_rate`` entries to an
 adapter dict; the transformer then keeps the per-layer adapter path unmerged and computes
@@ -26,46 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax.models.adapters import Adapters, as_adapters, merge_kernel, merge_tree
 from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.transformer import param_axes
 
 Params = Dict[str, Any]
-
-
-def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """``w + scale * (a @ b)`` reshaped to ``w``'s shape.
-
-    ``w`` has shape ``[*batch, *in, *out]`` where ``batch`` are the leading axes shared
-    with ``a`` (``a.ndim - 2`` of them); the split between ``in`` and ``out`` is where the
-    product of ``w``'s dims equals ``a.shape[-2]``. ``scale`` is a constant: no gradient
-    flows to it (so training the adapter dict leaves it fixed up to weight decay).
-    """
-    nb = a.ndim - 2
-    dims = w.shape[nb:]
-    n_in, acc, split = a.shape[-2], 1, None
-    for i, d in enumerate(dims):
-        acc *= d
-        if acc == n_in:
-            split = i + 1
-            break
-    if split is None:
-        raise ValueError(f"adapter a{a.shape} does not match kernel {w.shape}")
-    scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
-    delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-    delta = delta.reshape(w.shape)
-    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-
-
-def merge_tree(params: Params, tree: Optional[Params], scale: Any) -> Params:
-    """Merge an adapter (sub)tree into a (sub)tree of parameters; returns a new tree."""
-    if not tree:
-        return params
-    out = dict(params)
-    for k, sub in tree.items():
-        if isinstance(sub, dict) and set(sub) == {"a", "b"}:
-            out[k] = merge_kernel(params[k], sub["a"], sub["b"], scale)
-        else:
-            out[k] = merge_tree(params[k], sub, scale)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +132,6 @@ def split_axes(path: str, axes: Sequence[str]) -> Tuple[Tuple[str, ...], Tuple[s
 
 def _targets(cfg: ModelConfig, lora_cfg: LoraConfig) -> Dict[str, Tuple[str, ...]]:
     """'/'-path -> logical axes for every parameter leaf matched by ``lora_cfg.targets``."""
-    from gfn_jax.models.transformer import param_axes  # lazy: transformer imports this module
 
     axes_tree = param_axes(cfg)
     flat = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
@@ -260,11 +226,12 @@ def merge_lora(params: Params, adapters: Params) -> Params:
 
     Equal to what the transformer computes inside its layer scan; use it for export.
     """
-    if set(adapters) != {"scale", "tree"}:
+    if isinstance(adapters, dict) and set(adapters) != {"scale", "tree"}:
         raise ValueError(
             f"adapters must be a dict with keys 'scale' and 'tree', got keys {sorted(adapters)}"
         )
-    return merge_tree(params, adapters["tree"], adapters["scale"])
+    a = as_adapters(adapters)
+    return merge_tree(params, a.tree, a.scale)
 
 
 def lora_trainable_mask(adapters: Params) -> Params:
@@ -286,10 +253,13 @@ def num_params(tree: Any) -> int:
     return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def with_dropout(adapters: Params, rate: float, rng: Optional[jax.Array]) -> Params:
-    """The adapter dict in training mode: dropout ``rate`` on the adapter input, masks
-    drawn from ``rng`` (one key per call; layers and projections get their own streams).
-    ``rate == 0`` or ``rng is None`` returns ``adapters`` unchanged (merged form)."""
+def with_dropout(adapters: Any, rate: float, rng: Optional[jax.Array]) -> Any:
+    """The adapters in training mode: dropout ``rate`` on the adapter input, masks drawn
+    from ``rng`` (one key per call; layers and projections get their own streams).
+    ``rate == 0`` or ``rng is None`` returns ``adapters`` unchanged (merged form). Works on
+    an :class:`Adapters` value or the ``{"scale", "tree"}`` dict (returned as the same kind)."""
     if rng is None or rate <= 0.0:
         return adapters
+    if isinstance(adapters, Adapters):
+        return adapters.replace(dropout_rng=rng, dropout_rate=jnp.float32(rate))
     return dict(adapters, dropout_rng=rng, dropout_rate=jnp.float32(rate))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gfn_jax.models.config import ModelConfig
-from gfn_jax.models.lora import merge_tree
+from gfn_jax.models.adapters import as_adapters, merge_tree
 
 Params = Dict[str, Any]
 NEG_INF = -1e30
@@ -398,15 +398,16 @@ def apply(
     """
     layer_adapters = None
     layer_rngs = None
+    adapters = as_adapters(adapters)
     if adapters is not None:
-        scale = adapters["scale"]
-        top = {k: v for k, v in adapters["tree"].items() if k != "layers"}
+        scale = adapters.scale
+        top = {k: v for k, v in adapters.tree.items() if k != "layers"}
         params = merge_tree(params, top, scale)
-        layer_adapters = adapters["tree"].get("layers")
-        if adapters.get("dropout_rng") is not None and layer_adapters is not None:
+        layer_adapters = adapters.tree.get("layers")
+        if adapters.dropout_rng is not None and layer_adapters is not None:
             # adapter dropout: keep the adapter path unmerged, x@W + s*drop(x)@A@B
-            rate = adapters.get("dropout_rate", 0.0)
-            layer_rngs = jax.random.split(adapters["dropout_rng"], cfg.n_layers)
+            rate = adapters.dropout_rate
+            layer_rngs = jax.random.split(adapters.dropout_rng, cfg.n_layers)
     x = _embed(cfg, params, tokens, positions)
     layers = params["layers"]
     index = None if cache is None else cache.index
@@ -513,8 +514,9 @@ def prefill(
 
 def _merged_top(params: Params, adapters: Params) -> Params:
     """Params with the top-level (non-layer) adapters merged, as ``apply`` does."""
-    top = {k: v for k, v in adapters["tree"].items() if k != "layers"}
-    return merge_tree(params, top, adapters["scale"])
+    a = as_adapters(adapters)
+    top = {k: v for k, v in a.tree.items() if k != "layers"}
+    return merge_tree(params, top, a.scale)
 
 
 def decode_step(

@@ -9,7 +9,8 @@ evaluation metrics.
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, List, Optional, Sequence
+import dataclasses
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -18,7 +19,18 @@ from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
 
-Batch = Dict[str, jax.Array]
+Batch = Any  # a gfn_jax.batch.TrainBatch (also readable as batch["tokens"], ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A ground-truth trajectory from a task's data: the prompt it continues, its generated
+    token ids Z (without ⊤), tool-splice mask (None: every token is an action) and weight."""
+
+    prompt_index: int
+    tokens: Sequence[int]
+    action_mask: Optional[Sequence[bool]] = None
+    weight: float = 1.0
 
 
 class Task(abc.ABC):
@@ -32,10 +44,14 @@ class Task(abc.ABC):
     """
 
     name: str = "task"
+    DEFAULTS: ClassVar[Dict[str, Any]] = {}
+    """The task's config schema: every ``config.task`` key with its default."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.tokenizer: Optional[Tokenizer] = None
+        # relative data paths resolve against this (config.data.root), else the working dir
+        self.data_root = str(getattr(config, "data_root", "") or "")
 
     # --- set-up -------------------------------------------------------------
     def build_tokenizer(self) -> Optional[Tokenizer]:
@@ -58,6 +74,22 @@ class Task(abc.ABC):
     def encode_prompt(self, text: str) -> List[int]:
         assert self.tokenizer is not None
         return self.tokenizer.encode(text)
+
+    def reward_prompts(self) -> Optional[List[str]]:
+        """The context under which the reward scores Z (and Y) for each training prompt, when
+        it differs from the policy's prompt (e.g. a frozen few-shot prompt); None = the same.
+        The reward then reads ``batch.reward_prompt_tokens`` / ``reward_prompt_mask``."""
+        return None
+
+    def encode_reward_prompt(self, text: str) -> List[int]:
+        return self.encode_prompt(text)
+
+    def targets(self) -> List[Target]:
+        """Ground-truth trajectories from the task's data (for SFT on data and replay
+        seeding); tasks without data raise ``NotImplementedError``."""
+        raise NotImplementedError(
+            f"task {self.name!r} supplies no target sequences (needed by objective.name=sft "
+            f"with objective.sft_source='data' and by replay.seed_from_data)")
 
     # --- policy -------------------------------------------------------------
     @abc.abstractmethod

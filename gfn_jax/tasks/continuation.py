@@ -36,7 +36,6 @@ from gfn_jax.models.tokenizer import Tokenizer
 from gfn_jax.scoring import score_reward_prefixes
 from gfn_jax.tasks.base import Batch, Task
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_PROMPTS = "../shared/data/openwebtext/prompts.txt"
 
 __all__ = [
@@ -48,22 +47,28 @@ __all__ = [
 ]
 
 
-def resolve_data_path(path: str) -> str:
-    """An absolute path: ``~`` expanded, relative paths taken from the repository root."""
+def resolve_data_path(path: str, root: str = "") -> str:
+    """An absolute path: ``~`` expanded; a relative path is taken from ``root`` (the config's
+    ``data.root``) or, when that is empty, from the current working directory -- never from
+    where the package is installed."""
     path = os.path.expanduser(str(path))
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))
+    if os.path.isabs(path):
+        return path
+    base = os.path.expanduser(root) if root else os.getcwd()
+    return os.path.normpath(os.path.join(os.path.abspath(base), path))
 
 
 def _missing(path: str, what: str) -> FileNotFoundError:
     return FileNotFoundError(
-        f"{what} not found: {path!r} (set config.task.data_path; relative paths are resolved "
-        f"against the repository root {REPO_ROOT!r}, and the reference data lives in "
-        f"../shared/data, see README)")
+        f"{what} not found: {path!r} (set config.task.data_path, or config.data.root for "
+        f"relative paths, which otherwise resolve against the working directory "
+        f"{os.getcwd()!r}; the reference data lives in ../shared/data of the repository, see "
+        f"README)")
 
 
-def read_prompt_lines(path: str, num: int = 0) -> List[str]:
+def read_prompt_lines(path: str, num: int = 0, root: str = "") -> List[str]:
     """Non-empty lines of a text file (trailing whitespace stripped), the first ``num`` if > 0."""
-    full = resolve_data_path(path)
+    full = resolve_data_path(path, root)
     if not os.path.isfile(full):
         raise _missing(full, "prompt file")
     out: List[str] = []
@@ -116,21 +121,36 @@ class ContinuationTask(Task):
 
     name = "continuation"
 
+    DEFAULTS = {
+        "data_path": DEFAULT_PROMPTS,  # one prompt per line
+        "num_prompts": 0,  # the first N prompts (after the length filter); 0 = all
+        "prompt_prefix": "",
+        "prompt_suffix": "",
+        "term_tokens": ("\n",),  # texts whose tokens terminate Z (⊤)
+        "use_eos": True,  # the tokenizer's EOS terminates too
+        "min_len": 1,
+        "max_len": 12,
+        "disallow_substrings": (),  # tokens containing these are forbidden inside Z
+        "disallow_bias": -1e9,  # logit bias on those tokens (finite: a soft penalty)
+        "eval_batch_size": 64,
+        "max_prompt_tokens": 0,  # drop longer prompts; 0 = keep all
+    }
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        get = config.get
-        self.data_path = str(get("data_path", DEFAULT_PROMPTS))
-        self.num_prompts = int(get("num_prompts", 0))
-        self.prompt_prefix = str(get("prompt_prefix", ""))
-        self.prompt_suffix = str(get("prompt_suffix", ""))
-        self.term_tokens = tuple(get("term_tokens", ("\n",)))
-        self.use_eos = bool(get("use_eos", True))
-        self.min_len = int(get("min_len", 1))
-        self.max_len = int(get("max_len", 12))
-        self.disallow_substrings = tuple(get("disallow_substrings", ()))
-        self.disallow_bias = float(get("disallow_bias", -1e9))
-        self.eval_batch_size = int(get("eval_batch_size", 64))
-        self.max_prompt_tokens = int(get("max_prompt_tokens", 0))
+        c = {**self.DEFAULTS, **dict(config)}
+        self.data_path = str(c["data_path"])
+        self.num_prompts = int(c["num_prompts"])
+        self.prompt_prefix = str(c["prompt_prefix"])
+        self.prompt_suffix = str(c["prompt_suffix"])
+        self.term_tokens = tuple(c["term_tokens"])
+        self.use_eos = bool(c["use_eos"])
+        self.min_len = int(c["min_len"])
+        self.max_len = int(c["max_len"])
+        self.disallow_substrings = tuple(c["disallow_substrings"])
+        self.disallow_bias = float(c["disallow_bias"])
+        self.eval_batch_size = int(c["eval_batch_size"])
+        self.max_prompt_tokens = int(c["max_prompt_tokens"])
         if self.num_prompts < 0:
             raise ValueError(f"task.num_prompts must be >= 0, got {self.num_prompts}")
         if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
@@ -147,7 +167,7 @@ class ContinuationTask(Task):
     def _load_prompts(self) -> List[str]:
         # with a token-length filter the first num_prompts are chosen after filtering (setup)
         lines = read_prompt_lines(self.data_path, 0 if self.max_prompt_tokens else
-                                  self.num_prompts)
+                                  self.num_prompts, self.data_root)
         return [self.prompt_prefix + s + self.prompt_suffix for s in lines]
 
     def _select(self, keep: List[int]) -> None:
@@ -162,7 +182,8 @@ class ContinuationTask(Task):
         keep = [k for k, p in enumerate(self._prompts)
                 if len(self.encode_prompt(p)) <= self.max_prompt_tokens]
         if not keep:
-            raise ValueError(f"no prompt in {resolve_data_path(self.data_path)!r} has at most "
+            where = resolve_data_path(self.data_path, self.data_root)
+            raise ValueError(f"no prompt in {where!r} has at most "
                              f"task.max_prompt_tokens={self.max_prompt_tokens} tokens")
         self._select(keep[: self.num_prompts] if self.num_prompts else keep)
 

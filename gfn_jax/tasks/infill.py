@@ -49,9 +49,9 @@ DEFAULT_SUFFIX_TEMPLATE = "\nSo the review is {label_text}."
 __all__ = ["InfillTask", "read_jsonl", "infill_log_reward"]
 
 
-def read_jsonl(path: str, num: int = 0) -> List[Dict[str, Any]]:
+def read_jsonl(path: str, num: int = 0, root: str = "") -> List[Dict[str, Any]]:
     """Rows (JSON objects) of a JSON-lines file, the first ``num`` if > 0."""
-    full = resolve_data_path(path)
+    full = resolve_data_path(path, root)
     if not os.path.isfile(full):
         raise _missing(full, "infilling data file")
     rows: List[Dict[str, Any]] = []
@@ -96,15 +96,24 @@ class InfillTask(ContinuationTask):
 
     name = "infill"
 
+    DEFAULTS = {
+        **ContinuationTask.DEFAULTS,
+        "data_path": DEFAULT_DATA,  # JSON lines, one example per line
+        "use_eos": False,
+        "prompt_template": DEFAULT_PROMPT_TEMPLATE,  # X, formatted from a row's fields
+        "suffix_template": DEFAULT_SUFFIX_TEMPLATE,  # Y, formatted from a row's fields
+        "label_key": "label_text",
+        "candidate_labels": (),  # evaluation: accuracy of argmax_y p(y | X Z) if given
+    }
+
     def __init__(self, config: Any) -> None:
-        get = config.get
-        self.prompt_template = str(get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
-        self.suffix_template = str(get("suffix_template", DEFAULT_SUFFIX_TEMPLATE))
-        self.label_key = str(get("label_key", "label_text"))
-        self.candidate_labels = tuple(str(x) for x in get("candidate_labels", ()))
+        c = {**self.DEFAULTS, **dict(config)}
+        self.prompt_template = str(c["prompt_template"])
+        self.suffix_template = str(c["suffix_template"])
+        self.label_key = str(c["label_key"])
+        self.candidate_labels = tuple(str(x) for x in c["candidate_labels"])
         self.rows: List[Dict[str, Any]] = []
-        super().__init__(_Defaults(config, data_path=DEFAULT_DATA, use_eos=False))
-        self.config = config
+        super().__init__(config)
 
     # --- data ---------------------------------------------------------------
     def _format(self, template: str, row: Dict[str, Any], k: int, what: str) -> str:
@@ -116,7 +125,7 @@ class InfillTask(ContinuationTask):
 
     def _load_prompts(self) -> List[str]:
         self.rows = read_jsonl(self.data_path, 0 if self.max_prompt_tokens else
-                               self.num_prompts)
+                               self.num_prompts, self.data_root)
         self.suffixes = [self._format(self.suffix_template, r, k, "suffix_template")
                          for k, r in enumerate(self.rows)]
         return [self._format(self.prompt_template, r, k, "prompt_template")
@@ -237,13 +246,3 @@ class InfillTask(ContinuationTask):
             correct += [self.candidate_labels[p] == g for p, g in zip(pred, gold)]
         m["label_accuracy"] = float(np.mean(correct))
         return m
-
-
-class _Defaults:
-    """A read-only view of a config with different defaults for missing keys."""
-
-    def __init__(self, config: Any, **defaults: Any) -> None:
-        self._config, self._defaults = config, defaults
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._config.get(key, self._defaults.get(key, default))

@@ -42,17 +42,27 @@ class RandomNumberTask(Task):
 
     name = "rng"
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.prompt = str(config.get("prompt", DEFAULT_PROMPT))
-        self.max_len = int(config.get("max_len", 3))
-        self.invalid_log_reward = float(config.get("invalid_log_reward", -8.0))
-        self.term_tokens = tuple(config.get("term_tokens", ("\n",)))
-        self.use_eos = bool(config.get("use_eos", True))
+    DEFAULTS = {
+        "prompt": DEFAULT_PROMPT,
+        "max_len": 3,
+        "invalid_log_reward": -8.0,  # log R of strings that are not integers 0..99
+        "term_tokens": ("\n",),
+        "use_eos": True,
         # Over the whole vocabulary the target p(Z) ∝ R(Z) is dominated by the ~V^max_len
         # invalid strings unless log R(invalid) < -max_len*log(V): restrict the policy's
         # actions to the ten digit tokens and termination (a policy logit bias) instead.
-        self.digits_only = bool(config.get("digits_only", True))
+        "digits_only": True,
+    }
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        c = {**self.DEFAULTS, **dict(config)}
+        self.prompt = str(c["prompt"])
+        self.max_len = int(c["max_len"])
+        self.invalid_log_reward = float(c["invalid_log_reward"])
+        self.term_tokens = tuple(c["term_tokens"])
+        self.use_eos = bool(c["use_eos"])
+        self.digits_only = bool(c["digits_only"])
 
     def setup(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
         super().setup(model_config, tokenizer)

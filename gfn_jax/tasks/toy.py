@@ -16,7 +16,7 @@ import numpy as np
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
-from gfn_jax.tasks.base import Batch, Task
+from gfn_jax.tasks.base import Batch, Target, Task
 
 ALPHABET = "abc"
 BOS, EOS = "<s>", "</s>"
@@ -30,12 +30,33 @@ def toy_log_reward_text(z: str, w_a: float = 0.8, w_c: float = -0.6, w_pal: floa
 
 def toy_target(min_len: int = 1, max_len: int = 3, **weights: float) -> Dict[str, float]:
     """The exact target distribution over all strings, p(Z) ∝ R(Z)."""
-    outs = ["".join(p) for n in range(min_len, max_len + 1)
-            for p in itertools.product(ALPHABET, repeat=n)]
+    outs = toy_outcomes(min_len, max_len)
     logr = np.array([toy_log_reward_text(z, **weights) for z in outs])
     p = np.exp(logr - logr.max())
     p /= p.sum()
     return dict(zip(outs, p.tolist()))
+
+
+def toy_outcomes(min_len: int = 1, max_len: int = 3) -> List[str]:
+    """Every string over the alphabet with min_len..max_len characters (39 by default)."""
+    return ["".join(p) for n in range(min_len, max_len + 1)
+            for p in itertools.product(ALPHABET, repeat=n)]
+
+
+def toy_data_distribution(kind: str, min_len: int = 1, max_len: int = 3,
+                          **weights: float) -> Dict[str, float]:
+    """A known distribution over the outcomes, for SFT targets: ``"reward"`` (∝ R, the
+    GFlowNet target), ``"inverse"`` (∝ 1/R) or ``"uniform"``."""
+    if kind == "reward":
+        return toy_target(min_len, max_len, **weights)
+    outs = toy_outcomes(min_len, max_len)
+    if kind == "uniform":
+        return {z: 1.0 / len(outs) for z in outs}
+    if kind == "inverse":
+        logr = -np.array([toy_log_reward_text(z, **weights) for z in outs])
+        p = np.exp(logr - logr.max())
+        return dict(zip(outs, (p / p.sum()).tolist()))
+    raise ValueError(f"task.targets_dist must be 'reward', 'inverse' or 'uniform', got {kind!r}")
 
 
 def total_variation(p: Dict[str, float], q: Dict[str, float]) -> float:
@@ -47,14 +68,48 @@ class ToyTask(Task):
     """Strings over a, b, c with a palindrome bonus; trained from one start token."""
 
     name = "toy_exact"
+    DEFAULTS = {
+        "min_len": 1,
+        "max_len": 3,
+        "w_a": 0.8,  # log R weight of each "a"
+        "w_c": -0.6,  # log R weight of each "c"
+        "w_pal": 1.2,  # log R bonus of a palindrome of length >= 2
+        "targets_num": 0,  # SFT data: this many strings drawn from targets_dist (0: none)
+        "targets_dist": "inverse",  # reward | inverse | uniform
+        "targets_seed": 0,
+    }
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.min_len = int(config.get("min_len", 1))
-        self.max_len = int(config.get("max_len", 3))
-        self.w_a = float(config.get("w_a", 0.8))
-        self.w_c = float(config.get("w_c", -0.6))
-        self.w_pal = float(config.get("w_pal", 1.2))
+        c = {**self.DEFAULTS, **dict(config)}
+        self.min_len = int(c["min_len"])
+        self.max_len = int(c["max_len"])
+        self.w_a = float(c["w_a"])
+        self.w_c = float(c["w_c"])
+        self.w_pal = float(c["w_pal"])
+        self.targets_num = int(c["targets_num"])
+        self.targets_dist = str(c["targets_dist"])
+        self.targets_seed = int(c["targets_seed"])
+        if self.targets_num < 0:
+            raise ValueError(f"task.targets_num must be >= 0, got {self.targets_num}")
+        self.data_distribution()  # validates targets_dist
+
+    def data_distribution(self) -> Dict[str, float]:
+        """The known distribution the SFT targets are drawn from."""
+        return toy_data_distribution(self.targets_dist, self.min_len, self.max_len,
+                                     w_a=self.w_a, w_c=self.w_c, w_pal=self.w_pal)
+
+    def targets(self) -> List[Target]:
+        """``task.targets_num`` strings drawn (seeded) from ``task.targets_dist``."""
+        if self.targets_num <= 0:
+            raise NotImplementedError("the toy task has no target sequences unless "
+                                      "task.targets_num > 0")
+        dist = self.data_distribution()
+        outs = list(dist)
+        rng = np.random.default_rng(self.targets_seed)
+        idx = rng.choice(len(outs), size=self.targets_num, p=np.asarray(list(dist.values())))
+        ids = {c: self.tokenizer.token_to_id(c) for c in ALPHABET}
+        return [Target(prompt_index=0, tokens=[ids[ch] for ch in outs[i]]) for i in idx]
 
     def build_tokenizer(self) -> Tokenizer:
         from gfn_jax.models.registry import char_tokenizer

@@ -1,0 +1,197 @@
+"""Host side of a training step: which prompts, which behaviour, and the batch it produces.
+
+Every choice is seeded by (config.seed, step), so a resumed run (or every host of a
+multi-host run) makes exactly the same choices. Batches come from
+
+* the sampler, under the behaviour chosen for the step: the policy itself, a tempered
+  policy, an epsilon-uniform mixture (the sampler records the log-probs of the behaviour that
+  actually drew each sample);
+* the replay buffer of high-reward trajectories (uniform or reward-proportional);
+* the task's target sequences (SFT on data).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from gfn_jax.batch import TrainBatch
+from gfn_jax.policy import Policy
+from gfn_jax.replay import ReplayBuffer
+from gfn_jax.tasks.base import Target
+
+BEHAVIOURS = ("on_policy", "tempered", "epsilon", "replay", "data")
+
+__all__ = ["BEHAVIOURS", "Rollouts"]
+
+
+class Rollouts:
+    """Prompts, behaviour choice, drawing, replay and data batches for the trainer.
+
+    Args:
+      config: the run config.
+      prompt_ids: token ids of each training prompt; ``reward_prompt_ids`` those of the
+        reward's context (same list when the task scores under the policy's prompt).
+      prompt_len, reward_prompt_len: padded lengths (static shapes).
+      pad_id: padding token id.
+      replay: the replay buffer (host).
+      max_len: T.
+      targets: the task's target trajectories (for ``data`` batches), or None.
+    """
+
+    def __init__(self, config: Any, prompt_ids: List[List[int]],
+                 reward_prompt_ids: List[List[int]], prompt_len: int, reward_prompt_len: int,
+                 pad_id: int, replay: ReplayBuffer, max_len: int,
+                 targets: Optional[Sequence[Target]] = None) -> None:
+        self.config = config
+        self.prompt_ids = prompt_ids
+        self.reward_prompt_ids = reward_prompt_ids
+        self.prompt_len = prompt_len
+        self.reward_prompt_len = reward_prompt_len
+        self.pad_id = pad_id
+        self.replay = replay
+        self.max_len = max_len
+        self.targets = list(targets) if targets is not None else None
+
+    # ------------------------------------------------------------------ helpers
+    def pad(self, ids: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
+        toks = np.full((len(ids), length), self.pad_id, np.int32)
+        mask = np.zeros((len(ids), length), np.int32)
+        for r, seq in enumerate(ids):
+            toks[r, length - len(seq):] = seq
+            mask[r, length - len(seq):] = 1
+        return toks, mask
+
+    def _prompts_for(self, rows: Sequence[int]) -> Dict[str, np.ndarray]:
+        pt, pm = self.pad([self.prompt_ids[i] for i in rows], self.prompt_len)
+        rt, rm = self.pad([self.reward_prompt_ids[i] for i in rows], self.reward_prompt_len)
+        return {"prompt_tokens": pt, "prompt_mask": pm, "reward_prompt_tokens": rt,
+                "reward_prompt_mask": rm}
+
+    def trajectories(self, rows: Sequence[int], seqs: Sequence[Sequence[int]],
+                     masks: Sequence[Optional[Sequence[bool]]],
+                     weights: Optional[Sequence[float]] = None) -> TrainBatch:
+        """A batch of given trajectories (replay, data): no behaviour log-probs."""
+        T = self.max_len
+        B = len(rows)
+        toks = np.full((B, T), self.pad_id, np.int32)
+        am = np.zeros((B, T), bool)
+        lens = np.zeros(B, np.int32)
+        for r, (z, m) in enumerate(zip(seqs, masks)):
+            z = np.asarray(z, np.int32)
+            if len(z) > T:
+                raise ValueError(f"a target / replayed trajectory has {len(z)} tokens, more "
+                                 f"than the policy's max_len={T}")
+            toks[r, :len(z)] = z
+            am[r, :len(z)] = True if m is None else np.asarray(m, bool)[:len(z)]
+            lens[r] = len(z)
+        p = self._prompts_for(rows)
+        return TrainBatch.build(p["prompt_tokens"], p["prompt_mask"], toks, lens, am,
+                                np.asarray(rows, np.int32),
+                                reward_prompt_tokens=p["reward_prompt_tokens"],
+                                reward_prompt_mask=p["reward_prompt_mask"],
+                                weight=None if weights is None else np.asarray(weights))
+
+    # ------------------------------------------------------------------ choice
+    def choose_prompts(self, step: int) -> List[int]:
+        P = int(self.config.train.prompts_per_batch)
+        rng = np.random.default_rng([self.config.seed, step, 3])
+        n = len(self.prompt_ids)
+        return [int(i) for i in rng.choice(n, size=P, replace=n < P)]
+
+    def choose_behaviour(self, step: int) -> Dict[str, Any]:
+        """Stateless (seeded by step) choice of the batch's behaviour policy."""
+        e = self.config.explore
+        rng = np.random.default_rng([self.config.seed, step, 17])
+        probs = np.array([e.p_on_policy, e.p_tempered, e.p_epsilon, e.p_replay], np.float64)
+        if not self.replay_ready():
+            probs[3] = 0.0
+        if probs.sum() <= 0:
+            probs[0] = 1.0
+        kind = BEHAVIOURS[int(rng.choice(4, p=probs / probs.sum()))]
+        out: Dict[str, Any] = {"kind": kind, "temperature": 1.0, "epsilon": 0.0}
+        if kind == "tempered":
+            out["temperature"] = float(rng.uniform(e.temp_min, e.temp_max))
+        elif kind == "epsilon":
+            out["epsilon"] = float(e.epsilon)
+        return out
+
+    def replay_ready(self) -> bool:
+        need = self.config.train.samples_per_prompt
+        return len(self.replay) > 0 and all(
+            self.replay.size(str(i)) >= min(need, self.config.replay.min_size)
+            for i in range(len(self.prompt_ids)))
+
+    # ------------------------------------------------------------------ batches
+    def make_batch(self, step: int, policy: Policy, replay_temperature: Optional[float],
+                   source: str = "policy") -> Tuple[TrainBatch, str]:
+        """The batch of ``step`` and the name of the behaviour that produced it."""
+        if source == "data":
+            return self.data_batch(step), "data"
+        tc = self.config.train
+        rows = self.choose_prompts(step)
+        beh = self.choose_behaviour(step)
+        if beh["kind"] == "replay":
+            batch = self.replay_batch(rows, tc.samples_per_prompt, replay_temperature)
+            if batch is not None:
+                return batch, "replay"
+            beh = {"kind": "on_policy", "temperature": 1.0, "epsilon": 0.0}
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
+        return self.draw(policy, key, rows, tc.samples_per_prompt, beh), beh["kind"]
+
+    def draw(self, policy: Policy, rng: jax.Array, rows: Sequence[int], num_samples: int,
+             behaviour: Dict[str, Any]) -> TrainBatch:
+        """``num_samples`` trajectories of each prompt in ``rows`` under ``behaviour``."""
+        p = self._prompts_for(rows)
+        out = jax.device_get(policy.draw(
+            p["prompt_tokens"], p["prompt_mask"], rng, num_samples,
+            temperature=behaviour.get("temperature", 1.0), top_k=int(self.config.explore.top_k),
+            top_p=float(self.config.explore.top_p), epsilon=behaviour.get("epsilon", 0.0)))
+        rep = lambda x: np.repeat(x, num_samples, 0)  # noqa: E731
+        return TrainBatch.build(
+            rep(p["prompt_tokens"]), rep(p["prompt_mask"]), out.tokens, out.lengths,
+            out.action_mask, np.repeat(np.asarray(rows), num_samples),
+            reward_prompt_tokens=rep(p["reward_prompt_tokens"]),
+            reward_prompt_mask=rep(p["reward_prompt_mask"]),
+            beh_log_pf=out.beh_log_pf, beh_log_pterm=out.beh_log_pterm,
+            old_log_pf=out.log_pf, old_log_pterm=out.log_pterm)
+
+    def replay_batch(self, rows: Sequence[int], k: int,
+                     temperature: Optional[float]) -> Optional[TrainBatch]:
+        """``k`` stored trajectories of each prompt (uniform, or ∝ R^(1/temperature))."""
+        seqs, masks, prow = [], [], []
+        for r in rows:
+            if self.replay.size(str(r)) == 0:
+                return None
+            for e in self.replay.sample(str(r), k, temperature=temperature):
+                seqs.append(e.tokens)
+                masks.append(e.arrays.get("action_mask"))
+                prow.append(r)
+        return self.trajectories(prow, seqs, masks)
+
+    def data_batch(self, step: int) -> TrainBatch:
+        """A batch of the task's target trajectories, drawn uniformly (seeded by step)."""
+        if not self.targets:
+            raise ValueError("this objective trains on the task's target sequences, and the "
+                             "task supplied none")
+        B = int(self.config.train.prompts_per_batch * self.config.train.samples_per_prompt)
+        rng = np.random.default_rng([self.config.seed, step, 5])
+        pick = [self.targets[int(i)] for i in rng.integers(0, len(self.targets), size=B)]
+        return self.trajectories([t.prompt_index for t in pick], [t.tokens for t in pick],
+                                 [t.action_mask for t in pick], [t.weight for t in pick])
+
+    # ------------------------------------------------------------------ replay
+    def add_to_replay(self, batch: TrainBatch, log_r_final: np.ndarray) -> None:
+        """Offer a batch's trajectories (with their untempered final log R) to the buffer."""
+        lengths = np.asarray(batch.lengths)
+        tokens = np.asarray(batch.tokens)
+        amask = np.asarray(batch.action_mask)
+        pidx = np.asarray(batch.prompt_index)
+        for r in range(len(log_r_final)):
+            if not np.isfinite(log_r_final[r]):
+                continue  # an impossible trajectory is never replayed
+            n = int(lengths[r])
+            self.replay.add(str(int(pidx[r])), tokens[r, :n], float(log_r_final[r]),
+                            arrays={"action_mask": amask[r, :n]})
