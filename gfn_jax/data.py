@@ -405,6 +405,7 @@ class ShardedStream:
         self.epoch = 0
         self.position = 0
         self.skipped = 0
+        self._bad_run = 0
         self._shard_epoch = -1
         self._shard = np.zeros(0, np.int64)
 
@@ -453,7 +454,13 @@ class ShardedStream:
                 if not self.skip_bad:
                     raise
                 self.skipped += 1
+                self._bad_run += 1
+                if self._bad_run >= len(idx):  # a whole epoch of bad records: never ends
+                    raise DataError(f"{self.source.name}: every record of host "
+                                    f"{self.process_index}'s shard is bad ({self._bad_run} "
+                                    "skipped in a row)") from None
                 continue
+            self._bad_run = 0
             return (i, rec) if self.with_index else rec
 
     def take(self, n: int) -> List[Any]:

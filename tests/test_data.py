@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from gfn_jax.data import DataError, ShardedStream, open_source, parse_tfds_spec
+from gfn_jax.data import DataError, ShardedStream, Source, open_source, parse_tfds_spec
 
 try:
     import tensorflow_datasets as tfds
@@ -216,6 +216,22 @@ def test_state_restore_continues_the_same_stream(tmp_path):
                       process_count=2).restore(state)
 
 
+class _AllBad(Source):
+    name = "all-bad"
+    skip_bad = True
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        raise DataError(f"all-bad[{i}]: field 'X' is empty")
+
+
+def test_a_shard_of_only_bad_records_is_an_error_not_an_endless_loop():
+    with pytest.raises(DataError, match="every record of host 0's shard is bad"):
+        next(ShardedStream(_AllBad()))
+
+
 def test_num_epochs_stops(tmp_path):
     s = ShardedStream(open_source(str(_txt(tmp_path, 4))), num_epochs=2)
     assert len(list(s)) == 8 and s.state()["epoch"] == 2
@@ -280,3 +296,9 @@ def test_relative_paths_resolve_against_cwd_or_data_root(tmp_path, monkeypatch):
         open_source("d/rel.txt")
     with pytest.raises(DataError, match="cannot tell the format"):
         open_source("rel.csv")
+
+
+def test_tfds_missing_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(ImportError, match=r'pip install "gfn-jax\[data\]"'):
+        open_source("tfds:anything:train")
