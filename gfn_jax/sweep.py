@@ -29,8 +29,8 @@ unique within the sweep). Commands (``python -m gfn_jax.sweep`` or ``gfn-jax swe
                                               which imports no JAX)
 
 A run is *finished* when its workdir holds a ``DONE`` file, or a ``summary.json`` written by
-``gfn-jax train`` after its evaluation (it has an ``eval`` entry), without ``preempted_at``, whose
-``steps`` equals ``train.steps`` in the run's ``config.json``.
+``gfn-jax train`` at its end (``"complete": true``; in older summaries: an ``eval`` entry and no
+``preempted_at``) whose ``steps`` equals ``train.steps`` in the run's ``config.json``.
 """
 
 from __future__ import annotations
@@ -337,8 +337,11 @@ def run_status(workdir: str) -> str:
     summary = _read_json(join("summary.json"))
     if summary is not None and config is not None:
         want = (config.get("train") or {}).get("steps")
-        if ("eval" in summary and "preempted_at" not in summary and want is not None
-                and summary.get("steps") == want):
+        # `gfn-jax train` marks its final summary "complete" (false when preempted); older
+        # summaries are final when they hold the evaluation ("eval") and no preemption
+        final = (summary["complete"] is True if "complete" in summary else
+                 "eval" in summary and "preempted_at" not in summary)
+        if final and want is not None and summary.get("steps") == want:
             return "done"
     if config is not None or summary is not None:
         return "incomplete"

@@ -22,10 +22,12 @@
 # script forwards SIGTERM to the training step -- the trainer saves a checkpoint and exits --
 # waits for it, and, unless the run is finished, calls `scontrol requeue $SLURM_JOB_ID`. The
 # requeued job resumes from the workdir's latest checkpoint. When training ends by itself
-# the script checks `python gfn_jax/sweep.py status WORKDIR` (a DONE file, or summary.json
-# after evaluation with steps == train.steps) and requeues an unfinished run the same way; a
-# failing run (non-zero exit without a signal) is not requeued. At most GFN_JAX_MAX_REQUEUES
-# (default 20) requeues, counted by SLURM_RESTART_COUNT.
+# the script checks `python gfn_jax/sweep.py status WORKDIR` (a DONE file, or a final
+# summary.json with steps == train.steps) and requeues an unfinished run the same way, also
+# when the trainer exits 3 (gfn-jax's "preempted, checkpoint saved"); any other failing exit
+# is not requeued. At most GFN_JAX_MAX_REQUEUES (default 20) requeues, counted by
+# SLURM_RESTART_COUNT. A requeued job passes --force_unlock to gfn-jax train (its previous
+# instance, which held the run-dir lock, is gone; GFN_JAX_FORCE_UNLOCK=0 turns this off).
 #
 # Optional environment:
 #   GFN_JAX_SETUP        shell code run first in every task, e.g. "source .venv/bin/activate"
@@ -121,7 +123,12 @@ TASK_SCRIPT='
   if [[ "$GFN_JAX_PER_GPU" == 1 ]]; then export GFN_JAX_LOCAL_DEVICE_IDS="$SLURM_LOCALID"; fi
   exec $GFN_JAX_CMD "$@"
 '
-SRUN=(srun --kill-on-bad-exit=1 bash -c "$TASK_SCRIPT" gfn-jax "$@")
+TRAIN_ARGS=("$@")
+# a requeued job's previous instance is gone, and so is the holder of the run-dir lock
+if (( RESTARTS > 0 )) && [[ "${GFN_JAX_FORCE_UNLOCK:-1}" == 1 ]]; then
+  TRAIN_ARGS+=(--force_unlock)
+fi
+SRUN=(srun --kill-on-bad-exit=1 bash -c "$TASK_SCRIPT" gfn-jax "${TRAIN_ARGS[@]}")
 STATUS=("$PY" gfn_jax/sweep.py status "$WORKDIR")
 REQUEUE=(scontrol requeue "$SLURM_JOB_ID")
 
@@ -178,6 +185,10 @@ trap - USR1 TERM
 
 if [[ -n "$SIGNALLED" ]]; then
   requeue_or_stop "SIG$SIGNALLED (preemption or time limit)" || exit 1
+  exit 0
+fi
+if [[ "$rc" == 3 ]]; then  # gfn-jax's "preempted: checkpoint saved" (it got SIGTERM)
+  requeue_or_stop "training was preempted" || exit 1
   exit 0
 fi
 if [[ "$rc" != 0 ]]; then

@@ -28,10 +28,13 @@
 #      jax.distributed.initialize(); JAX reads the pod layout from the TPU metadata); the
 #      trainer resumes from the workdir's latest checkpoint by itself;
 #   4. asks worker 0 whether the run is finished (`python3 gfn_jax/sweep.py status WORKDIR`:
-#      a DONE file, or summary.json after evaluation with steps == train.steps). If it is,
+#      a DONE file, or a final summary.json with steps == train.steps). If it is,
 #      the script exits 0; if not (preempted, SIGTERM, lost ssh), it goes back to 0.
 # A training failure on a healthy (READY) TPU counts against --max-failures (default 2), so
-# a broken config does not loop; every retry counts against --max-restarts (default 50).
+# a broken config does not loop (exit 3, gfn-jax's "preempted, checkpoint saved", does not
+# count); every retry counts against --max-restarts (default 50). After this script deleted
+# the old TPU, training gets --force_unlock: the run-dir lock's holder died with that VM
+# (GFN_JAX_FORCE_UNLOCK=0 turns this off).
 # The workdir must outlive the VM: use gs://... (or another shared disk).
 # --dry-run prints every gcloud / git command of one attempt instead of running it (the TPU
 # is taken as missing when --accelerator-type is given, else as READY, and the run as
@@ -172,6 +175,7 @@ create() {
 }
 
 delete() {
+  FORCE_UNLOCK="${GFN_JAX_FORCE_UNLOCK:-1}"  # the old VM, and the lock holder on it, are gone
   if [[ -n "$QR" ]]; then
     run "${QRCMD[@]}" delete "$QR" "${COMMON[@]}" --force --quiet || true
   else
@@ -180,6 +184,7 @@ delete() {
 }
 
 FRESH=1  # the code must be (re)copied and set up
+FORCE_UNLOCK=0  # 1 once this script deleted the TPU: the run-dir lock's holder is gone
 ensure_ready() {  # returns once the TPU is usable; recreates it when it is gone
   while :; do
     get_state
@@ -234,7 +239,9 @@ setup() {
 }
 
 train() {
-  ssh_all "cd $RDIR && export GFN_JAX_DISTRIBUTED=auto PATH=\"\$HOME/.local/bin:\$PATH\" && gfn-jax train$TRAIN_ARGS"
+  local extra=""
+  [[ "$FORCE_UNLOCK" == 1 ]] && extra=" --force_unlock"
+  ssh_all "cd $RDIR && export GFN_JAX_DISTRIBUTED=auto PATH=\"\$HOME/.local/bin:\$PATH\" && gfn-jax train$TRAIN_ARGS$extra"
 }
 
 finished() {  # worker 0 reads the workdir; no JAX import
@@ -273,7 +280,8 @@ while :; do
   fi
   sleep "$POLL"  # give a preemption time to show in the TPU's state
   get_state
-  if [[ "$rc" != 0 && ( "$STATE" == READY || "$STATE" == ACTIVE ) ]]; then
+  # exit 3 is gfn-jax's "preempted: checkpoint saved" (SIGTERM), not a failure
+  if [[ "$rc" != 0 && "$rc" != 3 && ( "$STATE" == READY || "$STATE" == ACTIVE ) ]]; then
     failures=$((failures + 1))
     log "training exited with $rc on a healthy TPU (failure $failures of $MAX_FAILURES)"
     if (( failures >= MAX_FAILURES )); then

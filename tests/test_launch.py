@@ -65,6 +65,7 @@ case "$verb" in
     if [[ "$cmd" == *"gfn-jax train"* ]]; then
       n=$(( $(cat "$d/trains" 2>/dev/null || echo 0) + 1 )); echo $n > "$d/trains"
       if [[ "$FAKE_MODE" == fail ]]; then exit 1; fi
+      if [[ "$FAKE_MODE" == sigterm && $n == 1 ]]; then exit 3; fi  # VM stays READY
       if [[ $n == 1 ]]; then  # preempted mid-run: the VM goes away, ssh drops
         if [[ "$kind" == tpu-vm && -f "$d/qr_state" ]]; then echo SUSPENDED > "$d/qr_state"
         else echo PREEMPTED > "$d/tpu_state"; fi
@@ -160,7 +161,11 @@ def test_tpu_preempted_once_is_recreated_and_resumed(fake_gcloud):
         "describe", "delete", "create", "describe", "describe",
         "scp", "ssh:untar", "ssh:setup", "ssh:train", "ssh:status"]
     trains = [c for c in calls if _verb(c) == "ssh:train"]
-    assert trains[0] == trains[1]  # the same command: the trainer resumes by itself
+    # the same command -- the trainer resumes by itself -- plus --force_unlock: the lock's
+    # holder died with the deleted VM
+    assert trains[1][:-1] == trains[0][:-1]
+    assert trains[1][-1] == trains[0][-1] + " --force_unlock"
+    assert trains[0][-1].endswith(" ".join(TRAIN))
     create = next(c for c in calls if c[3] == "create")
     assert create[4:] == ["t1", "--zone", "z", "--accelerator-type", "v4-8", "--version", "rt",
                           "--spot"]
@@ -189,6 +194,17 @@ def test_tpu_queued_resource_is_recreated_when_suspended(fake_gcloud):
     create = calls[9]
     assert create[4:] == ["qr1", "--node-id", "node1", "--zone", "z", "--accelerator-type",
                           "v5litepod-16", "--runtime-version", "rt", "--spot"]
+
+
+def test_tpu_sigterm_exit_3_on_a_healthy_tpu_is_resumed_not_a_failure(fake_gcloud):
+    out, calls = fake_gcloud(["--tpu", "t1", "--zone", "z", "--poll", "0", "--max-failures",
+                              "1", "--"] + TRAIN, mode="sigterm", tpu_state="READY")
+    assert out.returncode == 0, out.stderr
+    assert [_verb(c) for c in calls] == [
+        "describe", "scp", "ssh:untar", "ssh:setup", "ssh:train", "ssh:status", "describe",
+        "describe", "ssh:train", "ssh:status"]  # same VM: no new copy, no --force_unlock
+    trains = [c for c in calls if _verb(c) == "ssh:train"]
+    assert trains[0] == trains[1] and "--force_unlock" not in trains[1][-1]
 
 
 def test_tpu_failing_training_on_a_healthy_tpu_gives_up(fake_gcloud):
@@ -243,11 +259,12 @@ printf '%s\n' "$@" > "$d/args.$n"
 mkdir -p "$wd"; echo '{"train": {"steps": 3}}' > "$wd/config.json"
 case "$FAKE_MODE" in
   preempt)  # run until SIGTERM, then save and exit 0 like the real trainer
-    trap 'echo "{\"steps\": 1, \"preempted_at\": 1, \"eval\": {}}" > "$wd/summary.json"; echo TERM >> "$d/trainer.log"; exit 0' TERM
+    trap 'echo "{\"steps\": 1, \"preempted_at\": 1, \"eval\": {}, \"complete\": false}" > "$wd/summary.json"; echo TERM >> "$d/trainer.log"; exit 3' TERM
     touch "$d/started"
     while :; do sleep 0.05; done ;;
-  finish) echo '{"steps": 3, "eval": {}}' > "$wd/summary.json"; exit 0 ;;
-  fail) exit 3 ;;
+  finish) echo '{"steps": 3, "eval": {}, "complete": true}' > "$wd/summary.json"; exit 0 ;;
+  fail) exit 1 ;;
+  exit3) echo '{"steps": 2, "preempted_at": 2, "eval": {}, "complete": false}' > "$wd/summary.json"; exit 3 ;;
 esac
 """
 
@@ -353,7 +370,7 @@ def test_slurm_preemption_requeues_then_the_requeued_job_finishes(fake_slurm, si
     p = _start(env("finish", restarts=1), args)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
-    assert (state / "args.2").read_text() == (state / "args.1").read_text()
+    assert (state / "args.2").read_text().splitlines() == args + ["--force_unlock"]
     assert [c for c in log("scontrol.log") if c[0] == "requeue"] == [["requeue", "4242"]]
     assert "run finished" in stderr
 
@@ -363,8 +380,15 @@ def test_slurm_failure_is_not_requeued_and_requeues_are_bounded(fake_slurm):
     args = ["--config", "c.py", "--workdir", str(workdir)]
     out = subprocess.run(["bash", SLURM_SH] + args, env=env("fail"), capture_output=True,
                          text=True, timeout=60)
-    assert out.returncode == 3 and "training failed (exit 3); not requeued" in out.stderr
+    assert out.returncode == 1 and "training failed (exit 1); not requeued" in out.stderr
     assert not [c for c in log("scontrol.log") if c[0] == "requeue"]
+    assert "--force_unlock" not in (state / "args.1").read_text()
+    # exit 3 ("preempted, checkpoint saved") without a signal to the job: requeued
+    out = subprocess.run(["bash", SLURM_SH] + args, env=env("exit3"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "training was preempted" in out.stderr, out.stderr
+    assert [c for c in log("scontrol.log") if c[0] == "requeue"] == [["requeue", "4242"]]
+    (state / "scontrol.log").unlink()
     # out of requeues: a preempted run is not requeued again
     p = _start(env("preempt", restarts=2, GFN_JAX_MAX_REQUEUES="2"), args)
     _wait_for(state / "started", p)

@@ -163,7 +163,15 @@ def test_run_status(tmp_path):
     assert sw.run_status(wd) == "incomplete"
     _write(os.path.join(wd, "summary.json"), {"steps": 5, "eval": {}})
     assert sw.run_status(wd) == "done"
+    # the CLI's "complete" flag decides when present
+    _write(os.path.join(wd, "summary.json"), {"steps": 5, "eval": {}, "complete": False})
+    assert sw.run_status(wd) == "incomplete"
+    _write(os.path.join(wd, "summary.json"), {"steps": 5, "complete": True})
+    assert sw.run_status(wd) == "done"
     assert sw.main(["status", wd]) == 0
+    _write(os.path.join(wd, "summary.json"), {"steps": 4, "complete": True})
+    assert sw.run_status(wd) == "incomplete"
+    assert sw.main(["status", wd]) == 1
     wd2 = str(tmp_path / "r2")
     assert sw.main(["status", wd2]) == 1
     os.makedirs(wd2)
