@@ -33,7 +33,21 @@ PAD = 7
 # gpt2: learned positions make left-padding mistakes visible.
 CFG = ModelConfig(family="gpt2", vocab_size=V, d_model=16, n_layers=2, n_heads=2, d_ff=32,
                   max_seq_len=16)
-PARAMS = tr.init_params(CFG, jax.random.PRNGKey(0), std=0.6)
+
+
+def _np_params(seed=0, std=0.6):
+    """Random parameters built in numpy (no per-leaf eager JAX compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        x = rng.normal(0.0, std, s.shape).astype(np.float32)
+        return 1.0 + 0.2 * x if "scale" in jax.tree_util.keystr(path) else x
+
+    return jax.tree_util.tree_map_with_path(leaf, tr.param_shapes(CFG))
+
+
+PARAMS = _np_params(seed=1)
+_forward = jax.jit(tr.forward, static_argnums=0)
 BIAS = np.full(V, -np.inf, np.float32)
 BIAS[list(TOKS + TERM)] = 0.0
 BIAS[2] = 0.4
@@ -47,10 +61,10 @@ B = len(PROMPTS)
 
 def _adapters(scale):
     L, D, K, Dh = CFG.n_layers, CFG.d_model, CFG.n_kv_heads, CFG.head_dim
-    k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+    rng = np.random.default_rng(2)
     return {"scale": jnp.float32(scale), "tree": {"layers": {"attn": {"v": {"kernel": {
-        "a": 0.5 * jax.random.normal(k1, (L, D, 2)),
-        "b": 0.5 * jax.random.normal(k2, (L, 2, K * Dh))}}}}}}
+        "a": 0.5 * rng.normal(size=(L, D, 2)).astype(np.float32),
+        "b": 0.5 * rng.normal(size=(L, 2, K * Dh)).astype(np.float32)}}}}}}
 
 
 ADAPTERS = _adapters(1.5)
@@ -73,7 +87,7 @@ def _reference(adapters, bias=BIAS, spec=SPEC):
         s = PROMPTS[b] + list(pre)
         toks[r, : len(s)] = s
         am[r, : len(s)] = 1
-    logits = np.asarray(tr.forward(CFG, PARAMS, toks, am, adapters=adapters), np.float64)
+    logits = np.asarray(_forward(CFG, PARAMS, toks, am, adapters=adapters), np.float64)
     is_term = np.isin(np.arange(V), spec.term_ids)
     steps = [dict() for _ in range(B)]
     for r, (b, pre) in enumerate(rows):
@@ -163,6 +177,35 @@ def test_beam_search_is_exact_with_enough_beams():
         np.testing.assert_array_equal(out.groups[b], [0, 0, 0, -1, -1])
 
 
+def _term_bias(offset):
+    bias = BIAS.copy()
+    bias[list(TERM)] += offset
+    return bias
+
+
+def test_beam_search_early_exit_keeps_the_exact_best():
+    # num_return = 1: once the pool holds a sequence, the loop exits as soon as no live prefix
+    # can beat it. Default bias: some best sequence has 3 tokens, so exiting too early would
+    # lose it; with ⊤ made likely (+6) every prompt's best is one token long and the exit
+    # fires at prefix length 2 (checked on the reference below).
+    for offset, exits_early in ((0.0, False), (6.0, True)):
+        steps, seqs = _reference(ADAPTERS, _term_bias(offset))
+        out = beam_search(CFG, PARAMS, PT, PM, SPEC, num_beams=9, num_return=1,
+                          logit_bias=_term_bias(offset), adapters=ADAPTERS, pad_id=PAD)
+        stop_at_2 = []
+        for b in range(B):
+            (z,) = _best(seqs[b], 1)
+            assert _rows(out, b) == [z]
+            np.testing.assert_allclose(out.scores[b, 0], seqs[b][z], atol=1e-5)
+            best1 = max(v for k, v in seqs[b].items() if len(k) == 1)
+            best_prefix2 = max(steps[b][p[:1]][p[1]] + steps[b][()][p[0]]
+                               for p in PREFIXES if len(p) == 2)
+            stop_at_2.append(best_prefix2 <= best1)
+        assert all(stop_at_2) == exits_early
+        if not exits_early:
+            assert any(len(_rows(out, b)[0]) == T for b in range(B))
+
+
 def test_narrow_beam_returns_true_scores_of_distinct_sequences():
     n = 4
     out = beam_search(CFG, PARAMS, PT, PM, SPEC, num_beams=2, num_return=n, logit_bias=BIAS,
@@ -181,28 +224,33 @@ def test_narrow_beam_returns_true_scores_of_distinct_sequences():
     assert any(_rows(out, b) != _best(SEQS[b], n) for b in range(B))
 
 
-def _greedy_path(b):
+def _greedy_path(steps):
     z = ()
     score = 0.0
     while True:
-        lp = STEPS[b][z]
+        lp = steps[z]
         term = _lse(lp[list(TERM)])
         best = max(TOKS, key=lambda v: lp[v])
         if len(z) == T or term >= lp[best]:
             return z, score + term
+        assert abs(term - lp[best]) > 1e-3, "near-tie in the reference: test would be flaky"
         score += lp[best]
         z = z + (best,)
 
 
 def test_greedy_is_the_argmax_path():
-    out = greedy(CFG, PARAMS, PT, PM, SPEC, logit_bias=BIAS, adapters=ADAPTERS, pad_id=PAD)
-    assert out.tokens.shape == (B, 1, T)
-    _check_pad(out)
-    for b in range(B):
-        z, score = _greedy_path(b)
-        assert _rows(out, b) == [z]
-        np.testing.assert_allclose(out.scores[b, 0], score, atol=1e-5)
-        np.testing.assert_allclose(out.scores[b, 0], SEQS[b][z], atol=1e-5)
+    # Shifting ⊤'s logits moves the stop decisions (the bias is traced: one compile).
+    for offset in (0.0, 1.0, 2.0, 2.5, 3.0, 4.0):
+        bias = _term_bias(offset)
+        steps, seqs = _reference(ADAPTERS, bias)
+        out = greedy(CFG, PARAMS, PT, PM, SPEC, logit_bias=bias, adapters=ADAPTERS, pad_id=PAD)
+        assert out.tokens.shape == (B, 1, T)
+        _check_pad(out)
+        for b in range(B):
+            z, score = _greedy_path(steps[b])
+            assert _rows(out, b) == [z], (offset, b)
+            np.testing.assert_allclose(out.scores[b, 0], score, atol=1e-5)
+            np.testing.assert_allclose(out.scores[b, 0], seqs[b][z], atol=1e-5)
 
 
 def _np_diverse(b, groups, per_group, strength):
