@@ -21,6 +21,7 @@ commands:
   sample    draw samples from a trained run into a JSON-lines file
   eval      evaluate a trained run with its task's metrics
   convert   export a run (LoRA merged) or a model to a Hugging Face directory
+  sweep     expand a config over a grid of keys: run, emit launch commands, summarize
 
 examples:
   gfn-jax train --config configs/rng.py --workdir runs/rng --config.train.steps=10
@@ -174,6 +175,8 @@ def cmd_train(fv: flags.FlagValues) -> int:
                       f"use a new --workdir")
                 return 0
             print(f"resuming from step {trainer.start_step} of {config.train.steps}")
+        if primary and os.path.exists(os.path.join(workdir, "DONE")):
+            os.remove(os.path.join(workdir, "DONE"))  # the run goes on: not finished any more
         results: Dict[str, Dict[str, float]] = dict((old_summary.get("eval") or {})
                                                     if trainer.start_step > 0 else {})
         results.pop("after", None)
@@ -198,6 +201,8 @@ def cmd_train(fv: flags.FlagValues) -> int:
 
             with atomic_write_file(summary_path) as f:
                 f.write(json.dumps(_jsonable(summary), indent=2))
+            if not preempted:  # the marker sweeps and launchers look for
+                open(os.path.join(workdir, "DONE"), "w").close()
         print(json.dumps(_jsonable({"steps": summary.get("steps"),
                                     "wall_time_s": summary.get("wall_time_s"),
                                     "eval": results}), indent=2))
@@ -344,6 +349,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(USAGE)
         return 0
     cmd = argv[1]
+    if cmd == "sweep":
+        from gfn_jax.sweep import main as sweep_main
+
+        return sweep_main(argv[2:])
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}",
               file=sys.stderr)

@@ -112,7 +112,32 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # logical-axis rule overrides, MaxText-style: "logical=mesh_axes" entries, e.g.
+    # ("embed=none", "lora=fsdp", "batch=data+fsdp"); they replace the defaults in
+    # gfn_jax/parallel.py (DEFAULT_RULES) for those logical names
+    c.mesh.rules = ()
     return c
+
+
+def mesh_rules(config: ml_collections.ConfigDict) -> Any:
+    """The logical-axis rules table: ``parallel.DEFAULT_RULES`` with ``mesh.rules`` applied."""
+    from gfn_jax import parallel
+
+    over = []
+    for k, entry in enumerate(config.mesh.get("rules", ()) or ()):
+        name, sep, target = str(entry).partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"mesh.rules[{k}]={entry!r}: expected 'logical=mesh_axes' (e.g. "
+                             f"'embed=fsdp', 'mlp=tensor', 'embed=none', 'batch=data+fsdp')")
+        target = target.strip()
+        axes = None if target.lower() in ("", "none") else tuple(t.strip() for t in
+                                                                 target.split("+"))
+        for a in axes or ():
+            if a not in parallel.MESH_AXES:
+                raise ValueError(f"mesh.rules[{k}]={entry!r}: unknown mesh axis {a!r}; the "
+                                 f"mesh axes are {', '.join(parallel.MESH_AXES)}")
+        over.append((name.strip(), axes))
+    return parallel.merge_rules(over)
 
 
 # ---------------------------------------------------------------------------- task schemas
@@ -226,6 +251,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"lora.rank must be >= 1 and lora.dropout in [0, 1), got "
                          f"{config.lora.rank} and {config.lora.dropout}")
 
+    mesh_rules(config)
     objective = get_objective(o.name)
     if objective.validate is not None:
         objective.validate(config)

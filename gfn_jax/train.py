@@ -74,8 +74,12 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         parallel.initialize_distributed()
-        self.mesh = parallel.make_mesh(parallel.MeshConfig(**config.mesh.to_dict()), devices)
-        self.rules = parallel.DEFAULT_RULES
+        mc = config.mesh
+        self.mesh = parallel.make_mesh(
+            parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor), devices)
+        from gfn_jax.defaults import mesh_rules
+
+        self.rules = mesh_rules(config)
         self.objective = get_objective(config.objective.name)
         self.options = dict(config.objective.to_dict())
         needs = self.objective.any_needs(self.options)
@@ -184,7 +188,7 @@ class Trainer:
 
         self.step_spec = StepSpec(
             model_cfg=self.model_cfg, objective=self.objective, options=self.options,
-            spec=self.spec, reward_fn=self.task.log_reward, logit_bias=self.logit_bias,
+            spec=self.spec, reward_fn=self._task_reward, logit_bias=self.logit_bias,
             use_lora=self.use_lora,
             lora_scale=float(self.lora_cfg.scale) if self.lora_cfg else 1.0,
             lora_dropout=float(self.lora_cfg.dropout) if self.lora_cfg else 0.0,
@@ -209,6 +213,10 @@ class Trainer:
             self.task.bind_reward_params(self.frozen[reward_key])
 
     # ------------------------------------------------------------------ utils
+    def _task_reward(self, model_cfg: Any, params: Params, batch: TrainBatch) -> jax.Array:
+        """The task's reward, looked up when the step is traced (not bound at start-up)."""
+        return self.task.log_reward(model_cfg, params, batch)
+
     def task_scores_eval(self) -> bool:
         """Whether the task scores evaluation samples with the reward model."""
         return type(self.task).bind_reward_params is not _base_bind()
@@ -276,7 +284,7 @@ class Trainer:
         ss = self.step_spec
         rkey = ss.reward_key
         rcfg = ss.reward_model_cfg or self.model_cfg
-        reward_fn = self.task.log_reward
+        reward_fn = self._task_reward
 
         @jax.jit
         def final_log_r(frozen, batch):
@@ -317,8 +325,8 @@ class Trainer:
         pre_metrics: Dict[str, float] = {}
         log_r_final = None
         if self._prepare_fn is not None:
-            extras, pm = self._prepare_fn(self.state, self.frozen, batch.to_device(self.mesh),
-                                          hyper)
+            extras, pm = self._prepare_fn(self.state, self.frozen,
+                                          batch.to_device(self.mesh, self.rules), hyper)
             extras = _to_host(extras)
             batch = batch.with_extras({k: np.asarray(v) for k, v in extras.items()})
             pre_metrics = {k: float(v) for k, v in _to_host(pm).items()}
@@ -335,7 +343,7 @@ class Trainer:
             for m in range(M):
                 mb = batch if M == 1 and e == 0 else batch.take(order[m * B // M:(m + 1) * B // M])
                 self.state, met, lrf = self._step_fn(self.state, self.frozen,
-                                                     mb.to_device(self.mesh), hyper)
+                                                     mb.to_device(self.mesh, self.rules), hyper)
                 self.calls += 1
                 calls.append({k: float(v) for k, v in _to_host(met).items()})
                 if e == 0 and M == 1:

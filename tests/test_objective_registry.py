@@ -118,6 +118,7 @@ def test_a_new_objective_is_one_registration(tmp_path):
         wd = str(tmp_path / "run")
         assert cli.main(["gfn-jax", "train", "--config", TOY, "--workdir", wd, "--noprogress",
                          "--config.objective.name=test_score_fn", "--config.train.steps=3",
+                         "--config.train.log_every=1",
                          "--config.explore.p_tempered=0", "--config.eval.num_samples=0"]) == 0
         recs = read_metrics(os.path.join(wd, "metrics.jsonl"))
         assert [r["step"] for r in recs] == [0, 1, 2]
@@ -140,7 +141,8 @@ def _trainable(wd):
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_OVERRIDES))
 def test_every_objective_runs_resumes_exactly_and_shards(tmp_path, objective):
     over = {"objective.name": objective, **OBJECTIVE_OVERRIDES[objective],
-            "train.ckpt_every": 1, "eval.num_samples": 0, "model.init_std": 0.1}
+            "train.ckpt_every": 1, "eval.num_samples": 0, "model.init_std": 0.1,
+            "train.samples_per_prompt": 16}
     base = ["gfn-jax", "train", "--config", TOY, "--noprogress"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     # two steps straight through the CLI
