@@ -16,10 +16,11 @@ parent at each step. Termination does not compete for beam slots: at every step 
 best per prompt, duplicates dropped), and the beams are the ``num_beams`` best *non-⊤*
 extensions. At ``max_len`` termination is forced. The pool is ranked by
 ``score / (n + 1) ** length_penalty`` (``n`` tokens plus ⊤; ``length_penalty = 0`` ranks by the
-log-probability itself). With ``num_beams`` at least the number of allowed prefixes of every
-length the search is exhaustive, so it returns the true ``num_return`` best sequences. The loop
-stops early once no live beam can still beat the pool's worst entry (exact: log-probs only
-decrease as a prefix grows).
+log-probability itself). With ``num_beams >= num_return`` and at least the number of allowed
+prefixes of every length below ``max_len``, every prefix is explored (prefixes of length
+``max_len`` must terminate, so the best of them are the best such sequences) and the result is
+the true ``num_return`` best sequences. The loop stops early once no live beam can still beat
+the pool's worst entry (exact: log-probs only decrease as a prefix grows).
 
 Tokens a bias pushes to or below :data:`~gfn_jax.logprobs.DISALLOWED` are never chosen (the same
 rule as the sampler's behaviour policy).
@@ -324,9 +325,9 @@ def beam_search(
       length_penalty: the pool ranks by ``score / (n + 1) ** length_penalty`` (traced).
       pad_id: token written after each sequence's end.
 
-    Returns a :class:`DecodeOutput` (``groups`` all 0). Exact when ``num_beams`` is at least
-    the number of allowed prefixes of each length. One jitted call keyed on
-    cfg/spec/shapes/num_beams/num_return.
+    Returns a :class:`DecodeOutput` (``groups`` all 0). Exact when ``num_beams >= num_return``
+    and ``num_beams`` is at least the number of allowed prefixes of each length below
+    ``spec.max_len``. One jitted call keyed on cfg/spec/shapes/num_beams/num_return.
     """
     return _beam(cfg, params, prompt_tokens, prompt_mask, spec, num_beams=num_beams,
                  num_groups=1, num_return=num_return, logit_bias=logit_bias, adapters=adapters,

@@ -23,6 +23,8 @@ from gfn_jax.decoding import (
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models import transformer as tr
 from gfn_jax.models.config import ModelConfig
+from gfn_jax.scoring import score_policy
+from tiny import CFG as LCFG, np_params
 
 V = 8
 TOKS = (1, 2, 3)  # the only non-⊤ tokens the bias allows
@@ -325,6 +327,21 @@ def test_diverse_beam_search_groups_and_scores():
         differs += _rows(mid, b) != _rows(zero, b)
     assert differs > 0  # the intermediate strength changes something
 
+    # Two beams per group: the per-group top-k over (beam, token) against the reference.
+    out = diverse_beam_search(CFG, PARAMS, PT, PM, SPEC, num_beams=6, num_groups=G,
+                              num_return=18, diversity_strength=0.7, logit_bias=BIAS,
+                              adapters=ADAPTERS, pad_id=PAD)
+    for b in range(B):
+        ref = _np_diverse(b, G, 2, 0.7)
+        rows, grp = _rows(out, b), np.asarray(out.groups[b])
+        ok = np.isfinite(np.asarray(out.scores[b]))
+        seen = set()
+        for g in range(G):
+            want = {z for z, _ in ref[g]} - seen
+            seen |= want
+            assert {z for z, gg, o in zip(rows, grp, ok) if o and gg == g} == want, (b, g)
+        assert ok.sum() == len(seen)
+
 
 def test_sampling_wrappers_score_under_the_untempered_policy():
     ns = 64
@@ -361,3 +378,27 @@ def test_bad_decoder_inputs_raise():
         beam_search(CFG, PARAMS, PT, PM, SPEC, num_beams=0, num_return=2)
     with pytest.raises(ValueError, match="longer than the model's context"):
         greedy(CFG, PARAMS, PT, PM, PolicySpec(TERM, 15))
+
+
+def test_llama_without_bias_or_adapters_matches_the_scorer():
+    # Another family (rotary positions, grouped KV heads) and the None paths; the one-pass
+    # scorer (full forward over [X | Z]) gives the reference sequence log-probs.
+    lparams = np_params(3)
+    spec = PolicySpec((LCFG.vocab_size - 1,), max_len=4, min_len=0)
+    pt = np.array([[0, 0, 5, 9], [7, 3, 2, 1]], np.int32)
+    pm = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], np.int32)
+    n = 3
+    out = beam_search(LCFG, lparams, pt, pm, spec, num_beams=4, num_return=n)
+    toks = np.asarray(out.tokens).reshape(2 * n, spec.max_len)
+    lens = np.asarray(out.lengths).reshape(2 * n)
+    sc = score_policy(LCFG, lparams, np.repeat(pt, n, 0), np.repeat(pm, n, 0), toks, lens, spec)
+    lpf, lpt = np.asarray(sc.log_pf, np.float64), np.asarray(sc.log_pterm, np.float64)
+    want = [lpf[r, : lens[r]].sum() + lpt[r, lens[r]] for r in range(2 * n)]
+    np.testing.assert_allclose(np.asarray(out.scores).reshape(-1), want, atol=1e-5)
+    assert np.all(np.diff(np.asarray(out.scores), axis=1) <= 1e-6)
+    g = greedy(LCFG, lparams, pt, pm, spec)
+    gl = np.asarray(g.lengths)[:, 0]
+    sg = score_policy(LCFG, lparams, pt, pm, np.asarray(g.tokens)[:, 0], gl, spec)
+    want = [np.asarray(sg.log_pf)[b, : gl[b]].sum() + np.asarray(sg.log_pterm)[b, gl[b]]
+            for b in range(2)]
+    np.testing.assert_allclose(np.asarray(g.scores)[:, 0], want, atol=1e-5)
