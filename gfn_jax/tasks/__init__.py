@@ -109,6 +109,7 @@ def _register_builtin() -> None:
     register_task("rng", RandomNumberTask)
     register_task("continuation", ContinuationTask)
     register_task("infill", InfillTask)
+    from gfn_jax.tasks.arithmetic import ArithmeticTask; register_task("arithmetic", ArithmeticTask)  # noqa: E702
 
 
 _register_builtin()
