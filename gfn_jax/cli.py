@@ -201,6 +201,8 @@ def cmd_train(fv: flags.FlagValues) -> int:
 
             with atomic_write_file(summary_path) as f:
                 f.write(json.dumps(_jsonable(summary), indent=2))
+            if "after" in results:  # metrics.png was drawn before this evaluation: redraw
+                _replot(workdir)
             if not preempted:  # the marker sweeps and launchers look for
                 open(os.path.join(workdir, "DONE"), "w").close()
         print(json.dumps(_jsonable({"steps": summary.get("steps"),
@@ -211,6 +213,15 @@ def cmd_train(fv: flags.FlagValues) -> int:
                   f"command again to resume", file=sys.stderr)
             return EXIT_PREEMPTED
     return 0
+
+
+def _replot(workdir: str) -> None:
+    try:
+        from gfn_jax.metrics import plot_metrics
+
+        plot_metrics(workdir)
+    except Exception as e:  # noqa: BLE001 - plots are a convenience, never fatal
+        print(f"warning: could not plot metrics: {e}", file=sys.stderr)
 
 
 def _evaluate(trainer, num: int, tag: str, seed: int = 1234) -> Dict[str, float]:
@@ -342,6 +353,34 @@ def _one_line(e: BaseException) -> str:
     return msg.strip() or type(e).__name__
 
 
+def _unknown_key_message(e: BaseException, args: List[str]) -> str:
+    """``unknown config key train.stepz (did you mean train.steps?)`` from ml_collections'
+    KeyError (possibly wrapped in an AttributeError) and the ``--config.*`` overrides."""
+    import re
+
+    inner: object = e
+    while isinstance(inner, BaseException) and inner.args:
+        inner = inner.args[0]
+    text = str(inner)
+    m = re.match(r"""\s*['"]?([^'"\n]+)""", text)
+    bad = m.group(1).strip() if m else ""
+    close = re.search(r'Did you mean "([^"]+)"', text)
+    paths = [a[len("--config."):].split("=")[0].split(".") for a in args
+             if a.startswith("--config.")]
+    key, hint = bad, ""
+    for parts in paths:
+        if bad in parts:
+            i = parts.index(bad)
+            key = ".".join(parts[:i + 1])
+            if close:
+                hint = f" (did you mean {'.'.join(parts[:i] + [close.group(1)])}?)"
+            break
+    else:
+        if close:
+            hint = f" (did you mean {close.group(1)}?)"
+    return f"unknown config key {key or text}{hint}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``gfn-jax`` console command."""
     argv = list(sys.argv if argv is None else argv)
@@ -373,9 +412,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e} (see gfn-jax {cmd} --help)", file=sys.stderr)
         return EXIT_USAGE
     except (KeyError, AttributeError) as e:
-        bad = [a.split("=")[0] for a in args if a.startswith("--config.")]
-        print(f"error: unknown config key {e} (in one of the overrides {bad}); "
-              "see gfn_jax/defaults.py and the task's DEFAULTS for every key", file=sys.stderr)
+        print(f"error: {_unknown_key_message(e, args)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - e.g. an error inside the config file itself
         if debug:

@@ -212,37 +212,187 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_metrics(workdir: str, keys: Optional[Sequence[str]] = None, out: Optional[str] = None) -> str:
-    """One panel per metric vs step (from ``workdir/metrics.jsonl``); returns the PNG path."""
+# The default figure: the few curves that tell a run's story, in this order (the first key
+# of each group that is logged and not constant): (keys, panel title, y-axis label).
+STORY_PANELS = (
+    (("loss",), "training loss", "loss"),
+    (("log_r", "log_r_mean", "mean_log_r"), "mean log-reward of the batch", "mean log R (nats)"),
+    (("samples_per_s", "tokens_per_s"), "throughput", None),
+)
+# Task metrics worth a panel when logged (metrics.jsonl) or evaluated (eval_*.json), first hit
+# wins: (key, y-axis label).
+HEADLINE_METRICS = (
+    ("tv_to_target", "total variation to the target"),
+    ("tv_to_uniform", "total variation to uniform"),
+    ("label_accuracy", "label accuracy"),
+    ("accuracy", "accuracy"),
+    ("mean_log_p_base", "mean log p_base (nats)"),
+)
+# Never plotted as a curve: an index into the behaviour names, not a quantity.
+CATEGORICAL = ("behaviour",)
+UNITS = {"tokens_per_s": "tokens / s", "samples_per_s": "samples / s", "step_time": "s",
+         "sample_time": "s", "eval_time_s": "s", "log_r": "nats", "log_q": "nats",
+         "log_r_mean": "nats", "mean_log_r": "nats"}
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> "tuple[np.ndarray, np.ndarray]":
+    pts = sorted((r["step"], r[key]) for r in records
+                 if key in r and isinstance(r[key], (int, float)) and not isinstance(r[key], bool))
+    steps = np.array([p[0] for p in pts], dtype=np.float64)
+    vals = np.array([p[1] for p in pts], dtype=np.float64)
+    return steps, np.where(np.isfinite(vals), vals, np.nan)
+
+
+def _is_constant(vals: np.ndarray) -> bool:
+    fin = vals[np.isfinite(vals)]
+    return fin.size == 0 or bool(np.all(fin == fin[0]))
+
+
+def _eval_points(workdir: str, key: str, last_step: float) -> List["tuple[float, float, str]"]:
+    """(step, value, tag) of ``key`` in the run's ``eval_<tag>.json`` files: ``before`` at
+    step 0, ``after`` at the last step, ``step<N>`` at N."""
+    import glob
+    import re
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(workdir, "eval_*.json"))):
+        tag = os.path.basename(path)[len("eval_"):-len(".json")]
+        try:
+            with open(path) as f:
+                value = json.load(f).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        m = re.fullmatch(r"step(\d+)", tag)
+        step = 0.0 if tag == "before" else last_step if tag == "after" else \
+            float(m.group(1)) if m else None
+        if step is not None:
+            out.append((step, float(value), tag))
+    return sorted(out)
+
+
+def _draw_line(ax: Any, steps: np.ndarray, vals: np.ndarray, **kw: Any) -> None:
+    ax.plot(steps, vals, marker="." if len(steps) < 50 else None, linewidth=1.2, **kw)
+
+
+def _story_panels(records: Sequence[Mapping[str, Any]], workdir: str) -> List[Dict[str, Any]]:
+    panels: List[Dict[str, Any]] = []
+    for keys, title, ylabel in STORY_PANELS:
+        for key in keys:
+            steps, vals = _series(records, key)
+            if steps.size and not _is_constant(vals):
+                panels.append(dict(kind="line", key=key, title=title, steps=steps, vals=vals,
+                                   ylabel=ylabel or UNITS.get(key, key)))
+                break
+    last = float(max(r["step"] for r in records))
+    for key, label in HEADLINE_METRICS:
+        steps, vals = _series(records, key)
+        evals = _eval_points(workdir, key, last)
+        if (steps.size and not _is_constant(vals)) or evals:
+            panels.append(dict(kind="headline", key=key, title=f"task metric: {key}",
+                               steps=steps, vals=vals, evals=evals, ylabel=label))
+            break
+    return panels
+
+
+def _draw_panel(ax: Any, p: Mapping[str, Any]) -> None:
+    steps, vals = p["steps"], p["vals"]
+    ylabel = p["ylabel"]
+    if p["kind"] == "headline":
+        if steps.size:
+            _draw_line(ax, steps, vals, label="training")
+        for step, value, tag in p["evals"]:
+            ax.plot([step], [value], marker="o", linestyle="none", markersize=7,
+                    label=f"evaluation: {tag} = {value:.3g}")
+        ax.legend(fontsize=8)
+    else:
+        _draw_line(ax, steps, vals)
+        fin = vals[np.isfinite(vals)]
+        if p["key"] == "loss" and fin.size and np.all(fin > 0):
+            ax.set_yscale("log")
+            ylabel = f"{ylabel} (log scale)"
+    ax.set_title(p["title"], fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3, which="both")
+
+
+def plot_metrics(workdir: str, keys: Union[None, str, Sequence[str]] = None,
+                 out: Optional[str] = None) -> str:
+    """Plot ``workdir/metrics.jsonl`` against the training step; returns the PNG path.
+
+    - ``keys=None`` (default): ``metrics.png``, the few curves that tell the run's story --
+      the loss (log scale when positive), the batch's mean log R, the throughput
+      (samples or tokens per second) and the task's headline metric (:data:`HEADLINE_METRICS`)
+      when it is logged or the run has ``eval_*.json`` files (points at their steps); constant
+      series are left out.
+    - ``keys="all"``: ``metrics_all.png``, one panel per metric in alphabetical order,
+      without constant series and the behaviour index (the constants' values are listed at
+      the bottom).
+    - ``keys=[...]``: one panel per named metric (``metrics.png`` unless ``out`` is given).
+    """
+    fig, default_name = metrics_figure(workdir, keys)
+    out = os.fspath(out) if out is not None else os.path.join(os.fspath(workdir), default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def metrics_figure(workdir: str, keys: Union[None, str, Sequence[str]] = None) -> Any:
+    """``(figure, default file name)`` of :func:`plot_metrics` (a matplotlib Figure on an
+    Agg canvas, laid out, not saved)."""
+    workdir = os.fspath(workdir)
     records = read_metrics(workdir)
     if not records:
         raise ValueError(f"no metrics recorded in {workdir}")
     available = sorted({k for r in records for k in r if k not in _RESERVED})
+    note = ""
     if keys is None:
-        keys = available
-    unknown = [k for k in keys if k not in available]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; available: {available}")
-    if not keys:
-        raise ValueError(f"nothing to plot in {workdir}")
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig = _figure(4.0 * ncols, 3.0 * nrows)
-    for i, key in enumerate(keys):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        pts = sorted((r["step"], r[key]) for r in records if key in r and isinstance(r[key], (int, float)))
-        steps = np.array([p[0] for p in pts], dtype=np.float64)
-        vals = np.array([p[1] for p in pts], dtype=np.float64)
-        vals = np.where(np.isfinite(vals), vals, np.nan)
-        ax.plot(steps, vals, marker="." if len(steps) < 50 else None, linewidth=1.2)
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = os.fspath(out) if out is not None else os.path.join(os.fspath(workdir), "metrics.png")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+        panels = _story_panels(records, workdir)
+        if not panels:
+            raise ValueError(f"nothing to plot in {workdir}: every metric is constant")
+        default_name = "metrics.png"
+    else:
+        if isinstance(keys, str) and keys == "all":
+            chosen, constant = [], []
+            for k in available:
+                if k in CATEGORICAL:
+                    continue
+                (constant if _is_constant(_series(records, k)[1]) else chosen).append(k)
+            if constant:
+                def value(k: str) -> str:
+                    v = _series(records, k)[1]
+                    fin = v[np.isfinite(v)]
+                    return f"{k}={fin[0]:.4g}" if fin.size else f"{k}=nan"
+                note = "constant, not drawn: " + ", ".join(value(k) for k in constant)
+            default_name = "metrics_all.png"
+        else:
+            chosen = [keys] if isinstance(keys, str) else list(keys)
+            unknown = [k for k in chosen if k not in available]
+            if unknown:
+                raise ValueError(f"unknown metrics {unknown}; available: {available}")
+            default_name = "metrics.png"
+        if not chosen:
+            raise ValueError(f"nothing to plot in {workdir}")
+        panels = []
+        for k in chosen:
+            steps, vals = _series(records, k)
+            panels.append(dict(kind="line", key=k, title=k, steps=steps, vals=vals,
+                               ylabel=UNITS.get(k, k)))
+    ncols = len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3
+    nrows = math.ceil(len(panels) / ncols)
+    extra = 0.4 if note else 0.0
+    fig = _figure(4.0 * ncols, 3.0 * nrows + extra)
+    for i, p in enumerate(panels):
+        _draw_panel(fig.add_subplot(nrows, ncols, i + 1), p)
+    if note:
+        import textwrap
+
+        fig.text(0.01, 0.005, "\n".join(textwrap.wrap(note, 40 * ncols)), fontsize=7,
+                 va="bottom")
+    fig.tight_layout(rect=(0, extra / (3.0 * nrows + extra), 1, 1))
+    return fig, default_name
 
 
 def plot_histogram(
@@ -251,11 +401,15 @@ def plot_histogram(
     out: str,
     title: str = "",
     normalize: bool = False,
+    ylabel: Optional[str] = None,
+    xlabel: str = "",
 ) -> str:
     """Categorical histogram PNG; a mapping ``{series: counts}`` gives side-by-side bars.
 
     E.g. ``plot_histogram({"before": c0, "after": c1}, [str(i) for i in range(100)], "h.png")``.
-    ``normalize`` divides each series by its total. Returns ``out``.
+    ``normalize`` divides each series by its total. ``ylabel`` says what the bars are
+    (default: "count", or "fraction" with ``normalize``); pass it when the values given are
+    already fractions. Returns ``out``.
     """
     series = dict(counts) if isinstance(counts, Mapping) else {"": counts}
     labels = [str(l) for l in labels]
@@ -275,14 +429,16 @@ def plot_histogram(
     n = len(arrays)
     x = np.arange(len(labels))
     width = 0.8 / n
-    fig = _figure(max(6.0, 0.12 * len(labels) * n + 2.0), 4.0)
+    fig = _figure(min(16.0, max(6.0, 0.12 * len(labels) * n + 2.0)), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for i, (name, arr) in enumerate(arrays.items()):
         ax.bar(x + (i - (n - 1) / 2) * width, arr, width=width, label=name or None)
     step = max(1, len(labels) // 40)
     ax.set_xticks(x[::step])
     ax.set_xticklabels(labels[::step], rotation=90 if len(labels) > 10 else 0, fontsize=8)
-    ax.set_ylabel("fraction" if normalize else "count")
+    ax.set_ylabel(ylabel if ylabel is not None else "fraction" if normalize else "count")
+    if xlabel:
+        ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
     if n > 1 or next(iter(arrays)):

@@ -163,21 +163,80 @@ def _png_pixels(path):
     return img
 
 
-def test_plot_metrics(tmp_path):
+def test_plot_metrics_explicit_keys(tmp_path):
     with MetricsWriter(tmp_path, use_tensorboard=False) as w:
         for s in range(20):
             w.write(s, {"loss": 1.0 / (s + 1), "reward": float(s), "kl": float("nan") if s == 3 else 0.1 * s,
                         "logz": float(s % 3)})
-    out = plot_metrics(tmp_path)
+    out = plot_metrics(tmp_path, keys=["loss", "reward", "kl", "logz"])
     assert out == os.path.join(str(tmp_path), "metrics.png")
     img = _png_pixels(out)
-    # 4 metrics -> 3 columns x 2 rows of 4x3-inch panels at 100 dpi.
-    assert img.shape[:2] == (600, 1200)
+    # 4 panels -> 2 columns x 2 rows of 4x3-inch panels at 100 dpi.
+    assert img.shape[:2] == (600, 800)
     assert (img[..., :3] < 0.5).any()  # something was drawn
     out2 = plot_metrics(tmp_path, keys=["loss"], out=tmp_path / "sub" / "loss.png")
     assert _png_pixels(out2).shape[:2] == (300, 400)
     with pytest.raises(ValueError, match=r"unknown metrics \['nope'\]"):
         plot_metrics(tmp_path, keys=["nope"])
+
+
+def _training_like_metrics(tmp_path, loss_sign=1.0):
+    with MetricsWriter(tmp_path, use_tensorboard=False) as w:
+        for s in range(30):
+            w.write(s, {"loss": loss_sign * 100.0 * 0.7 ** s, "log_r": -3.0 + 0.1 * s,
+                        "tokens_per_s": 1000.0 + s, "grad_norm": 5.0 / (s + 1),
+                        "behaviour": float(s % 2), "kl_coef": 0.05, "finite": 1.0})
+
+
+def _axes(fig):
+    return [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_yscale()) for ax in fig.axes]
+
+
+def test_default_figure_tells_the_story(tmp_path):
+    from gfn_jax.metrics import metrics_figure
+
+    _training_like_metrics(tmp_path)
+    fig, name = metrics_figure(tmp_path)
+    assert name == "metrics.png"
+    assert _axes(fig) == [
+        ("training loss", "training step", "loss (log scale)", "log"),
+        ("mean log-reward of the batch", "training step", "mean log R (nats)", "linear"),
+        ("throughput", "training step", "tokens / s", "linear"),
+    ]
+    # no task metric yet; evaluations of the run add the headline panel with their points
+    (tmp_path / "eval_before.json").write_text(json.dumps({"tv_to_target": 0.5}))
+    (tmp_path / "eval_after.json").write_text(json.dumps({"tv_to_target": 0.05}))
+    fig, _ = metrics_figure(tmp_path)
+    ax = fig.axes[-1]
+    assert (ax.get_title(), ax.get_ylabel()) == ("task metric: tv_to_target",
+                                                 "total variation to the target")
+    pts = sorted((float(l.get_xdata()[0]), float(l.get_ydata()[0])) for l in ax.get_lines())
+    assert pts == [(0.0, 0.5), (29.0, 0.05)]  # before at step 0, after at the last step
+    out = plot_metrics(tmp_path)
+    assert _png_pixels(out).shape[:2] == (600, 800)  # 4 panels: 2 x 2
+
+
+def test_default_figure_negative_loss_is_linear(tmp_path):
+    from gfn_jax.metrics import metrics_figure
+
+    _training_like_metrics(tmp_path, loss_sign=-1.0)
+    fig, _ = metrics_figure(tmp_path)
+    assert _axes(fig)[0] == ("training loss", "training step", "loss", "linear")
+
+
+def test_full_dump_is_optional_and_skips_constants_and_behaviour(tmp_path):
+    from gfn_jax.metrics import metrics_figure
+
+    _training_like_metrics(tmp_path)
+    fig, name = metrics_figure(tmp_path, keys="all")
+    assert name == "metrics_all.png"
+    assert [a[0] for a in _axes(fig)] == ["grad_norm", "log_r", "loss", "tokens_per_s"]
+    notes = [t.get_text() for t in fig.texts]
+    assert notes and "finite=1" in notes[0] and "kl_coef=0.05" in notes[0]
+    assert "behaviour" not in " ".join(notes)
+    out = plot_metrics(tmp_path, keys="all")
+    assert out == os.path.join(str(tmp_path), "metrics_all.png")
+    assert not os.path.exists(tmp_path / "metrics.png")  # the default figure is separate
 
 
 def test_plot_histogram(tmp_path):
@@ -192,3 +251,32 @@ def test_plot_histogram(tmp_path):
     assert os.path.getsize(out1) > 1000
     with pytest.raises(ValueError, match=r"series 'after' has shape \(3,\), expected \(20,\)"):
         plot_histogram({"before": before, "after": [1, 2, 3]}, labels, tmp_path / "bad.png")
+
+
+def test_histogram_axis_says_what_it_shows(tmp_path, monkeypatch):
+    """The y label is "count" for counts, "fraction" when normalised, or what the caller
+    says (the RNG before/after figure passes fractions: its axis says so)."""
+    import gfn_jax.metrics as m
+    from gfn_jax.tasks.rng import RandomNumberTask
+
+    labels = []
+    real = m._figure
+
+    def spy(w, h):
+        fig = real(w, h)
+        labels.append(fig)
+        return fig
+
+    monkeypatch.setattr(m, "_figure", spy)
+    plot_histogram([1, 2], ["a", "b"], tmp_path / "c.png")
+    plot_histogram([1, 2], ["a", "b"], tmp_path / "f.png", normalize=True)
+    assert [f.axes[0].get_ylabel() for f in labels] == ["count", "fraction"]
+    labels.clear()
+    task = RandomNumberTask({})
+    task.evaluate([{"text": str(k)} for k in range(100)], str(tmp_path), "before")
+    task.evaluate([{"text": "7"}] * 10, str(tmp_path), "after")
+    ylabels = [f.axes[0].get_ylabel() for f in labels]
+    assert ylabels == ["number of samples (of 100)", "number of samples (of 10)",
+                       "fraction of all samples"]
+    bars = [p.get_height() for p in labels[-1].axes[0].patches]
+    assert max(bars) == pytest.approx(1.0) and all(0 <= b <= 1 for b in bars)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -66,21 +66,52 @@ def _missing(path: str, what: str) -> FileNotFoundError:
         f"README)")
 
 
-def read_prompt_lines(path: str, num: int = 0, root: str = "") -> List[str]:
-    """Non-empty lines of a text file (trailing whitespace stripped), the first ``num`` if > 0."""
+def _utf8_lines(full: str) -> Iterator[Tuple[int, Optional[str], Optional[str]]]:
+    """``(line number, text, error)`` of each line of a file read as UTF-8 (a leading BOM is
+    dropped); a line that is not UTF-8 comes back as ``(k, None, "file:k: not UTF-8 ...")``."""
+    with open(full, "rb") as f:
+        for k, raw in enumerate(f, 1):
+            try:
+                yield k, raw.decode("utf-8-sig" if k == 1 else "utf-8"), None
+            except UnicodeDecodeError as e:
+                bad = raw[e.start:e.start + 1]
+                yield k, None, (f"{full}:{k}: not UTF-8 text (byte 0x{bad.hex()} at byte "
+                                f"{e.start + 1} of the line); save the file as UTF-8")
+
+
+def _report_skipped(full: str, skipped: List[str]) -> None:
+    if skipped:
+        import logging
+
+        logging.getLogger(__name__).warning("skipped %d bad row(s) of %s; the first: %s",
+                                            len(skipped), full, skipped[0])
+
+
+def read_prompt_lines(path: str, num: int = 0, root: str = "",
+                      skip_bad: bool = False) -> List[str]:
+    """Non-empty lines of a UTF-8 text file (trailing whitespace stripped), the first ``num``
+    if > 0. A line that is not UTF-8 is a ``ValueError`` naming the file and line, or, with
+    ``skip_bad``, skipped (a warning gives the count)."""
     full = resolve_data_path(path, root)
     if not os.path.isfile(full):
         raise _missing(full, "prompt file")
     out: List[str] = []
-    with open(full, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip()
-            if line:
-                out.append(line)
-                if num and len(out) >= num:
-                    break
+    skipped: List[str] = []
+    for _, line, err in _utf8_lines(full):
+        if err is not None:
+            if not skip_bad:
+                raise ValueError(err)
+            skipped.append(err)
+            continue
+        line = line.rstrip()
+        if line:
+            out.append(line)
+            if num and len(out) >= num:
+                break
+    _report_skipped(full, skipped)
     if not out:
-        raise ValueError(f"prompt file {full!r} has no non-empty lines")
+        raise ValueError(f"prompt file {full!r} has no non-empty lines"
+                         + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
     return out
 
 

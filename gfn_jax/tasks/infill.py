@@ -40,7 +40,8 @@ from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
 from gfn_jax.scoring import score_reward_prefixes, score_suffix_prefixes
 from gfn_jax.tasks.base import Batch
-from gfn_jax.tasks.continuation import ContinuationTask, _missing, resolve_data_path
+from gfn_jax.tasks.continuation import (ContinuationTask, _missing, _report_skipped,
+                                        _utf8_lines, resolve_data_path)
 
 DEFAULT_DATA = "../shared/data/subj/train.20.jsonl"
 DEFAULT_PROMPT_TEMPLATE = "Movie review: {text}\nThoughts:"
@@ -49,28 +50,60 @@ DEFAULT_SUFFIX_TEMPLATE = "\nSo the review is {label_text}."
 __all__ = ["InfillTask", "read_jsonl", "infill_log_reward"]
 
 
-def read_jsonl(path: str, num: int = 0, root: str = "") -> List[Dict[str, Any]]:
-    """Rows (JSON objects) of a JSON-lines file, the first ``num`` if > 0."""
+def _row_problem(row: Any, required: Sequence[str]) -> Optional[str]:
+    """Why a parsed row is unusable (None when it is fine)."""
+    if not isinstance(row, dict):
+        return f"each line must be a JSON object, got {type(row).__name__}"
+    missing = [k for k in required if k not in row]
+    if missing:
+        return (f"missing field(s) {', '.join(map(repr, missing))} (the row has "
+                f"{', '.join(map(repr, sorted(row))) or 'no fields'})")
+    for k in (required or sorted(row)):
+        v = row[k]
+        if v is None:
+            return f"field {k!r} is null"
+        if isinstance(v, str) and not v.strip():
+            return f"field {k!r} is empty"
+    return None
+
+
+def read_jsonl(path: str, num: int = 0, root: str = "", required: Sequence[str] = (),
+               skip_bad: bool = False) -> List[Dict[str, Any]]:
+    """Rows (JSON objects) of a UTF-8 JSON-lines file, the first ``num`` good rows if > 0.
+
+    A bad row is a ``ValueError`` naming the file and line: not UTF-8, not JSON, not an
+    object, missing one of the ``required`` fields, or a null or empty (blank) value in one
+    of them (in any field when ``required`` is empty). With ``skip_bad`` bad rows are skipped
+    instead and a warning gives their count. Blank lines are ignored.
+    """
     full = resolve_data_path(path, root)
     if not os.path.isfile(full):
         raise _missing(full, "infilling data file")
     rows: List[Dict[str, Any]] = []
-    with open(full, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
+    skipped: List[str] = []
+    for k, line, err in _utf8_lines(full):
+        if err is None:
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{full}:{k}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{full}:{k}: each line must be a JSON object, got "
-                                 f"{type(row).__name__}")
-            rows.append(row)
-            if num and len(rows) >= num:
-                break
+                err = f"{full}:{k}: not valid JSON ({e.msg})"
+            else:
+                why = _row_problem(row, tuple(required))
+                err = None if why is None else f"{full}:{k}: {why}"
+        if err is not None:
+            if not skip_bad:
+                raise ValueError(err)
+            skipped.append(err)
+            continue
+        rows.append(row)
+        if num and len(rows) >= num:
+            break
+    _report_skipped(full, skipped)
     if not rows:
-        raise ValueError(f"infilling data file {full!r} has no rows")
+        raise ValueError(f"infilling data file {full!r} has no rows"
+                         + (f" ({len(skipped)} bad rows skipped)" if skipped else ""))
     return rows
 
 

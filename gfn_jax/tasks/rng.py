@@ -145,6 +145,8 @@ class RandomNumberTask(Task):
                 path,
                 f"{tag or 'samples'}: valid {metrics['fraction_valid']:.3f}, "
                 f"TV to uniform {metrics['tv_to_uniform']:.3f}",
+                ylabel=f"number of samples (of {len(samples)})",
+                xlabel="sampled integer",
             )
             np.save(os.path.join(out_dir, f"rng_counts{('_' + tag) if tag else ''}.npy"),
                     np.append(counts, invalid))
@@ -158,5 +160,6 @@ class RandomNumberTask(Task):
                     [str(k) for k in range(100)],
                     os.path.join(out_dir, "rng_histogram.png"),
                     "fraction of all samples per integer (uniform = 0.01); invalid: before "
-                    f"{n_before[100] / tot_before:.2%}, after {invalid / n:.2%}")
+                    f"{n_before[100] / tot_before:.2%}, after {invalid / n:.2%}",
+                    ylabel="fraction of all samples", xlabel="sampled integer")
         return metrics

@@ -90,6 +90,11 @@ class ToyTask(Task):
         self.targets_num = int(c["targets_num"])
         self.targets_dist = str(c["targets_dist"])
         self.targets_seed = int(c["targets_seed"])
+        if self.max_len < 1:
+            raise ValueError(f"task.max_len must be >= 1, got {self.max_len}")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(f"task.min_len must be in [0, task.max_len={self.max_len}], got "
+                             f"{self.min_len}")
         if self.targets_num < 0:
             raise ValueError(f"task.targets_num must be >= 0, got {self.targets_num}")
         self.data_distribution()  # validates targets_dist
