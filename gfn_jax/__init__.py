@@ -13,6 +13,11 @@ Public API (see ``docs/architecture.md``):
   :class:`LossInputs`, :func:`register_objective`, :func:`get_objective`,
   :func:`objective_names`
 * the policy as a value: :class:`Policy`, :func:`load_policy`, :func:`load_run`
+* decoding baselines: :func:`greedy`, :func:`beam_search`, :func:`diverse_beam_search`,
+  :func:`sample_pure`, :func:`sample_tempered`, :func:`sample_nucleus`; text metrics
+  (:func:`bleu4`, :func:`gleu`, :func:`distinct_n`, :func:`embedding_diversity`)
+* data: :func:`open_source` (text, JSON lines, TFDS), :class:`ShardedStream`; the
+  calculator tool (:class:`CalculatorTool`, :func:`evaluate_expression`)
 * training: :class:`TrainBatch`, :class:`StepSpec`, :func:`make_train_step`,
   :class:`Trainer`, :class:`ReplayBuffer`, :class:`Checkpointer`, tasks (:class:`Task`,
   :class:`Target`, :func:`make_task`, :func:`register_task`), parallelism
@@ -63,6 +68,18 @@ from gfn_jax.objective_registry import (
 from gfn_jax.policy import Policy, load_policy, load_run
 from gfn_jax.step import StepSpec, TrainState, make_prepare, make_train_step
 from gfn_jax.train import Trainer
+from gfn_jax.decoding import (
+    DecodeOutput,
+    beam_search,
+    diverse_beam_search,
+    greedy,
+    sample_nucleus,
+    sample_pure,
+    sample_tempered,
+)
+from gfn_jax.text_metrics import bleu4, distinct_n, embedding_diversity, gleu, load_sentence_encoder
+from gfn_jax.data import ShardedStream, open_source
+from gfn_jax.tasks.calculator import CalculatorTool, evaluate_expression
 
 __all__ = [
     "PolicySpec", "Model", "ModelConfig", "forward", "init_params", "load", "load_gguf",
@@ -73,5 +90,8 @@ __all__ = [
     "CheckpointError", "Task", "Target", "make_task", "register_task", "Trainer", "TrainState",
     "Adapters", "TrainBatch", "LossInputs", "Needs", "Objective", "get_objective",
     "objective_names", "register_objective", "Policy", "load_policy", "load_run", "StepSpec",
-    "make_prepare", "make_train_step",
+    "make_prepare", "make_train_step", "DecodeOutput", "beam_search", "diverse_beam_search",
+    "greedy", "sample_nucleus", "sample_pure", "sample_tempered", "bleu4", "distinct_n",
+    "embedding_diversity", "gleu", "load_sentence_encoder", "ShardedStream", "open_source",
+    "CalculatorTool", "evaluate_expression",
 ]

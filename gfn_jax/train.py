@@ -270,9 +270,10 @@ class Trainer:
         self.calls = int(jax.device_get(state.step))
         self.hyper.update({k: float(v) for k, v in (meta.get("hyper") or {}).items()})
 
-    def updates_done(self) -> float:
-        """Optimizer updates made so far (step calls / grad_accum)."""
-        return self.calls / max(int(self.config.train.grad_accum), 1)
+    def updates_done(self) -> int:
+        """Optimizer updates completed so far (step calls // grad_accum): every micro-batch of
+        one accumulated update sees the same reward temperature, as it sees the same LR."""
+        return self.calls // max(int(self.config.train.grad_accum), 1)
 
     def temperature(self) -> float:
         """The reward temperature now (anneals with optimizer updates)."""

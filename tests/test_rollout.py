@@ -1,0 +1,132 @@
+"""Host-side rollouts and the reward model: replay seeded from data, schedules that count
+optimizer updates, a separate reward checkpoint and a reward context other than the prompt."""
+
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gfn_jax.logprobs import PolicySpec
+from gfn_jax.models import forward
+from gfn_jax.models.hf import save_hf
+from gfn_jax.models.registry import tiny_model
+from gfn_jax.scoring import score_reward_prefixes
+from gfn_jax.tasks import register_task
+from gfn_jax.tasks.base import Task
+from gfn_jax.tasks.toy import toy_log_reward_text
+from gfn_jax.train import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy_config(**overrides):
+    c = runpy.run_path(os.path.join(ROOT, "configs", "toy_exact.py"))["get_config"]()
+    c.eval.num_samples = 0
+    c.train.samples_per_prompt = 16
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def test_replay_is_seeded_from_the_task_data_with_true_rewards(tmp_path):
+    tr = Trainer(toy_config(**{"task.targets_num": 200, "replay.seed_from_data": True,
+                               "replay.capacity": 64, "explore.p_replay": 0.5}),
+                 str(tmp_path), restore=False)
+    entries = tr.replay.entries("0")
+    texts = {tr.tokenizer.decode(list(e.tokens)) for e in entries}
+    want = {tr.tokenizer.decode(list(t.tokens)) for t in tr.task.targets()}
+    assert texts == want  # every distinct target, once
+    for e in entries:
+        z = tr.tokenizer.decode(list(e.tokens))
+        assert e.log_r == pytest.approx(toy_log_reward_text(z), abs=1e-5)
+    # a replay batch of the seeded buffer: stored trajectories, no behaviour log-probs
+    b = tr.rollouts.replay_batch([0], 8, temperature=None)
+    assert b.size == 8 and not np.asarray(b.has_behaviour).any()
+
+
+def test_reward_temperature_and_lr_count_optimizer_updates(tmp_path):
+    cfg = toy_config(**{"train.grad_accum": 2, "train.steps": 8, "reward.temp_start": 1.0,
+                        "reward.temp_end": 0.5, "reward.temp_horizon": 4})
+    tr = Trainer(cfg, str(tmp_path), restore=False)
+    assert tr.total_updates == 4  # 8 micro-batches, 2 per update
+    temps = []
+    for step in range(8):
+        temps.append(tr.temperature())
+        batch, _ = tr.make_batch(step)
+        tr.train_step(batch, step=step)
+    # the anneal moves once per optimizer update (every 2 micro-batches), over 4 updates
+    want = [1.0, 1.0, 0.875, 0.875, 0.75, 0.75, 0.625, 0.625]
+    assert temps == pytest.approx(want)
+    # and optax counted 4 updates: the inner Adam count of MultiSteps
+    counts = [int(x) for x in jax.tree_util.tree_leaves(tr.state.opt_state)
+              if np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.integer)]
+    assert 4 in counts
+
+
+class _ContextTask(Task):
+    """Reward log p_R(z≤i ⊤ | C) with a context C different from the policy's prompt."""
+
+    name = "ctx_test"
+    DEFAULTS = {"max_len": 4}
+
+    def train_prompts(self):
+        return ["Hello there", "Hi"]
+
+    def reward_prompts(self):
+        return ["Q: say more. A: Hello there", "Q: say more. A: Hi"]
+
+    def encode_prompt(self, text):
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def policy_spec(self):
+        return PolicySpec(term_ids=(self.tokenizer.eos_id,), max_len=int(self.config["max_len"]),
+                          min_len=1)
+
+    def log_reward(self, model_config, params, batch):
+        r = score_reward_prefixes(model_config, params, batch.reward_prompt_tokens,
+                                  batch.reward_prompt_mask, batch.tokens, batch.lengths,
+                                  (self.tokenizer.eos_id,))
+        return r.log_pz + r.log_pterm
+
+
+def test_separate_reward_model_and_reward_context(tmp_path):
+    register_task("ctx_test", _ContextTask)
+    reward = tiny_model("llama", seed=7)
+    rdir = str(tmp_path / "reward_model")
+    save_hf(reward.config, reward.params, rdir, tokenizer=reward.tokenizer)
+    c = toy_config(**{"model.spec": "tiny-llama", "lora.enabled": True, "lora.rank": 2,
+                      "reward.model": rdir, "train.prompts_per_batch": 2,
+                      "train.samples_per_prompt": 4, "objective.name": "subtb"})
+    with c.unlocked():
+        c.task = {"name": "ctx_test", "max_len": 4}
+    tr = Trainer(c, str(tmp_path / "run"), restore=False)
+    batch, _ = tr.make_batch(0)
+    _, log_r_final = tr.train_step(batch, 1.0, step=0)
+    tok = reward.tokenizer
+    eos = tok.eos_id
+    for r in range(batch.size):
+        ctx = tr.task.reward_prompts()[int(batch.prompt_index[r])]
+        n = int(batch.lengths[r])
+        seq = tok.encode(ctx, add_bos=False) + list(np.asarray(batch.tokens[r, :n]))
+        ids = jnp.asarray([seq], jnp.int32)
+        logits = forward(reward.config, reward.params, ids, jnp.ones_like(ids))
+        lp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), -1)
+        P = len(seq) - n
+        want = sum(lp[P - 1 + t, seq[P + t]] for t in range(n)) + lp[len(seq) - 1, eos]
+        assert log_r_final[r] == pytest.approx(float(want), abs=2e-4), r
+    # and it is not the policy's base model scoring the policy's prompt
+    base = tiny_model("llama", seed=0)
+    pt = jnp.asarray(batch.prompt_tokens)
+    other = score_reward_prefixes(base.config, base.params, pt, jnp.asarray(batch.prompt_mask),
+                                  jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), (eos,))
+    n = jnp.asarray(batch.lengths)
+    other_final = np.asarray(jnp.take_along_axis(other.log_pz + other.log_pterm, n[:, None],
+                                                 1)[:, 0])
+    assert np.max(np.abs(other_final - log_r_final)) > 1e-2
