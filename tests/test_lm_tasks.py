@@ -12,7 +12,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gfn_jax.metrics import read_metrics
 from gfn_jax.models.registry import tiny_model
 from gfn_jax.models.transformer import forward
 from gfn_jax.tasks import make_task
@@ -171,11 +170,15 @@ def test_policy_bias_and_spec(model, tmp_path):
     tok = model.tokenizer
     dot, nl = tok.encode(".")[0], tok.encode("\n")[0]
     task = cont_task(model, tmp_path, term_tokens=("\n",), use_eos=False,
-                     disallow_substrings=(".", "z"), min_len=2)
+                     disallow_substrings=(".", "z"), min_len=2, penalty="hard")
     bias = task.policy_logit_bias()
     assert bias.shape == (model.config.vocab_size,)
     assert set(np.nonzero(bias)[0].tolist()) == {dot, tok.encode("z")[0]}
     assert bias[dot] == -1e9 and bias[nl] == 0.0
+    # the default is the release's soft penalty: -99 in the policy, -50 in the reward
+    soft = cont_task(model, tmp_path, term_tokens=("\n",), use_eos=False,
+                     disallow_substrings=(".", "z"))
+    assert soft.policy_logit_bias()[dot] == -99.0 and soft.reward_logit_bias()[dot] == -50.0
     spec = task.policy_spec()
     assert spec.term_ids == (nl,) and spec.min_len == 2 and spec.max_len == 6
     # a termination token is never biased; a finite bias only penalises
@@ -187,17 +190,20 @@ def test_policy_bias_and_spec(model, tmp_path):
 
 def test_prompt_file_reading_and_length_filter(model, tmp_path):
     task = cont_task(model, tmp_path, prompt_prefix="<", prompt_suffix=">")
-    assert task.train_prompts() == ["<" + p + ">" for p in PROMPTS if p]  # stripped, no blanks
+    # trailing spaces are kept (the release's prompts end with one), blank lines dropped
+    assert task.train_prompts() == ["<" + p + "  >" for p in PROMPTS if p]
     t2 = cont_task(model, tmp_path, num_prompts=2)
-    assert t2.train_prompts() == PROMPTS[:2]
+    assert t2.train_prompts() == [p + "  " for p in PROMPTS[:2]]
     t3 = cont_task(model, tmp_path, max_prompt_tokens=5, num_prompts=5)
-    assert t3.train_prompts() == ["Hi."]
+    assert t3.train_prompts() == ["Hi.  "]
+    t4 = cont_task(model, tmp_path, keep_trailing_space=False, num_prompts=2)
+    assert t4.train_prompts() == PROMPTS[:2]
     with pytest.raises(ValueError, match="max_prompt_tokens=2"):
         cont_task(model, tmp_path, max_prompt_tokens=2)
     # infill: the filter keeps rows, prompts and suffixes aligned
-    t4 = infill_task(model, tmp_path, max_prompt_tokens=len("Review: wow\n"))
-    assert t4.train_prompts() == ["Review: wow\n"] and t4.suffixes == [" It is subjective."]
-    assert t4.suffix_table()[0].shape[0] == 1
+    t5 = infill_task(model, tmp_path, max_prompt_tokens=len("Review: wow\n"))
+    assert t5.train_prompts() == ["Review: wow\n"] and t5.suffixes == [" It is subjective."]
+    assert t5.suffix_table()[0].shape[0] == 1
 
 
 def test_data_file_errors_are_clear(model, tmp_path):
@@ -222,7 +228,7 @@ def test_data_file_errors_are_clear(model, tmp_path):
         ContinuationTask({"data_path": prompt_file(tmp_path), "min_len": 5, "max_len": 3})
     # relative paths resolve against the repository root
     rel = os.path.relpath(prompt_file(tmp_path), ROOT)
-    assert ContinuationTask({"data_path": rel}).train_prompts()[0] == "Hi."
+    assert ContinuationTask({"data_path": rel}).train_prompts()[0] == "Hi.  "
 
 
 def test_real_openwebtext_prompts_if_present(model):
@@ -230,9 +236,10 @@ def test_real_openwebtext_prompts_if_present(model):
     if not os.path.isfile(path):
         pytest.skip("../shared/data/openwebtext/prompts.txt is absent")
     with open(path, encoding="utf-8") as f:
-        first = [line.rstrip() for line in (next(f) for _ in range(3))]
+        first = [line.rstrip("\n") for line in (next(f) for _ in range(3))]
     task = make_task(ml_collections.ConfigDict({"name": "continuation", "num_prompts": 3}))
-    assert task.train_prompts() == [s for s in first if s][:3]
+    assert task.train_prompts() == [s for s in first if s.strip()][:3]
+    assert all(p.endswith(" ") for p in task.train_prompts())  # the trailing space is kept
 
 
 # ---------------------------------------------------------------------------
@@ -296,6 +303,7 @@ def trainer_config(tmp_path, config_file, **task):
     c.train.steps = 3
     c.train.prompts_per_batch = 2
     c.train.samples_per_prompt = 4
+    c.train.grad_accum = 1
     c.train.ckpt_every = 0
     c.explore.p_replay = 0.0
     c.eval.num_samples = 0
@@ -310,36 +318,29 @@ def test_trainer_three_steps_reward_from_base_params(model, tmp_path, which):
 
     if which == "continuation":
         c = trainer_config(tmp_path, "continuation.py", data_path=prompt_file(tmp_path),
-                           max_len=5, max_prompt_tokens=0, num_prompts=0)
+                           max_len=5, max_prompt_tokens=0, num_prompts=0, num_eval=1,
+                           diversity_encoder="")
     else:
         c = trainer_config(tmp_path, "infill_subj.py", data_path=jsonl_file(tmp_path),
                            max_len=5)
     tr = Trainer(c, str(tmp_path / "run"), restore=False, devices=jax.devices()[:2])
-    assert tr.use_lora and tr.task._reward_params is tr.base_params  # bound for evaluate
-    batch, _ = tr.make_batch(0)
-    jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    loss_fn = jax.jit(lambda t: tr.loss_fn(t, tr.state.log_z, tr.base_params, jb,
-                                           jnp.float32(1.0)))
-    noisy = jax.tree_util.tree_map(
-        lambda x: x + 0.5 * jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype),
-        tr.state.trainable)
-    l0, (m0, r0) = loss_fn(tr.state.trainable)
-    l1, (m1, r1) = loss_fn(noisy)
-    assert abs(float(l0) - float(l1)) > 1e-6  # the adapters change the policy ...
-    np.testing.assert_array_equal(np.asarray(r0), np.asarray(r1))  # ... but not log R
-    want = np.asarray(tr.task.log_reward(tr.model_cfg, tr.base_params, jb))
-    want = want[np.arange(len(batch["lengths"])), batch["lengths"]]
-    np.testing.assert_allclose(np.asarray(r0), want, atol=1e-5)
-    base_before = jax.tree_util.tree_map(np.array, tr.base_params)
+    base = tr.frozen["base"]
+    assert tr.use_lora and tr.task._reward_params is base  # bound for evaluate
+    base_before = jax.tree_util.tree_map(np.array, base)
     lora_before = jax.tree_util.tree_map(np.array, tr.state.trainable)  # the step donates it
-    summary = tr.run(progress=False)
-    assert summary["steps"] == 3
-    recs = [r for r in read_metrics(tr.workdir) if "loss" in r]
-    assert len(recs) == 3
-    for r in recs:
-        assert np.isfinite(r["loss"]) and np.isfinite(r["log_r"]) and r["finite"] == 1.0
+    # the step's final log R is the task's reward of the base (adapters-off) parameters,
+    # before and after the adapters moved
+    for step in range(3):
+        batch, _ = tr.make_batch(step)
+        jb = {k: jnp.asarray(batch[k]) for k in ("prompt_tokens", "prompt_mask", "tokens",
+                                                 "lengths", "action_mask", "prompt_index")}
+        want = np.asarray(tr.task.log_reward(tr.model_cfg, base_before, jb))
+        want = want[np.arange(len(batch["lengths"])), np.asarray(batch["lengths"])]
+        metrics, r = tr.train_step(batch, 1.0, step)
+        assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"])
+        np.testing.assert_allclose(np.asarray(r), want, atol=1e-4)
     # training moved the adapters, never the base (reward) parameters
     jax.tree_util.tree_map(np.testing.assert_array_equal, base_before,
-                           jax.tree_util.tree_map(np.asarray, tr.base_params))
+                           jax.tree_util.tree_map(np.asarray, tr.frozen["base"]))
     assert not all(np.array_equal(a, np.asarray(b)) for a, b in zip(
         jax.tree_util.tree_leaves(lora_before), jax.tree_util.tree_leaves(tr.state.trainable)))

@@ -6,17 +6,39 @@ The reward is the base LM's own likelihood of the terminated continuation,
 :func:`gfn_jax.scoring.score_reward_prefixes` pass (``log_pz + log_pterm``). The trainer
 tempers it (``reward.temp_*``): the GFlowNet target is ``q(Z⊤ | X) ∝ p_base(Z⊤ | X)^{1/T}``.
 ⊤ is a set of tokens (``task.term_tokens``, default newline, plus ``eos`` with
-``task.use_eos``); the policy may additionally be barred from (or penalised for) every other
-vocabulary token whose text contains one of ``task.disallow_substrings`` (a policy logit
-bias, as in the paper: the sentence can only end through a termination token).
+``task.use_eos``).
+
+Tokens that cannot belong to one sentence (text containing one of
+``task.disallow_substrings``, or equal to one of ``task.illegal_tokens``; never a ⊤ id) are
+penalised in BOTH the policy and the reward, as the paper's release does
+(``task.penalty``):
+
+* ``"soft"`` (default, the release's form): ``task.policy_penalty`` (-99) is added to their
+  policy logits and ``task.reward_penalty`` (-50) to their logits under the reward LM, which
+  is then renormalised: ``log p~(v | s) = log_softmax(logits(s) + penalty)[v]`` and
+  ``log R(X z_<i ⊤) = sum_t log p~(z_t | X z_<t) + log p~(⊤ | X z_<i)``;
+* ``"hard"``: both are masked (bias -1e9): the reward LM is renormalised over the allowed
+  tokens.
+
+``task.penalise_reward=False`` leaves the reward LM unpenalised (the infilling tasks' default);
+a negative ``task.disallow_bias`` overrides the policy's penalty (legacy key).
+
+Data split: the first ``task.num_prompts`` lines, of which the LAST ``task.num_eval`` are held
+out (:meth:`ContinuationTask.eval_prompts`); the release uses 1,000 lines, 950 / 50. Lines keep
+their trailing spaces (``task.keep_trailing_space``): every OpenWebText prompt ends with a
+space, which changes the tokenisation of the prompt and of the continuation's first token.
 
 Config keys (``config.task``): ``data_path`` (one prompt per line; relative paths are resolved
 against the repository root, default ``../shared/data/openwebtext/prompts.txt``),
 ``num_prompts`` (0 = all), ``prompt_prefix``/``prompt_suffix`` (wrapped around each line),
 ``term_tokens``, ``use_eos``, ``min_len``, ``max_len``, ``disallow_substrings``,
-``disallow_bias`` (<= -1e8 forbids, a finite value only penalises), ``max_prompt_tokens``
-(0 = no limit; otherwise longer prompts are dropped at ``setup``, before ``num_prompts`` is
-applied), ``eval_batch_size`` (rows per scoring call in :meth:`evaluate`).
+``illegal_tokens``, ``penalise_special_tokens``, ``penalty``, ``policy_penalty``,
+``reward_penalty``, ``penalise_reward``,
+``disallow_bias`` (0 = from ``penalty``), ``max_prompt_tokens`` (0 = no limit; otherwise
+longer prompts are dropped at ``setup``, before ``num_prompts`` is applied), ``num_eval``,
+``keep_trailing_space``, ``eval_batch_size`` (rows per scoring call in :meth:`evaluate`),
+``diversity_encoder`` ("" = no embedding diversity in :meth:`evaluate`; else a name or
+directory for :func:`gfn_jax.text_metrics.load_sentence_encoder`).
 """
 
 from __future__ import annotations
@@ -33,7 +55,9 @@ import numpy as np
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
-from gfn_jax.scoring import score_reward_prefixes
+from gfn_jax.logprobs import gather_logprobs, masked_cumsum, state_mask, term_logprob, token_mask
+from gfn_jax.models.transformer import unembed
+from gfn_jax.scoring import RewardScores, _prefix_hidden, score_reward_prefixes
 from gfn_jax.tasks.base import Batch, Task
 
 DEFAULT_PROMPTS = "../shared/data/openwebtext/prompts.txt"
@@ -44,7 +68,13 @@ __all__ = [
     "read_prompt_lines",
     "distinct_n",
     "vocab_substring_bias",
+    "penalised_token_mask",
+    "penalised_reward_prefixes",
+    "PENALTIES",
 ]
+
+PENALTIES = ("soft", "hard")
+HARD = -1e9  # a bias at or below logprobs.DISALLOWED: the token is never chosen
 
 
 def resolve_data_path(path: str, root: str = "") -> str:
@@ -88,9 +118,10 @@ def _report_skipped(full: str, skipped: List[str]) -> None:
 
 
 def read_prompt_lines(path: str, num: int = 0, root: str = "",
-                      skip_bad: bool = False) -> List[str]:
-    """Non-empty lines of a UTF-8 text file (trailing whitespace stripped), the first ``num``
-    if > 0. A line that is not UTF-8 is a ``ValueError`` naming the file and line, or, with
+                      skip_bad: bool = False, keep_trailing_space: bool = False) -> List[str]:
+    """Non-blank lines of a UTF-8 text file, the first ``num`` if > 0: trailing whitespace
+    stripped, or with ``keep_trailing_space`` only the line ending (``\n`` / ``\r\n``), as the
+    paper's release reads its prompts. A line that is not UTF-8 is a ``ValueError`` naming the file and line, or, with
     ``skip_bad``, skipped (a warning gives the count)."""
     full = resolve_data_path(path, root)
     if not os.path.isfile(full):
@@ -103,8 +134,8 @@ def read_prompt_lines(path: str, num: int = 0, root: str = "",
                 raise ValueError(err)
             skipped.append(err)
             continue
-        line = line.rstrip()
-        if line:
+        line = line.rstrip("\r\n") if keep_trailing_space else line.rstrip()
+        if line.strip():
             out.append(line)
             if num and len(out) >= num:
                 break
@@ -139,12 +170,70 @@ def vocab_substring_bias(tokenizer: Tokenizer, vocab_size: int, substrings: Sequ
     return out if np.any(out != 0) else None
 
 
+def penalised_token_mask(tokenizer: Tokenizer, vocab_size: int, substrings: Sequence[str] = (),
+                         exact: Sequence[str] = (), keep_ids: Sequence[int] = (),
+                         special: bool = False) -> np.ndarray:
+    """Bool ``[vocab_size]``: tokenizer ids whose decoded text contains one of ``substrings``
+    or equals one of ``exact`` (e.g. ``"<|endoftext|>"``, ``"Mr"``), and with ``special``
+    every special token (BOS, EOS, the tokenizer's added special tokens), except
+    ``keep_ids``."""
+    subs = [x for x in substrings if x]
+    ex = {x for x in exact if x}
+    n_tok = min(tokenizer.vocab_size, vocab_size)
+    out = np.zeros(vocab_size, bool)
+    if subs or ex:
+        texts = tokenizer.backend.decode_batch([[i] for i in range(n_tok)],
+                                               skip_special_tokens=False)
+        out[:n_tok] = [t in ex or any(x in t for x in subs) for t in texts]
+    if special:
+        ids = [i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special]
+        ids += [i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None]
+        out[[i for i in ids if 0 <= i < n_tok]] = True
+    out[list(keep_ids)] = False
+    return out
+
+
+def penalised_reward_prefixes(cfg: ModelConfig, params: Any, prompt_tokens: jax.Array,
+                              prompt_mask: jax.Array, tokens: jax.Array, lengths: jax.Array,
+                              term_ids: Sequence[int], bias: Optional[jax.Array] = None
+                              ) -> RewardScores:
+    """:func:`~gfn_jax.scoring.score_reward_prefixes` under the penalised, renormalised LM
+    ``p~(v | s) = softmax(logits(s) + bias)[v]``: ``log_pz [B, T+1]`` = log p~(z_<i | X) and
+    ``log_pterm [B, T+1]`` = log p~(⊤ | X z_<i) (0 beyond each row's length). One forward
+    pass; ``bias=None`` is the plain LM (exactly ``score_reward_prefixes``)."""
+    if bias is None:
+        return score_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
+                                     term_ids)
+    P, T = prompt_tokens.shape[1], tokens.shape[1]
+    hidden, _, toks = _prefix_hidden(cfg, params, jnp.asarray(prompt_tokens, jnp.int32),
+                                     jnp.asarray(prompt_mask).astype(bool),
+                                     jnp.asarray(tokens, jnp.int32),
+                                     jnp.asarray(lengths, jnp.int32), None)
+    logits = unembed(cfg, params, hidden[:, P - 1:]).astype(jnp.float32)  # [B, T+1, V]
+    logp = jax.nn.log_softmax(logits + jnp.asarray(bias, jnp.float32), axis=-1)
+    tok_lp = gather_logprobs(logp[:, :T], toks)
+    cum = masked_cumsum(tok_lp, token_mask(lengths, T), axis=-1)
+    log_pz = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)
+    smask = state_mask(lengths, T)
+    return RewardScores(log_pz=jnp.where(smask, log_pz, 0.0),
+                        log_pterm=jnp.where(smask, term_logprob(logp, tuple(term_ids)), 0.0))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
 def _final_log_reward(params: Any, pt: jax.Array, pm: jax.Array, z: jax.Array,
-                      lengths: jax.Array, *, cfg: ModelConfig, term_ids: Tuple[int, ...]):
-    r = score_reward_prefixes(cfg, params, pt, pm, z, lengths, term_ids)
+                      lengths: jax.Array, bias: Optional[jax.Array], *, cfg: ModelConfig,
+                      term_ids: Tuple[int, ...]):
+    r = penalised_reward_prefixes(cfg, params, pt, pm, z, lengths, term_ids, bias)
     full = r.log_pz + r.log_pterm
     return jnp.take_along_axis(full, lengths[:, None], axis=1)[:, 0]
+
+
+def _group(samples: Sequence[Dict[str, Any]]) -> Dict[str, List[int]]:
+    """Sample indices per prompt, in first-seen prompt order."""
+    groups: Dict[str, List[int]] = defaultdict(list)
+    for k, s in enumerate(samples):
+        groups[s["prompt"]].append(k)
+    return groups
 
 
 class ContinuationTask(Task):
@@ -161,10 +250,19 @@ class ContinuationTask(Task):
         "use_eos": True,  # the tokenizer's EOS terminates too
         "min_len": 1,
         "max_len": 12,
-        "disallow_substrings": (),  # tokens containing these are forbidden inside Z
-        "disallow_bias": -1e9,  # logit bias on those tokens (finite: a soft penalty)
+        "disallow_substrings": (),  # tokens containing these cannot be inside Z ...
+        "illegal_tokens": (),  # ... nor tokens whose text is exactly one of these
+        "penalty": "soft",  # soft (the release: penalty + renormalise) | hard (mask)
+        "policy_penalty": -99.0,  # soft: added to those tokens' policy logits
+        "reward_penalty": -50.0,  # soft: added to their reward-LM logits (renormalised)
+        "penalise_reward": True,  # False: the reward LM is left unpenalised
+        "penalise_special_tokens": False,  # also penalise BOS/EOS/added special tokens
+        "disallow_bias": 0.0,  # legacy: < 0 overrides the policy's penalty; 0 = from penalty
         "eval_batch_size": 64,
         "max_prompt_tokens": 0,  # drop longer prompts; 0 = keep all
+        "num_eval": 0,  # the last N prompts are held out for eval_prompts(); 0 = none
+        "keep_trailing_space": True,  # keep each line's trailing spaces (the release does)
+        "diversity_encoder": "",  # evaluate(): sentence encoder for embedding diversity
     }
 
     def __init__(self, config: Any) -> None:
@@ -179,9 +277,26 @@ class ContinuationTask(Task):
         self.min_len = int(c["min_len"])
         self.max_len = int(c["max_len"])
         self.disallow_substrings = tuple(c["disallow_substrings"])
+        self.illegal_tokens = tuple(str(x) for x in c["illegal_tokens"])
+        self.penalty = str(c["penalty"])
+        self.policy_penalty = float(c["policy_penalty"])
+        self.reward_penalty = float(c["reward_penalty"])
+        self.penalise_reward = bool(c["penalise_reward"])
+        self.penalise_special = bool(c["penalise_special_tokens"])
         self.disallow_bias = float(c["disallow_bias"])
         self.eval_batch_size = int(c["eval_batch_size"])
         self.max_prompt_tokens = int(c["max_prompt_tokens"])
+        self.num_eval = int(c["num_eval"])
+        self.keep_trailing_space = bool(c["keep_trailing_space"])
+        self.diversity_encoder = str(c["diversity_encoder"] or "")
+        self._encoder: Any = None
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"task.penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        for key in ("policy_penalty", "reward_penalty"):
+            if getattr(self, key) > 0:
+                raise ValueError(f"task.{key} must be <= 0, got {getattr(self, key)}")
+        if self.num_eval < 0:
+            raise ValueError(f"task.num_eval must be >= 0, got {self.num_eval}")
         if self.num_prompts < 0:
             raise ValueError(f"task.num_prompts must be >= 0, got {self.num_prompts}")
         if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
@@ -198,8 +313,19 @@ class ContinuationTask(Task):
     def _load_prompts(self) -> List[str]:
         # with a token-length filter the first num_prompts are chosen after filtering (setup)
         lines = read_prompt_lines(self.data_path, 0 if self.max_prompt_tokens else
-                                  self.num_prompts, self.data_root)
+                                  self.num_prompts, self.data_root,
+                                  keep_trailing_space=self.keep_trailing_space)
         return [self.prompt_prefix + s + self.prompt_suffix for s in lines]
+
+    def _num_train(self) -> int:
+        """How many of the loaded prompts are training prompts (the rest are held out)."""
+        assert self._prompts is not None
+        n = len(self._prompts)
+        if self.num_eval and self.num_eval >= n:
+            where = resolve_data_path(self.data_path, self.data_root)
+            raise ValueError(f"task.num_eval={self.num_eval} leaves no training prompt: "
+                             f"{where!r} gave {n} prompt(s)")
+        return n - self.num_eval
 
     def _select(self, keep: List[int]) -> None:
         """Keep only the prompts at indices ``keep`` (in order)."""
@@ -219,8 +345,23 @@ class ContinuationTask(Task):
         self._select(keep[: self.num_prompts] if self.num_prompts else keep)
 
     def train_prompts(self) -> List[str]:
+        """The training prompts: all loaded prompts but the last ``task.num_eval``."""
         assert self._prompts is not None
-        return list(self._prompts)
+        return list(self._prompts[: self._num_train()])
+
+    def eval_prompts(self) -> List[str]:
+        """The last ``task.num_eval`` loaded prompts (held out), or the training prompts
+        when ``num_eval`` is 0."""
+        assert self._prompts is not None
+        if not self.num_eval:
+            return self.train_prompts()
+        return list(self._prompts[self._num_train():])
+
+    def build_tokenizer(self) -> Optional[Tokenizer]:
+        """For ``model.spec='random'`` (tests): the byte-level tiny tokenizer."""
+        from gfn_jax.models.registry import tiny_tokenizer
+
+        return tiny_tokenizer()
 
     # --- set-up -------------------------------------------------------------
     def setup(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -236,9 +377,27 @@ class ContinuationTask(Task):
         if max(self.term_ids) >= model_config.vocab_size:
             raise ValueError(f"termination ids {self.term_ids} do not fit the model's vocabulary "
                              f"({model_config.vocab_size})")
-        self._bias = vocab_substring_bias(tokenizer, model_config.vocab_size,
-                                          self.disallow_substrings, self.disallow_bias,
-                                          keep_ids=self.term_ids)
+        V = model_config.vocab_size
+        self.penalised = penalised_token_mask(tokenizer, V, self.disallow_substrings,
+                                              self.illegal_tokens, keep_ids=self.term_ids,
+                                              special=self.penalise_special)
+        hard = self.penalty == "hard"
+        pol = self.disallow_bias if self.disallow_bias < 0 else (
+            HARD if hard else self.policy_penalty)
+        bias = np.where(self.penalised, np.float32(pol), np.float32(0.0)).astype(np.float32)
+        bias[min(tokenizer.vocab_size, V):] = HARD  # ids the tokenizer cannot decode
+        bias[list(self.term_ids)] = 0.0
+        self._bias = bias if np.any(bias != 0) else None
+        rew = HARD if hard else self.reward_penalty
+        self._reward_bias = (np.where(self.penalised, np.float32(rew), np.float32(0.0))
+                             .astype(np.float32)
+                             if self.penalise_reward and self.penalised.any() and rew < 0
+                             else None)
+
+    def reward_logit_bias(self) -> Optional[np.ndarray]:
+        """The ``[V]`` penalty added to the reward LM's logits before renormalising (None:
+        the plain LM)."""
+        return self._reward_bias
 
     def bind_reward_params(self, params: Any) -> None:
         """Give :meth:`evaluate` the base (reward) parameters, to report ``log p_base``."""
@@ -253,11 +412,16 @@ class ContinuationTask(Task):
 
     # --- reward -------------------------------------------------------------
     def log_reward(self, model_config: ModelConfig, base_params: Any, batch: Batch) -> jax.Array:
-        """``log p_base(z_<i ⊤ | X)`` for every prefix i, ``[B, T+1]`` (one forward pass)."""
-        r = score_reward_prefixes(model_config, base_params, batch["prompt_tokens"],
-                                  batch["prompt_mask"], batch["tokens"], batch["lengths"],
-                                  self.term_ids)
+        """``log p~(z_<i ⊤ | X)`` for every prefix i, ``[B, T+1]`` (one forward pass; p~ is the
+        reward LM with :meth:`reward_logit_bias` added and renormalised)."""
+        r = penalised_reward_prefixes(model_config, base_params, batch["prompt_tokens"],
+                                      batch["prompt_mask"], batch["tokens"], batch["lengths"],
+                                      self.term_ids, self._reward_bias_array())
         return r.log_pz + r.log_pterm
+
+    def _reward_bias_array(self) -> Optional[jax.Array]:
+        b = self.reward_logit_bias()
+        return None if b is None else jnp.asarray(b)
 
     # --- evaluation ---------------------------------------------------------
     def _pack(self, samples: Sequence[Dict[str, Any]], rows: Sequence[int]
@@ -305,28 +469,77 @@ class ContinuationTask(Task):
                                 rows: Sequence[int]) -> jax.Array:
         """log R of each packed row's full trajectory (one jitted call, fixed shapes)."""
         return _final_log_reward(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
-                                 jnp.asarray(z), jnp.asarray(n), cfg=self.model_config,
-                                 term_ids=self.term_ids)
+                                 jnp.asarray(z), jnp.asarray(n), self._reward_bias_array(),
+                                 cfg=self.model_config, term_ids=self.term_ids)
 
     def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
                  tag: str = "") -> Dict[str, float]:
-        """Mean length, distinct-1/2/3 and unique fraction (within each prompt's samples,
-        averaged over prompts), mean policy log q, and the mean base log-likelihood
-        ``log p_base(Z⊤|X)`` when base parameters are bound."""
+        """The release's continuation metrics, within each prompt's samples and then averaged
+        over prompts:
+
+        * ``logp_mean`` / ``logp_max``: the mean and the max of ``log p~(Z⊤ | X)`` (the
+          penalised, renormalised reward LM; untempered) over a prompt's samples (when reward
+          parameters are bound); ``mean_log_p_base`` / ``max_log_p_base`` are the mean and
+          max over all samples;
+        * ``embedding_diversity``: 1 - mean pairwise cosine similarity of the samples' sentence
+          embeddings (``task.diversity_encoder``; prompts with one sample are skipped);
+        * ``distinct_{1,2,3}`` (token n-grams), ``word_distinct_{1,2}`` (whitespace words),
+          ``unique_fraction``; plus ``mean_length`` and ``mean_log_q``.
+        """
         m: Dict[str, float] = {"num_samples": float(len(samples))}
         if not samples:
             return m
-        groups: Dict[str, List[List[int]]] = defaultdict(list)
-        for s in samples:
-            groups[s["prompt"]].append(list(s["tokens"]))
+        groups = _group(samples)
+        m["num_prompts"] = float(len(groups))
+        toks = [list(s["tokens"]) for s in samples]
         for k in (1, 2, 3):
-            m[f"distinct_{k}"] = float(np.mean([distinct_n(g, k) for g in groups.values()]))
+            m[f"distinct_{k}"] = float(np.mean([distinct_n([toks[i] for i in g], k)
+                                                for g in groups.values()]))
+        from gfn_jax import text_metrics
+
+        texts = [str(s.get("text", "")) for s in samples]
+        for k in (1, 2):
+            m[f"word_distinct_{k}"] = float(np.mean(
+                [text_metrics.distinct_n([texts[i] for i in g], k) for g in groups.values()]))
         m["unique_fraction"] = float(np.mean(
-            [len({tuple(x) for x in g}) / len(g) for g in groups.values()]))
-        m["mean_length"] = float(np.mean([len(s["tokens"]) for s in samples]))
+            [len({tuple(toks[i]) for i in g}) / len(g) for g in groups.values()]))
+        m["mean_length"] = float(np.mean([len(t) for t in toks]))
         m["mean_log_q"] = float(np.mean([s.get("log_q", np.nan) for s in samples]))
         lr = self.base_log_reward(samples)
         if lr is not None:
             m["mean_log_p_base"] = float(np.mean(lr))
             m["max_log_p_base"] = float(np.max(lr))
+            m["logp_mean"] = float(np.mean([np.mean(lr[g]) for g in groups.values()]))
+            m["logp_max"] = float(np.mean([np.max(lr[g]) for g in groups.values()]))
+        div = self.embedding_diversity(samples)
+        if div is not None:
+            m["embedding_diversity"] = div
+        return m
+
+    def sentence_encoder(self) -> Any:
+        """The sentence encoder named by ``task.diversity_encoder`` (loaded once), or None."""
+        if not self.diversity_encoder:
+            return None
+        if self._encoder is None:
+            from gfn_jax.text_metrics import load_sentence_encoder
+
+            self._encoder = load_sentence_encoder(self.diversity_encoder)
+        return self._encoder
+
+    def set_sentence_encoder(self, encoder: Any) -> None:
+        """Use ``encoder`` (texts -> [n, d]) for embedding diversity (tests, shared models)."""
+        self._encoder = encoder
+        self.diversity_encoder = self.diversity_encoder or "custom"
+
+    def embedding_diversity(self, samples: Sequence[Dict[str, Any]]) -> Optional[float]:
+        """1 - mean pairwise cosine similarity of the sample texts' embeddings within each
+        prompt, averaged over prompts with at least two samples (None without an encoder)."""
+        enc = self.sentence_encoder()
+        if enc is None:
+            return None
+        from gfn_jax.text_metrics import embedding_diversity
+
+        gs = [[str(samples[i].get("text", "")) for i in g] for g in _group(samples).values()]
+        gs = [g for g in gs if len(g) >= 2]
+        return embedding_diversity(gs, enc) if gs else None
         return m

@@ -21,8 +21,10 @@ reports how often the gold label is the most likely suffix after the sampled Z.
 Config keys (``config.task``): ``data_path`` (default ``../shared/data/subj/train.20.jsonl``,
 relative to the repository root), ``num_prompts`` (0 = all), ``prompt_template``,
 ``suffix_template``, ``label_key``, ``candidate_labels``, ``term_tokens``, ``use_eos``,
-``min_len``, ``max_len``, ``disallow_substrings``, ``disallow_bias``, ``max_prompt_tokens``,
-``eval_batch_size`` (as in :mod:`gfn_jax.tasks.continuation`).
+``min_len``, ``max_len``, ``disallow_substrings``, ``illegal_tokens``, ``penalty`` (default
+``"hard"``), ``penalise_reward`` (default False: the reward LM is unpenalised),
+``disallow_bias``, ``max_prompt_tokens``, ``num_eval``, ``eval_batch_size`` (as in
+:mod:`gfn_jax.tasks.continuation`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ import numpy as np
 
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
-from gfn_jax.scoring import score_reward_prefixes, score_suffix_prefixes
+from gfn_jax.scoring import score_suffix_prefixes
 from gfn_jax.tasks.base import Batch
 from gfn_jax.tasks.continuation import (ContinuationTask, _missing, _report_skipped,
-                                        _utf8_lines, resolve_data_path)
+                                        _utf8_lines, penalised_reward_prefixes,
+                                        resolve_data_path)
 
 DEFAULT_DATA = "../shared/data/subj/train.20.jsonl"
 DEFAULT_PROMPT_TEMPLATE = "Movie review: {text}\nThoughts:"
@@ -110,17 +113,19 @@ def read_jsonl(path: str, num: int = 0, root: str = "", required: Sequence[str] 
 def infill_log_reward(cfg: ModelConfig, params: Any, prompt_tokens: jax.Array,
                       prompt_mask: jax.Array, tokens: jax.Array, lengths: jax.Array,
                       suffix_tokens: jax.Array, suffix_mask: jax.Array,
-                      term_ids: Sequence[int]) -> jax.Array:
-    """``log p(z_<i | X) + log p(Y | X z_<i)`` for every prefix i, ``[B, T+1]`` (0 beyond n)."""
-    r = score_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths, term_ids)
+                      term_ids: Sequence[int], bias: Optional[jax.Array] = None) -> jax.Array:
+    """``log p(z_<i | X) + log p(Y | X z_<i)`` for every prefix i, ``[B, T+1]`` (0 beyond n);
+    with ``bias`` the Z tokens are scored under the penalised, renormalised LM (Y never is)."""
+    r = penalised_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
+                                  term_ids, bias)
     y = score_suffix_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
                               suffix_tokens, suffix_mask)
     return r.log_pz + y
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
-def _final_infill(params, pt, pm, z, n, sfx, sm, *, cfg, term_ids):
-    full = infill_log_reward(cfg, params, pt, pm, z, n, sfx, sm, term_ids)
+def _final_infill(params, pt, pm, z, n, sfx, sm, bias, *, cfg, term_ids):
+    full = infill_log_reward(cfg, params, pt, pm, z, n, sfx, sm, term_ids, bias)
     return jnp.take_along_axis(full, n[:, None], axis=1)[:, 0]
 
 
@@ -133,6 +138,8 @@ class InfillTask(ContinuationTask):
         **ContinuationTask.DEFAULTS,
         "data_path": DEFAULT_DATA,  # JSON lines, one example per line
         "use_eos": False,
+        "penalty": "hard",  # tokens matching disallow_substrings are masked in the policy ...
+        "penalise_reward": False,  # ... and the reward LM is left as it is
         "prompt_template": DEFAULT_PROMPT_TEMPLATE,  # X, formatted from a row's fields
         "suffix_template": DEFAULT_SUFFIX_TEMPLATE,  # Y, formatted from a row's fields
         "label_key": "label_text",
@@ -224,7 +231,7 @@ class InfillTask(ContinuationTask):
         sm = jnp.asarray(self._sfx_mask)[idx]
         return infill_log_reward(model_config, base_params, batch["prompt_tokens"],
                                  batch["prompt_mask"], batch["tokens"], batch["lengths"],
-                                 sfx, sm, self.term_ids)
+                                 sfx, sm, self.term_ids, self._reward_bias_array())
 
     # --- evaluation ---------------------------------------------------------
     def _suffix_rows(self, samples: Sequence[Dict[str, Any]], rows: Sequence[int],
@@ -250,7 +257,8 @@ class InfillTask(ContinuationTask):
         sfx, sm = self._suffix_rows(samples, rows, texts)
         return _final_infill(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
                              jnp.asarray(z), jnp.asarray(n), jnp.asarray(sfx), jnp.asarray(sm),
-                             cfg=self.model_config, term_ids=self.term_ids)
+                             self._reward_bias_array(), cfg=self.model_config,
+                             term_ids=self.term_ids)
 
     def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
                  tag: str = "") -> Dict[str, float]:
