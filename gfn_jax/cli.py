@@ -343,8 +343,14 @@ def _expected_errors() -> tuple:
 
 
 def _one_line(e: BaseException) -> str:
-    from gfn_jax.rundir import find_os_error, one_line_os_error
+    from gfn_jax.checkpoint import CheckpointError
+    from gfn_jax.rundir import RunDirError, find_os_error, one_line_os_error
 
+    if isinstance(e, (RunDirError, CheckpointError)):
+        # their messages already say what failed, where and what to do (also when an OSError
+        # caused them): rewording the cause would lose that ("disk full while saving
+        # checkpoint step 3 to ...; the previous checkpoints are intact")
+        return " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) or find_os_error(e) is not None:
         ose = e if isinstance(e, OSError) else find_os_error(e)
         return one_line_os_error(ose, "running the command", getattr(ose, "filename", None),
