@@ -182,7 +182,8 @@ def cmd_train(fv: flags.FlagValues) -> int:
         results.pop("after", None)
         evaluate = config.eval.num_samples > 0
         if evaluate and config.eval.before_training and trainer.start_step == 0:
-            results["before"] = _evaluate(trainer, config.eval.num_samples, "before")
+            results["before"] = _evaluate(trainer, config.eval.num_samples, "before",
+                                          progress=fv.progress)
         try:
             summary = trainer.run(progress=fv.progress)
         except NonFiniteLossError as e:
@@ -194,7 +195,8 @@ def cmd_train(fv: flags.FlagValues) -> int:
         summary["eval"] = results
         preempted = "preempted_at" in summary
         if evaluate and not preempted:
-            results["after"] = _evaluate(trainer, config.eval.num_samples, "after")
+            results["after"] = _evaluate(trainer, config.eval.num_samples, "after",
+                                         progress=fv.progress)
         summary["complete"] = not preempted
         if primary:
             from gfn_jax.rundir import atomic_write_file
@@ -224,20 +226,21 @@ def _replot(workdir: str) -> None:
         print(f"warning: could not plot metrics: {e}", file=sys.stderr)
 
 
-def _evaluate(trainer, num: int, tag: str, seed: int = 1234) -> Dict[str, float]:
+def _evaluate(trainer, num: int, tag: str, seed: int = 1234,
+              progress: bool = True) -> Dict[str, float]:
     return _evaluate_policy(trainer.config, trainer.task, trainer.policy, trainer.workdir, num,
-                            tag, seed)
+                            tag, seed, progress=progress)
 
 
 def _evaluate_policy(config, task, policy, workdir: str, num: int, tag: str,
-                     seed: int = 1234) -> Dict[str, float]:
+                     seed: int = 1234, progress: bool = True) -> Dict[str, float]:
     import time
 
     t0 = time.time()
     label = {"before": "evaluating the base model", "after": "evaluating the tuned policy"}
     samples = policy.sample_total(list(task.eval_prompts()), num,
                                   batch_size=int(config.eval.batch_size), seed=seed,
-                                  progress=True, desc=label.get(tag, f"evaluating ({tag})"))
+                                  progress=progress, desc=label.get(tag, f"evaluating ({tag})"))
     metrics = task.evaluate(samples, out_dir=workdir, tag=tag)
     metrics["eval_time_s"] = time.time() - t0
     with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:

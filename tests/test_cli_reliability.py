@@ -421,6 +421,7 @@ def test_sigint_saves_exits_3_and_the_resumed_summary_keeps_before(tmp_path, cap
     out = out.decode()
     assert proc.returncode == cli.EXIT_PREEMPTED, out
     assert "Traceback" not in out
+    assert "evaluating the base model" not in out  # --noprogress: no bars
     step = Checkpointer(os.path.join(wd, "checkpoints")).latest_step()
     assert step is not None and step >= 2
     assert f"preempted at step {step}: checkpoint saved" in out
@@ -441,6 +442,22 @@ def test_sigint_saves_exits_3_and_the_resumed_summary_keeps_before(tmp_path, cap
     assert summary["eval"]["before"] == before and "after" in summary["eval"]
     assert metric_steps(wd) == list(range(step + 1))
     assert os.path.exists(os.path.join(wd, "DONE"))
+    # metrics.png was redrawn after the final evaluation (its point is on the figure)
+    assert os.path.getmtime(os.path.join(wd, "metrics.png")) >= \
+        os.path.getmtime(os.path.join(wd, "eval_after.json"))
+
+
+def test_progress_bars_say_which_phase_they_are(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    rc, out, err = gfn(capsys, "train", "--config", TOY, "--workdir", wd,
+                       "--config.train.steps=2", "--config.optim.schedule=constant",
+                       "--config.eval.num_samples=64", "--config.eval.batch_size=16")
+    assert rc == 0, err
+    # tqdm draws on stderr: one labelled bar per phase, in order
+    phases = ["evaluating the base model", "training", "evaluating the tuned policy"]
+    at = [err.find(p + ":") for p in phases]
+    assert all(i >= 0 for i in at) and at == sorted(at), err[-2000:]
+    assert "sampling:" not in err
 
 
 def test_rerunning_a_finished_train_says_complete_and_keeps_everything(run_copy, capsys):
