@@ -19,7 +19,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,8 @@ __all__ = [
     "masked_cumsum",
     "token_mask",
     "state_mask",
+    "logits_chunk_size",
+    "chunked_position_logprobs",
 ]
 
 NEG_INF = -1e30
@@ -181,3 +183,96 @@ def token_mask(lengths: jax.Array, num_tokens: int) -> jax.Array:
 def state_mask(lengths: jax.Array, num_tokens: int) -> jax.Array:
     """Bool ``[B, T + 1]``: True for the prefixes ``i <= lengths`` (i = 0..T)."""
     return jnp.arange(num_tokens + 1)[None, :] <= jnp.asarray(lengths)[:, None]
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary log-softmax in chunks of positions
+# ---------------------------------------------------------------------------
+def logits_chunk_size(setting: int, batch: int, positions: int, vocab: int,
+                      budget_bytes: int) -> int:
+    """Positions per chunk for :func:`chunked_position_logprobs`.
+
+    ``setting``: -1 = never chunk (all ``positions``), k > 0 = k positions, 0 = auto: the
+    fewest chunks whose float32 logits ``[batch, chunk, vocab]`` take at most
+    ``budget_bytes`` each, then the smallest chunk with that many chunks (least padding).
+    """
+    positions = max(int(positions), 1)
+    if setting == -1:
+        return positions
+    if setting > 0:
+        return min(int(setting), positions)
+    per_pos = max(int(batch), 1) * int(vocab) * 4
+    cmax = max(int(budget_bytes) // per_pos, 1)
+    n_chunks = -(-positions // cmax)
+    return -(-positions // n_chunks)
+
+
+def chunked_position_logprobs(
+    logits_fn: Callable[[Any, jax.Array], jax.Array],
+    head: Any,
+    hidden: jax.Array,
+    targets: jax.Array,
+    chunk: int,
+    *,
+    prefix_len: Optional[jax.Array] = None,
+    spec: Optional[PolicySpec] = None,
+    term_ids: Optional[Sequence[int]] = None,
+    logit_bias: Optional[jax.Array] = None,
+    constrain_fn: Optional[Callable[[jax.Array, Tuple[str, ...]], jax.Array]] = None,
+) -> Tuple[jax.Array, Optional[jax.Array]]:
+    """Per-position log-probs without materialising ``[B, N, V]`` logits.
+
+    For ``hidden [B, N, D]`` the positions are split into chunks of ``chunk``; each chunk
+    computes ``logits_fn(head, hidden_chunk)`` (float32 ``[B, chunk, V]``) and reduces it to
+    ``[B, chunk]`` quantities, under ``jax.checkpoint`` inside ``lax.map``: neither the
+    forward nor the backward pass keeps more than one chunk's logits.
+
+    With ``spec`` (the policy): the logits are :func:`constrain_logits` at ``prefix_len``
+    (``[N]`` or ``[B, N]``) with ``logit_bias``; returns ``(log q(targets), log q(⊤))``,
+    equal to :func:`policy_logprobs` gathered at ``targets`` (⊤ ids give :data:`NEG_INF`).
+    Without ``spec`` (a plain LM, plus ``logit_bias`` if given): ``(log p(targets),
+    log p(⊤) or None)``, ⊤ = ``term_ids`` when given.
+    """
+    B, N, _ = hidden.shape
+    chunk = max(1, min(int(chunk), N))
+    n_chunks = -(-N // chunk)
+    Np = n_chunks * chunk
+    tids = tuple(spec.term_ids) if spec is not None else (
+        tuple(term_ids) if term_ids is not None else None)
+    want_term = tids is not None
+    plen = jnp.zeros((B, N), jnp.int32) if prefix_len is None else jnp.broadcast_to(
+        jnp.asarray(prefix_len, jnp.int32), (B, N))
+    targets = jnp.asarray(targets, jnp.int32)
+    cons = constrain_fn or (lambda x, _axes: x)
+
+    def stats(head, bias, h, tgt, pl):
+        x = cons(logits_fn(head, h).astype(jnp.float32), ("batch", "length", "vocab"))
+        V = x.shape[-1]
+        if spec is not None:
+            x = constrain_logits(x, pl, spec, bias)
+        elif bias is not None:
+            x = x + bias
+        lse = jax.nn.logsumexp(x, axis=-1)
+        tok = gather_logprobs(x, tgt) - lse
+        if spec is not None:
+            tok = jnp.where(term_id_mask(V, tids)[tgt], NEG_INF, tok)
+        if not want_term:
+            return tok, jnp.zeros_like(tok)
+        term = jax.nn.logsumexp(x[..., jnp.asarray(tids, jnp.int32)], axis=-1) - lse
+        return tok, term
+
+    stats_ckpt = jax.checkpoint(stats, prevent_cse=False)
+
+    def split(a):  # [B, N, ...] -> [n_chunks, B, chunk, ...]
+        pad = [(0, 0), (0, Np - N)] + [(0, 0)] * (a.ndim - 2)
+        a = jnp.pad(a, pad)
+        a = a.reshape((B, n_chunks, chunk) + a.shape[2:])
+        return jnp.moveaxis(a, 1, 0)
+
+    xs = (split(hidden), split(targets), split(plen))
+    tok, term = jax.lax.map(lambda c: stats_ckpt(head, logit_bias, *c), xs)
+
+    def merge(a):  # [n_chunks, B, chunk] -> [B, N]
+        return jnp.moveaxis(a, 0, 1).reshape(B, Np)[:, :N]
+
+    return merge(tok), (merge(term) if want_term else None)

@@ -6,10 +6,16 @@ with ``lengths [B]``. Prefix ``i`` (0..n) is ``X z_0 .. z_{i-1}``; its next-toke
 is read at sequence position ``P - 1 + i`` of the concatenation ``[X | Z]``.
 
 Each public function is ONE jitted forward pass (no Python loops over rows or prefixes).
+
+The vocabulary log-softmax runs in chunks of positions (``ModelConfig.logits_chunk``; see
+:func:`gfn_jax.logprobs.chunked_position_logprobs`): with a large vocabulary the float32
+``[B, N, V]`` logits never exist at once, in the forward or the backward pass. When one chunk
+covers every position the plain (unchunked) computation runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Optional, Sequence, Tuple
 
@@ -22,15 +28,28 @@ from gfn_jax.logprobs import (
     PolicySpec,
     check_bias,
     check_spec,
+    chunked_position_logprobs,
     gather_logprobs,
+    logits_chunk_size,
     masked_cumsum,
     policy_logprobs,
     state_mask,
     term_logprob,
     token_mask,
 )
-from gfn_jax.models.config import ModelConfig
-from gfn_jax.models.transformer import apply, causal_mask, check_length, positions_from_mask, unembed
+from gfn_jax.models.config import AUTO_LOGITS_CHUNK_BYTES, ModelConfig
+from gfn_jax.models.transformer import (
+    _merged_top,
+    activation_sharding,
+    apply,
+    causal_mask,
+    check_length,
+    constrain,
+    current_activation_sharding,
+    head_params,
+    positions_from_mask,
+    unembed,
+)
 
 __all__ = [
     "PolicyScores",
@@ -65,6 +84,22 @@ class RewardScores:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+def _sharding_scope(shard: Optional[Tuple[Any, Any]]):
+    """Re-enter the caller's activation-sharding context inside a jitted body (``shard`` is
+    a static argument, so it is part of the jit cache key)."""
+    return activation_sharding(*shard) if shard is not None else contextlib.nullcontext()
+
+
+def _chunk(cfg: ModelConfig, batch: int, positions: int) -> int:
+    """Positions per vocabulary chunk for ``positions`` scored positions of ``batch`` rows."""
+    return logits_chunk_size(cfg.logits_chunk, batch, positions, cfg.vocab_size,
+                             AUTO_LOGITS_CHUNK_BYTES)
+
+
+def _logits_fn(cfg: ModelConfig):
+    return lambda head, h: unembed(cfg, head, h)
+
+
 def _check_batch(
     cfg: ModelConfig, prompt_tokens: Any, prompt_mask: Any, tokens: Any, lengths: Any
 ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -120,21 +155,41 @@ def _prefix_hidden(
 # ---------------------------------------------------------------------------
 # Policy
 # ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "shard"))
 def _score_policy_jit(
-    params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask, *, cfg, spec
+    params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask, *,
+    cfg, spec, shard=None,
 ) -> PolicyScores:
+    with _sharding_scope(shard):
+        return _score_policy_body(params, prompt_tokens, prompt_mask, tokens, lengths,
+                                  logit_bias, adapters, action_mask, cfg, spec)
+
+
+def _score_policy_body(params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias,
+                       adapters, action_mask, cfg, spec) -> PolicyScores:
     B, P = prompt_tokens.shape
     T = tokens.shape[1]
     hidden, _, tokens = _prefix_hidden(
         cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters
     )
-    logits = unembed(cfg, params, hidden[:, P - 1 :])  # [B, T+1, V]: prefixes 0..T
-    lp_tok, lp_term = policy_logprobs(logits, jnp.arange(T + 1)[None, :], spec, logit_bias)
+    top = _merged_top(params, adapters)  # adapters on the head/embedding, as apply uses
+    hid = hidden[:, P - 1 :]  # [B, T+1, D]: prefixes 0..T
+    chunk = _chunk(cfg, B, T + 1)
     tmask = token_mask(lengths, T)
     if action_mask is not None:
         tmask = tmask & action_mask.astype(bool)
-    log_pf = jnp.where(tmask, gather_logprobs(lp_tok[:, :T], tokens), 0.0)
+    if chunk >= T + 1:
+        logits = unembed(cfg, top, hid)  # [B, T+1, V]
+        lp_tok, lp_term = policy_logprobs(logits, jnp.arange(T + 1)[None, :], spec, logit_bias)
+        tok_lp = gather_logprobs(lp_tok[:, :T], tokens)
+    else:
+        targets = jnp.concatenate([tokens, jnp.zeros((B, 1), tokens.dtype)], axis=1)
+        tok_lp, lp_term = chunked_position_logprobs(
+            _logits_fn(cfg), head_params(cfg, top), hid, targets, chunk,
+            prefix_len=jnp.arange(T + 1), spec=spec, logit_bias=logit_bias,
+            constrain_fn=constrain)
+        tok_lp = tok_lp[:, :T]
+    log_pf = jnp.where(tmask, tok_lp, 0.0)
     log_pterm = jnp.where(state_mask(lengths, T), lp_term, 0.0)
     return PolicyScores(
         log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden[:, P - 1].astype(jnp.float32)
@@ -170,30 +225,52 @@ def score_policy(
             raise ValueError(f"action_mask must be {tokens.shape}, got {action_mask.shape}")
     return _score_policy_jit(
         params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask,
-        cfg=cfg, spec=spec,
+        cfg=cfg, spec=spec, shard=current_activation_sharding(),
     )
 
 
 # ---------------------------------------------------------------------------
 # Reward: every prefix terminated
 # ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
+@functools.partial(jax.jit, static_argnames=("cfg", "term_ids", "shard"))
 def _score_reward_jit(
-    params, prompt_tokens, prompt_mask, tokens, lengths, adapters, *, cfg, term_ids
+    params, prompt_tokens, prompt_mask, tokens, lengths, adapters, logit_bias, *, cfg, term_ids,
+    shard=None,
 ) -> RewardScores:
-    P = prompt_tokens.shape[1]
+    with _sharding_scope(shard):
+        return _score_reward_body(params, prompt_tokens, prompt_mask, tokens, lengths, adapters,
+                                  logit_bias, cfg, term_ids)
+
+
+def _score_reward_body(params, prompt_tokens, prompt_mask, tokens, lengths, adapters,
+                       logit_bias, cfg, term_ids) -> RewardScores:
+    B, P = prompt_tokens.shape
     T = tokens.shape[1]
     hidden, _, tokens = _prefix_hidden(
         cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters
     )
-    logp = jax.nn.log_softmax(unembed(cfg, params, hidden[:, P - 1 :]), axis=-1)  # [B, T+1, V]
-    tok_lp = gather_logprobs(logp[:, :T], tokens)
+    top = _merged_top(params, adapters)
+    hid = hidden[:, P - 1 :]  # [B, T+1, D]
+    chunk = _chunk(cfg, B, T + 1)
+    if chunk >= T + 1:
+        logits = unembed(cfg, top, hid)  # [B, T+1, V]
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        tok_lp = gather_logprobs(logp[:, :T], tokens)
+        lp_term = term_logprob(logp, term_ids)
+    else:
+        targets = jnp.concatenate([tokens, jnp.zeros((B, 1), tokens.dtype)], axis=1)
+        tok_lp, lp_term = chunked_position_logprobs(
+            _logits_fn(cfg), head_params(cfg, top), hid, targets, chunk, term_ids=term_ids,
+            logit_bias=logit_bias, constrain_fn=constrain)
+        tok_lp = tok_lp[:, :T]
     cum = masked_cumsum(tok_lp, token_mask(lengths, T), axis=-1)
     log_pz = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)
     smask = state_mask(lengths, T)
     return RewardScores(
         log_pz=jnp.where(smask, log_pz, 0.0),
-        log_pterm=jnp.where(smask, term_logprob(logp, term_ids), 0.0),
+        log_pterm=jnp.where(smask, lp_term, 0.0),
     )
 
 
@@ -217,14 +294,19 @@ def score_reward_prefixes(
     term_ids: Sequence[int],
     *,
     adapters: Optional[Any] = None,
+    logit_bias: Optional[jax.Array] = None,
 ) -> RewardScores:
-    """Unconstrained model log p(z_<i | X) and log p(⊤ | X z_<i) for all prefixes, one pass."""
+    """Unconstrained model log p(z_<i | X) and log p(⊤ | X z_<i) for all prefixes, one pass.
+
+    With ``logit_bias [V]`` the model is the penalised, renormalised LM
+    ``p~(v | s) = softmax(logits(s) + logit_bias)[v]`` (e.g. a task's reward penalty)."""
     prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
         cfg, prompt_tokens, prompt_mask, tokens, lengths
     )
+    logit_bias = check_bias("logit_bias", logit_bias, cfg.vocab_size)
     return _score_reward_jit(
-        params, prompt_tokens, prompt_mask, tokens, lengths, adapters,
-        cfg=cfg, term_ids=_term_tuple(cfg, term_ids),
+        params, prompt_tokens, prompt_mask, tokens, lengths, adapters, logit_bias,
+        cfg=cfg, term_ids=_term_tuple(cfg, term_ids), shard=current_activation_sharding(),
     )
 
 
@@ -284,10 +366,19 @@ def suffix_layout(
     return positions, mask, idx
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "shard"))
 def _score_suffix_jit(
-    params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens, suffix_mask, adapters, *, cfg
+    params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens, suffix_mask, adapters, *,
+    cfg, shard=None,
 ) -> jax.Array:
+    with _sharding_scope(shard):
+        return _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths,
+                                  suffix_tokens, suffix_mask, adapters, cfg)
+
+
+def _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens,
+                       suffix_mask, adapters, cfg) -> jax.Array:
+    B = prompt_tokens.shape[0]
     T = tokens.shape[1]
     S = suffix_tokens.shape[1]
     C = T + 1
@@ -302,10 +393,18 @@ def _score_suffix_jit(
         cfg, params, seq, positions, mask, None,
         return_hidden=True, compute_logits=False, adapters=adapters,
     )
-    logits = unembed(cfg, params, hidden[:, idx])  # [B, C, S, V]
-    lp = gather_logprobs(
-        jax.nn.log_softmax(logits, axis=-1), jnp.broadcast_to(suffix_tokens[:, None, :], logits.shape[:-1])
-    )
+    top = _merged_top(params, adapters)
+    targets = jnp.broadcast_to(suffix_tokens[:, None, :], (B, C, S))
+    chunk = _chunk(cfg, B, C * S)
+    if chunk >= C * S:
+        logits = unembed(cfg, top, hidden[:, idx])  # [B, C, S, V]
+        lp = gather_logprobs(jax.nn.log_softmax(logits, axis=-1), targets)
+    else:
+        hid = hidden[:, idx.reshape(-1)]  # [B, C*S, D]
+        lp, _ = chunked_position_logprobs(
+            _logits_fn(cfg), head_params(cfg, top), hid, targets.reshape(B, C * S), chunk,
+            constrain_fn=constrain)
+        lp = lp.reshape(B, C, S)
     total = jnp.sum(jnp.where(smask[:, None, :], lp, 0.0), axis=-1)  # [B, C]
     return jnp.where(state_mask(lengths, T), total, 0.0)
 
@@ -343,5 +442,5 @@ def score_suffix_prefixes(
     check_length(cfg, prompt_tokens.shape[1] + tokens.shape[1] + suffix_tokens.shape[1])
     return _score_suffix_jit(
         params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens,
-        suffix_mask.astype(bool), adapters, cfg=cfg,
+        suffix_mask.astype(bool), adapters, cfg=cfg, shard=current_activation_sharding(),
     )

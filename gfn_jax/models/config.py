@@ -41,6 +41,28 @@ import jax.numpy as jnp
 
 FAMILIES = ("gpt2", "llama", "gptj")
 
+#: Rematerialisation policies of the layer scan (``ModelConfig.remat_policy``):
+#: ``none`` stores every activation the backward pass needs; ``full`` stores only each
+#: layer's input (the carry) and recomputes the block (``jax.checkpoint_policies.
+#: nothing_saveable``); ``dots_saveable`` keeps every matmul output, recomputes the rest;
+#: ``dots_with_no_batch_dims_saveable`` keeps the weight matmuls (not the attention
+#: score/value products, which have batch dims); ``save_qkv_proj`` keeps only the q/k/v
+#: projections; ``save_attn_out`` keeps q/k/v and the attention output (before ``o``);
+#: ``save_mlp_hidden`` keeps the MLP's activated hidden layer.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "save_qkv_proj",
+    "save_attn_out",
+    "save_mlp_hidden",
+)
+
+#: ``ModelConfig.logits_chunk == 0`` (auto): the scorers split the positions into chunks so
+#: that one chunk's float32 logits, over the whole batch, take at most this many bytes.
+AUTO_LOGITS_CHUNK_BYTES = 256 * 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -62,7 +84,12 @@ class ModelConfig:
     activation: str = ""  # "" -> family default (gelu_new for gpt2/gptj, silu for llama)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False  # rematerialise each block in the backward pass
+    remat: bool = False  # rematerialise each block in the backward pass (= remat_policy "full")
+    remat_policy: str = ""  # "" -> "full" if remat else "none"; see REMAT_POLICIES
+    # Vocabulary log-softmax of the scorers, in chunks of positions: 0 = auto (chunks of at
+    # most AUTO_LOGITS_CHUNK_BYTES of float32 logits; one chunk when they all fit), -1 = never
+    # chunk (the whole [B, N, V] at once), k > 0 = k positions per chunk.
+    logits_chunk: int = 0
     qkv_bias: Optional[bool] = None  # None -> family default (gpt2: True, else False)
 
     def __post_init__(self) -> None:
@@ -92,6 +119,16 @@ class ModelConfig:
             object.__setattr__(
                 self, "activation", "silu" if self.family == "llama" else "gelu_new"
             )
+        if self.remat_policy and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy must be one of {REMAT_POLICIES} (or '' to follow remat), got "
+                f"{self.remat_policy!r}"
+            )
+        if int(self.logits_chunk) != self.logits_chunk or self.logits_chunk < -1:
+            raise ValueError(
+                f"logits_chunk must be -1 (never chunk), 0 (auto) or a positive number of "
+                f"positions, got {self.logits_chunk!r}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16")
@@ -100,6 +137,11 @@ class ModelConfig:
     @property
     def uses_rope(self) -> bool:
         return self.family in ("llama", "gptj")
+
+    @property
+    def effective_remat_policy(self) -> str:
+        """The layer scan's policy: ``remat_policy``, or ``"full"``/``"none"`` from ``remat``."""
+        return self.remat_policy or ("full" if self.remat else "none")
 
     @property
     def compute_dtype(self) -> Any:

@@ -8,6 +8,10 @@ Entry points:
   attention mask (used by one-pass suffix scoring) and an optional KV cache.
 * :func:`init_cache`, :func:`prefill`, :func:`decode_step` -- static-shape KV-cache
   decoding, equal to the full forward.
+* :func:`activation_sharding` / :func:`constrain` -- sharding constraints on the
+  activations at block boundaries by logical names (``("batch", "length", "embed")``),
+  the identity unless a mesh and rules table are active (the train step sets them).
+* :func:`remat_policy` -- ``ModelConfig.remat_policy`` as a ``jax.checkpoint`` policy.
 
 Every linear layer adds a bias when its parameter dict has one, so the same code serves
 GPT-2 (biases everywhere), GPT-J (biased MLP and head) and Llama (no biases, or q/k/v
@@ -16,18 +20,91 @@ biases for Qwen-style checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Dict, Optional, Tuple
+import threading
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from gfn_jax.models.config import ModelConfig
+from gfn_jax import parallel
+from gfn_jax.models.config import REMAT_POLICIES, ModelConfig
 from gfn_jax.models.adapters import as_adapters, merge_tree
 
 Params = Dict[str, Any]
 NEG_INF = -1e30
+
+
+# ---------------------------------------------------------------------------
+# Activation sharding constraints (MaxText-style logical names)
+# ---------------------------------------------------------------------------
+#: Logical names of the activations constrained at block boundaries.
+ACTIVATION_AXES: Tuple[str, str, str] = ("batch", "length", "embed")
+LOGITS_AXES: Tuple[str, str, str] = ("batch", "length", "vocab")
+
+_SHARDING = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Optional[Any], rules: Optional[Sequence[Any]] = None) -> Iterator[None]:
+    """Within this context (at trace time), :func:`constrain` pins activations to
+    ``mesh`` by the logical-axis ``rules`` (default :data:`gfn_jax.parallel.DEFAULT_RULES`;
+    the config's ``mesh.rules`` overrides apply when passed). ``mesh=None`` is a no-op.
+
+    The scorers in :mod:`gfn_jax.scoring` make the active (mesh, rules) part of their jit
+    cache key, so a program traced without the context is never reused inside it."""
+    if mesh is None:
+        yield
+        return
+    stack = getattr(_SHARDING, "stack", None)
+    if stack is None:
+        stack = _SHARDING.stack = []
+    stack.append((mesh, tuple(parallel.DEFAULT_RULES if rules is None else rules)))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_activation_sharding() -> Optional[Tuple[Any, Tuple[Any, ...]]]:
+    """The active ``(mesh, rules)`` of :func:`activation_sharding`, or None."""
+    stack = getattr(_SHARDING, "stack", None)
+    return stack[-1] if stack else None
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` by logical ``axes`` under the active
+    :func:`activation_sharding` context; the identity outside one."""
+    ctx = current_activation_sharding()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return parallel.with_logical_constraint(x, axes, rules, mesh)
+
+
+# ---------------------------------------------------------------------------
+# Rematerialisation
+# ---------------------------------------------------------------------------
+def remat_policy(name: str) -> Optional[Any]:
+    """The ``jax.checkpoint`` policy for a name of :data:`REMAT_POLICIES`; None for
+    ``"none"`` (no rematerialisation)."""
+    cp = jax.checkpoint_policies
+    table = {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots_saveable": cp.dots_saveable,
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": cp.save_only_these_names("q_proj", "k_proj", "v_proj"),
+        "save_attn_out": cp.save_only_these_names("q_proj", "k_proj", "v_proj", "attn_out"),
+        "save_mlp_hidden": cp.save_only_these_names("mlp_hidden"),
+    }
+    assert set(table) == set(REMAT_POLICIES)
+    if name not in table:
+        raise ValueError(f"unknown remat policy {name!r}; expected one of {REMAT_POLICIES}")
+    return table[name]
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +319,9 @@ def _attention(
         q = q + p["q"]["bias"].astype(dt)
         k = k + p["k"]["bias"].astype(dt)
         v = v + p["v"]["bias"].astype(dt)
+    q = checkpoint_name(q, "q_proj")
+    k = checkpoint_name(k, "k_proj")
+    v = checkpoint_name(v, "v_proj")
     q = _rope(cfg, q, positions)
     k = _rope(cfg, k, positions)
     new_kv = None
@@ -260,6 +340,7 @@ def _attention(
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    out = checkpoint_name(out, "attn_out")
     d_o = _lora_delta(lora, "attn", "o", out, 2)
     out = jnp.einsum("bthk,hkd->btd", out, _w(p["o"], "kernel", dt))
     if d_o is not None:
@@ -283,6 +364,7 @@ def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, lora: Any = None) -> jax.Arr
         h = _act(cfg.activation, plus(x @ _w(p["gate"], "kernel", dt), "gate", x)) * up
     else:
         h = _act(cfg.activation, up)
+    h = checkpoint_name(h, "mlp_hidden")
     out = plus(h @ _w(p["down"], "kernel", dt), "down", h)
     if "bias" in p["down"]:
         out = out + p["down"]["bias"].astype(dt)
@@ -354,6 +436,14 @@ def _embed(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.A
     return x
 
 
+def head_params(cfg: ModelConfig, params: Params) -> Params:
+    """The sub-tree :func:`unembed` reads (the tied embedding or ``lm_head``), so a chunked
+    vocabulary projection can take exactly these weights as an argument."""
+    if cfg.tie_embeddings:
+        return {"embed": {"embedding": params["embed"]["embedding"]}}
+    return {"lm_head": params["lm_head"]}
+
+
 def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
     dt = hidden.dtype
@@ -408,7 +498,7 @@ def apply(
             # adapter dropout: keep the adapter path unmerged, x@W + s*drop(x)@A@B
             rate = adapters.dropout_rate
             layer_rngs = jax.random.split(adapters.dropout_rng, cfg.n_layers)
-    x = _embed(cfg, params, tokens, positions)
+    x = constrain(_embed(cfg, params, tokens, positions), ACTIVATION_AXES)
     layers = params["layers"]
     index = None if cache is None else cache.index
 
@@ -421,13 +511,14 @@ def apply(
         elif la is not None:
             lora = (la, scale, rate, lrng)
         h, new_kv = _block(cfg, lp, h, positions, mask, kv, index, lora)
-        return h, new_kv
+        return constrain(h, ACTIVATION_AXES), new_kv
 
-    if cfg.remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    policy_name = cfg.effective_remat_policy
+    if policy_name != "none":
+        body = jax.checkpoint(body, policy=remat_policy(policy_name), prevent_cse=False)
     kv_xs = None if cache is None else (cache.k, cache.v)
     x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, kv_xs, layer_rngs))
-    hidden = _norm(cfg, params["final_norm"], x)
+    hidden = constrain(_norm(cfg, params["final_norm"], x), ACTIVATION_AXES)
     logits = unembed(cfg, params, hidden) if compute_logits else None
     new_cache = None
     if cache is not None:
@@ -514,6 +605,8 @@ def prefill(
 
 def _merged_top(params: Params, adapters: Params) -> Params:
     """Params with the top-level (non-layer) adapters merged, as ``apply`` does."""
+    if adapters is None:
+        return params
     a = as_adapters(adapters)
     top = {k: v for k, v in a.tree.items() if k != "layers"}
     return merge_tree(params, top, a.scale)
