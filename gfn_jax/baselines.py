@@ -62,7 +62,8 @@ def decode(policy: Any, prompts: Sequence[str], method: str, n: int, *, seed: in
            ) -> List[Dict[str, Any]]:
     """``method`` on each prompt with the policy's model, adapters, bias and spec: up to
     ``n`` samples per prompt (greedy: 1), as sample dicts; ``log_q`` is log q(Z⊤|X) under the
-    untempered policy. One jitted decoder call per prompt (shapes fixed by the prompt)."""
+    untempered policy. One jitted decoder call per prompt, every prompt left-padded to the
+    same length (one compile per method)."""
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
     if int(n) < 1:
@@ -71,8 +72,11 @@ def decode(policy: Any, prompts: Sequence[str], method: str, n: int, *, seed: in
     common = dict(logit_bias=policy.logit_bias, adapters=policy.adapters, pad_id=policy.pad_id)
     key = jax.random.PRNGKey(seed)
     out: List[Dict[str, Any]] = []
-    for p, ids in zip(prompts, policy.encode(prompts)):
-        pt, pm = (jnp.asarray(x) for x in policy.pad([ids]))
+    encoded = policy.encode(prompts)
+    P = max(len(x) for x in encoded)
+    P = min(-(-P // 16) * 16, policy.max_prompt_len)  # one compile for prompts of similar length
+    for p, ids in zip(prompts, encoded):
+        pt, pm = (jnp.asarray(x) for x in policy.pad([ids], P))
         key, sub = jax.random.split(key)
         if method == "greedy":
             d = decoding.greedy(cfg, policy.params, pt, pm, spec, **common)

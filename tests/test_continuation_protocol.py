@@ -236,9 +236,9 @@ def test_trainer_steps_random_model_no_lora(tmp_path):
     c.task.data_path = write_prompts(tmp_path)
     c.task.num_prompts = 0
     c.task.num_eval = 1
-    c.task.max_len = 6
+    c.task.max_len = 4
     c.task.diversity_encoder = ""
-    c.train.steps = 3
+    c.train.steps = 2
     c.train.grad_accum = 1
     c.train.prompts_per_batch = 2
     c.train.samples_per_prompt = 2
@@ -250,7 +250,7 @@ def test_trainer_steps_random_model_no_lora(tmp_path):
     tr = Trainer(c, str(tmp_path / "run"), restore=False, devices=jax.devices()[:1])
     assert len(tr.prompts) == 3 and tr.task.eval_prompts() == [PROMPTS[-1]]
     summary = tr.run(progress=False)
-    assert summary["steps"] == 3 and np.isfinite(summary["final_metrics"]["loss"])
+    assert summary["steps"] == 2 and np.isfinite(summary["final_metrics"]["loss"])
     samples = tr.generate(4, batch_size=2)
     m = tr.task.evaluate(samples)
     assert m["num_prompts"] == 1 and np.isfinite(m["logp_mean"])

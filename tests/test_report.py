@@ -1,0 +1,94 @@
+"""gfn-jax report on fake run directories: rows name their run, the Runs table gives command,
+hardware and wall time ("not recorded" when absent), per-task headline columns, the
+likelihood-vs-diversity scatter, and one-line errors."""
+
+import json
+import os
+
+import pytest
+
+from gfn_jax import report
+
+
+def _write(d, name, obj):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "w") as f:
+        json.dump(obj, f)
+
+
+def train_run(tmp_path, name, task, temp_end, after, before=None, objective="subtb",
+              command=None):
+    d = str(tmp_path / name)
+    _write(d, "config.json", {"task": {"name": task}, "objective": {"name": objective},
+                              "reward": {"temp_end": temp_end}})
+    summary = {"wall_time_s": 123.4, "eval": {"after": after}}
+    if command:
+        summary.update(command=command, hardware="1 x H200")
+    _write(d, "summary.json", summary)
+    _write(d, "eval_after.json", after)
+    if before is not None:
+        _write(d, "eval_before.json", before)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 0, "loss": 2.0}) + "\n" + json.dumps({"step": 1, "loss": 1.5})
+                + "\n")
+    return d
+
+
+def test_report_tables_plot_and_runs(tmp_path):
+    g1 = train_run(tmp_path, "gfn_t08", "continuation", 0.8,
+                   {"logp_mean": -21.5, "logp_max": -12.25, "embedding_diversity": 0.31,
+                    "word_distinct_2": 0.9},
+                   before={"logp_mean": -30.0, "embedding_diversity": 0.5},
+                   command="gfn-jax train --config configs/continuation.py --workdir gfn_t08")
+    g2 = train_run(tmp_path, "gfn_t095", "continuation", 0.95,
+                   {"logp_mean": -25.0, "embedding_diversity": 0.4})
+    b = str(tmp_path / "baselines")
+    _write(b, "baselines.json", {"beam_n": {"logp_mean": -9.5, "embedding_diversity": 0.05},
+                                 "sample": {"logp_mean": -40.0, "embedding_diversity": 0.6}})
+    _write(b, "run.json", {"command": "python -m gfn_jax.baselines --config c.py --out b",
+                           "hardware": "2-core CPU", "wall_time_s": 55.0, "task": "continuation"})
+    rng = train_run(tmp_path, "rng", "rng", 1.0, {"valid_fraction": 0.9997, "tv": 0.033})
+    out = str(tmp_path / "docs" / "results.md")
+    assert report.main([g1, g2, b, rng, "--out", out, "--title", "T"]) == 0
+    text = open(out).read()
+    lines = text.splitlines()
+
+    def row(method):
+        return next(x for x in lines if x.startswith(f"| {method} |"))
+
+    # each number sits in a row that names its run directory and evaluation
+    r = row("GFlowNet (subtb, T_end=0.8)")
+    assert "-21.5" in r and "-12.25" in r and "0.31" in r and f"`{g1}` (after)" in r
+    assert f"`{g1}` (before)" in row("base model (sampling)")
+    assert "-9.5" in row("beam_n")
+    assert f"`{b}` (beam_n)" in row("beam_n")
+    # continuation columns in the headline order; rng shows all its metrics
+    head = next(x for x in lines if x.startswith("| method | logp_mean"))
+    assert head.split(" | ")[1:4] == ["logp_mean", "logp_max", "embedding_diversity"]
+    assert "| method | valid_fraction | tv |" in text and "0.9997" in text
+    # the Runs table: command, hardware, wall time, or "not recorded"
+    runs = text[text.index("## Runs"):]
+    assert ("| `%s` | continuation | `gfn-jax train --config configs/continuation.py "
+            "--workdir gfn_t08` | 1 x H200 | 123.4 |" % g1) in runs
+    assert f"| `{g2}` | continuation | `not recorded` | not recorded | 123.4 |" in runs
+    assert "2-core CPU | 55 |" in runs
+    png = tmp_path / "docs" / "results_plots" / "continuation_likelihood_diversity.png"
+    assert png.is_file() and png.stat().st_size > 1000
+    assert "](results_plots/continuation_likelihood_diversity.png)" in text
+    assert not (tmp_path / "docs" / "results_plots" / "rng_likelihood_diversity.png").exists()
+
+
+def test_report_points_and_errors(tmp_path):
+    g = train_run(tmp_path, "g", "continuation", 0.9, {"logp_mean": -20.0,
+                                                        "word_distinct_2": 0.7})
+    rows = report.collect_rows([report.read_run(g)])["continuation"]
+    x_key, y_key, pts = report._xy(rows, "continuation")
+    assert (x_key, y_key) == ("word_distinct_2", "logp_mean")  # fallback diversity metric
+    assert [(p[1], p[2]) for p in pts] == [(0.7, -20.0)] and pts[0][0]["temp_end"] == 0.9
+    run = report.read_run(g)
+    assert run["last_metrics"]["loss"] == 1.5 and run["command"] == "not recorded"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="is not a run directory"):
+        report.read_run(str(empty))
+    assert report.main([str(empty), "--out", str(tmp_path / "r.md")]) == 2
