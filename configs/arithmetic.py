@@ -28,9 +28,13 @@ Changed for this 2-core CPU:
   longest 5-operand rationale with results is 42 of them;
 - the few-shot prompt shows the rationales *with* the calculator's results (the release's
   prompt shows them without, while every Z it scores contains them);
+- Z ends with "." (the answer template's first token, then scored as part of Y) or EOS; the
+  release ends Z with EOS only, which the base model almost never writes after a rationale
+  (term_tokens=() restores that);
 - evaluation on 100 + 100 queries (the release: 100 test rows, which overlap training);
   `gfn-jax eval` samples at T = 1 (its only temperature); the release's T = 0.1 vote is
-  `python -m gfn_jax.tasks.arithmetic --workdir RUN`.
+  `python -m gfn_jax.tasks.arithmetic --workdir RUN`; no evaluation before training (the
+  base-model baseline is the few-shot command below).
 - replay: the harness uses replay only once every training prompt's buffer holds samples, so
   with 1,050 prompts the replay quarter falls back to on-policy in a run this short.
 
@@ -57,6 +61,8 @@ def get_config():
               few_shot_results=True,
               min_len=5,
               max_len=44,
+              term_tokens=(".",),
+              use_eos=True,
               vocab_penalty=-99.0,
               reward_vocab_restrict=True,
               short_log_reward=-99.0,
@@ -102,6 +108,6 @@ def get_config():
     c.replay.seed_from_data = True
     c.eval.batch_size = 10  # = task.vote_k samples of each query in turn
     c.eval.num_samples = 2000  # 10 x (100 in-distribution + 100 out-of-distribution queries)
-    c.eval.before_training = True
+    c.eval.before_training = False  # ~20 CPU minutes; the baseline is the few-shot command
     c.mesh.data = 1
     return c

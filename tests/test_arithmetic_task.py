@@ -198,13 +198,16 @@ def test_vocabulary_restriction(setup):
     assert {i for i in range(cfg.vocab_size) if bias[i] == 0.0} == want
     assert all(bias[i] == -99.0 for i in range(cfg.vocab_size) if i not in want)
     assert {tok.decode([i]) for i in want - {tok.eos_id}} == ALLOWED
+    period = tok.encode(".")[0]
+    assert set(task.policy_spec().term_ids) == {period, tok.eos_id}  # "." or EOS ends Z
+    assert task.policy_spec().min_len == 2 and task.policy_spec().max_len == 12
     # the sampler with the task's bias and tool only writes allowed tokens
     from gfn_jax.policy import policy_from_task
 
     pol = policy_from_task(task, cfg, params, None, tok)
     out = pol.sample(task.train_prompts()[:1] + task.train_prompts()[-1:], n=8, seed=3)
     for s in out:
-        assert set(s["tokens"]) <= want, s["text"]
+        assert set(s["tokens"]) <= want - {period, tok.eos_id}, s["text"]  # ⊤ is not in Z
         assert 2 <= len(s["tokens"]) <= 12
 
 

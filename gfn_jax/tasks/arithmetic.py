@@ -4,8 +4,11 @@ Sec. 4.4), on the training harness.
 * **X** (the policy's prompt): the query, ``"Question: 6 - 0 - 4 - 8 = ? Answer:"``.
 * **Z**: the rationale the policy writes, e.g. ``" 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6"``; the
   numbers after each ``=`` are spliced in by the calculator (:meth:`ArithmeticTask.tool`, see
-  :mod:`gfn_jax.tasks.calculator`) and are not policy actions. Z ends with the tokenizer's EOS
-  (⊤), as in the release; ⊤ itself is never scored by the reward.
+  :mod:`gfn_jax.tasks.calculator`) and are not policy actions. Z ends (⊤) with ``"."``, the
+  first token of the answer template (``term_tokens``), or with EOS (``use_eos``; the release
+  ends Z with EOS only). ⊤ itself is not scored by the reward: Y follows Z directly, so with
+  ``"."`` the terminating token is scored as Y's first token. Tokens that contain ``"."`` other
+  than ⊤ itself are not allowed inside Z.
 * **Y**: the answer text of the data, ``". The answer is -6."`` (``str_sol``).
 * **Reward**: ``log R(X z_<=i ⊤) = log p~(z_<=i | C X) + log p(Y | C X z_<=i)`` for every prefix
   i, under the frozen base model (adapters off), where C is a frozen few-shot prompt (the first
@@ -237,6 +240,8 @@ class ArithmeticTask(Task):
         "few_shot_results": True,  # few-shot rationales with the calculator's results
         "min_len": 5,
         "max_len": 44,  # tokens of Z, policy actions and tool splices together
+        "term_tokens": (".",),  # single-token texts that end Z (the answer template's start)
+        "use_eos": True,  # EOS ends Z too (the release's only termination)
         "vocab_chars": " ,.0123456789=+-",  # allowed characters of Z's tokens (EOS allowed)
         "vocab_penalty": -99.0,  # logit bias on every other token (policy and reward)
         "reward_vocab_restrict": True,  # the reward scores Z under the restricted vocabulary
@@ -264,6 +269,8 @@ class ArithmeticTask(Task):
         self.few_shot_results = bool(c["few_shot_results"])
         self.min_len = int(c["min_len"])
         self.max_len = int(c["max_len"])
+        self.term_tokens = tuple(str(t) for t in c["term_tokens"])
+        self.use_eos = bool(c["use_eos"])
         self.vocab_chars = str(c["vocab_chars"])
         self.vocab_penalty = float(c["vocab_penalty"])
         self.reward_vocab_restrict = bool(c["reward_vocab_restrict"])
@@ -355,13 +362,18 @@ class ArithmeticTask(Task):
 
     def setup(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
         super().setup(model_config, tokenizer)
-        if tokenizer.eos_id is None:
-            raise ValueError("the arithmetic task terminates Z with the tokenizer's EOS, and "
-                             "this tokenizer has none")
-        self.term_ids: Tuple[int, ...] = (int(tokenizer.eos_id),)
+        term = list(tokenizer.ids_of(self.term_tokens)) if self.term_tokens else []
+        if self.use_eos:
+            if tokenizer.eos_id is None:
+                raise ValueError("task.use_eos=True but the tokenizer has no EOS")
+            term.append(int(tokenizer.eos_id))
+        if not term:
+            raise ValueError("Z needs a termination: set task.term_tokens or task.use_eos")
+        self.term_ids: Tuple[int, ...] = tuple(sorted(set(term)))
         V = int(model_config.vocab_size)
-        if self.term_ids[0] >= V:
-            raise ValueError(f"EOS id {self.term_ids[0]} is outside the model's vocabulary ({V})")
+        if max(self.term_ids) >= V:
+            raise ValueError(f"termination ids {self.term_ids} are outside the model's "
+                             f"vocabulary ({V})")
         self.allowed = self._allowed_tokens(tokenizer, V)
         self._bias = np.where(self.allowed, 0.0, self.vocab_penalty).astype(np.float32)
         self._tool = CalculatorTool.from_tokenizer(tokenizer, V, term_ids=self.term_ids,
@@ -381,12 +393,15 @@ class ArithmeticTask(Task):
         self._targets = None
 
     def _allowed_tokens(self, tokenizer: Tokenizer, V: int) -> np.ndarray:
-        """bool [V]: tokens whose text is non-empty and made only of ``vocab_chars``, and EOS."""
+        """bool [V]: the termination ids, and the tokens whose text is non-empty, made only of
+        ``vocab_chars`` and contains no termination text (so ``"."`` can only end Z)."""
         n = min(int(tokenizer.vocab_size), V)
         texts = tokenizer.backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
         chars = set(self.vocab_chars)
+        stops = [t for t in self.term_tokens if t]
         ok = np.zeros(V, bool)
-        ok[:n] = [bool(t) and all(ch in chars for ch in t) for t in texts]
+        ok[:n] = [bool(t) and all(ch in chars for ch in t) and not any(x in t for x in stops)
+                  for t in texts]
         ok[list(self.term_ids)] = True
         return ok
 
@@ -564,9 +579,9 @@ class ArithmeticTask(Task):
 
     # --- evaluation ---------------------------------------------------------
     def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
-                 tag: str = "") -> Dict[str, float]:
+                 tag: str = "", *, vote_k: Optional[int] = None) -> Dict[str, float]:
         """Majority-vote accuracy per split (``id``, ``ood``, ``train``) over the first
-        ``vote_k`` samples of each query, the mean single-sample accuracy (no voting), the
+        ``vote_k`` (default ``task.vote_k``) samples of each query, the mean single-sample accuracy (no voting), the
         parsed fraction, and the posterior diagnostics (see the module docstring). Samples are
         dicts with ``prompt`` (the query), ``text`` (or ``tokens``) and optionally ``log_q``
         and ``temperature``. With ``out_dir``, per-query votes go to
@@ -579,7 +594,8 @@ class ArithmeticTask(Task):
                 raise ValueError(f"evaluate got a sample for a query that is neither a training "
                                  f"nor an evaluation query of the task: {q[:80]!r}")
             groups.setdefault(q, []).append(s)
-        m: Dict[str, float] = {"num_samples": float(len(samples)), "vote_k": float(self.vote_k)}
+        k = int(vote_k or self.vote_k)
+        m: Dict[str, float] = {"num_samples": float(len(samples)), "vote_k": float(k)}
         if not groups:
             return m
         per_split: Dict[str, Dict[str, List[float]]] = collections.defaultdict(
@@ -587,7 +603,7 @@ class ArithmeticTask(Task):
         records = []
         for q, g in groups.items():
             split, gold = lookup[q]
-            g = g[:self.vote_k]
+            g = g[:k]
             answers = [parse_answer(self._text(s)) for s in g]
             vote = majority_vote(answers)
             d = per_split[split]
@@ -671,7 +687,7 @@ def evaluate_policy(task: ArithmeticTask, policy: Any, *, k: Optional[int] = Non
                             progress=progress, desc="arithmetic eval")
     for s in samples:
         s["temperature"] = temp
-    metrics = task.evaluate(samples, out_dir=out_dir, tag=tag)
+    metrics = task.evaluate(samples, out_dir=out_dir, tag=tag, vote_k=k)
     metrics["temperature"] = temp
     if diagnostics and task._reward_params is not None and task.eval_log_z_queries and temp != 1:
         diag = policy.sample(prompts[:task.eval_log_z_queries], n=max(k, 2), temperature=1.0,
@@ -758,7 +774,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     task.bind_reward_params(base)
     metrics = evaluate_policy(task, policy, k=a.k or None, temperature=a.temperature or None,
                               seed=a.seed, diagnostics=not a.no_diagnostics,
-                              out_dir=a.workdir, tag="few_shot" if a.few_shot else "vote",
+                              out_dir=a.workdir or (os.path.dirname(os.path.abspath(a.out))
+                                                    if a.out else None),
+                              tag="few_shot" if a.few_shot else "vote",
                               progress=True)
     metrics.update({f"info_{k}": v for k, v in task.eval_info.items()})
     text = json.dumps(metrics, indent=2)
@@ -770,4 +788,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's copy of this module (the task registry imported it already), so that
+    # the task built from a config is an instance of the same ArithmeticTask class
+    from gfn_jax.tasks.arithmetic import main as _main
+
+    sys.exit(_main())
