@@ -438,11 +438,22 @@ def run_artifacts(path: Union[str, os.PathLike]) -> List[str]:
 
 
 def is_run_dir(path: Union[str, os.PathLike]) -> bool:
-    """A directory holding a run: ``config.json`` or ``checkpoints/``."""
+    """A directory holding a run: ``checkpoints/``, or a ``config.json`` that is a run's
+    config (not a Hugging Face export's, which names ``model_type`` / ``architectures``)."""
     path = os.fspath(path)
-    return os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, CONFIG_NAME))
-        or os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return True
+    cfg = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return True  # unreadable: treat as a run, never overwrite it
+    return not (isinstance(d, dict) and ("model_type" in d or "architectures" in d))
 
 
 def _checkpoint_steps(path: str) -> List[int]:

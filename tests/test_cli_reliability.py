@@ -325,9 +325,6 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-@pytest.mark.xfail(strict=True, reason="rundir.is_run_dir counts any directory with a "
-                   "config.json as a run directory, so an old Hugging Face export (config.json "
-                   "+ weights) is refused as 'the run directory' even with --overwrite")
 def test_convert_over_an_old_sharded_export(trained, capsys, tmp_path):
     from safetensors.numpy import load_file, save_file
 

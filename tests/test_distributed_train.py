@@ -63,8 +63,8 @@ def run_trainer(overrides: Dict[str, Any], workdir: str, until: int | None,
     losses: List[float] = []
     step_fn = tr.train_step
 
-    def recording_step(batch, temperature):
-        metrics, log_r = step_fn(batch, temperature)
+    def recording_step(batch, *args, **kwargs):
+        metrics, log_r = step_fn(batch, *args, **kwargs)
         losses.append(float(metrics["loss"]))
         return metrics, log_r
 

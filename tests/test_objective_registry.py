@@ -3,7 +3,6 @@ validation; every built-in objective runs through the CLI, resumes exactly and s
 
 import json
 import os
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from gfn_jax.metrics import read_metrics
 from gfn_jax.objective_registry import (Needs, Objective, get_objective, objective_names,
                                         register_objective, unregister_objective)
 from gfn_jax.train import Trainer
+from tiny import toy_config as tiny_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs", "toy_exact.py")
@@ -34,16 +34,7 @@ OBJECTIVE_OVERRIDES = {
 
 
 def toy_config(**overrides):
-    c = runpy.run_path(TOY)["get_config"]()
-    c.eval.num_samples = 0
-    c.train.samples_per_prompt = 16
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return tiny_toy_config(**{"train.samples_per_prompt": 16, **overrides})
 
 
 def _flags(overrides):

@@ -2,7 +2,6 @@
 optimizer updates, a separate reward checkpoint and a reward context other than the prompt."""
 
 import os
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +17,13 @@ from gfn_jax.tasks import register_task
 from gfn_jax.tasks.base import Task
 from gfn_jax.tasks.toy import toy_log_reward_text
 from gfn_jax.train import Trainer
+from tiny import toy_config as tiny_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def toy_config(**overrides):
-    c = runpy.run_path(os.path.join(ROOT, "configs", "toy_exact.py"))["get_config"]()
-    c.eval.num_samples = 0
-    c.train.samples_per_prompt = 16
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return tiny_toy_config(**{"train.samples_per_prompt": 16, **overrides})
 
 
 def test_replay_is_seeded_from_the_task_data_with_true_rewards(tmp_path):

@@ -23,21 +23,13 @@ from gfn_jax.models.config import ModelConfig
 from gfn_jax.tasks.rng import RandomNumberTask, parse_valid_integer
 from gfn_jax.tasks.toy import ToyTask, toy_log_reward_text
 from gfn_jax.train import NonFiniteLossError, Trainer, state_mask_from
+from tiny import toy_config as tiny_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def toy_config(**overrides):
-    c = runpy.run_path(os.path.join(ROOT, "configs", "toy_exact.py"))["get_config"]()
-    c.eval.num_samples = 0
-    c.train.log_every = 1
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return tiny_toy_config(**{"train.log_every": 1, **overrides})
 
 
 # ---------------------------------------------------------------------------

@@ -31,3 +31,21 @@ def lm_loss(params, tokens, mask):
     tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
     return jnp.sum(jnp.where(valid, tok_lp, 0.0)) / jnp.sum(valid)
+
+
+def toy_config(**overrides):
+    """``configs/toy_exact.py`` without evaluation, with dotted-key ``overrides``
+    (e.g. ``toy_config(**{"objective.name": "tb"})``)."""
+    import os
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = runpy.run_path(os.path.join(root, "configs", "toy_exact.py"))["get_config"]()
+    c.eval.num_samples = 0
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c

@@ -59,6 +59,8 @@ class RandomNumberTask(Task):
         c = {**self.DEFAULTS, **dict(config)}
         self.prompt = str(c["prompt"])
         self.max_len = int(c["max_len"])
+        if self.max_len < 1:
+            raise ValueError(f"task.max_len must be >= 1, got {self.max_len}")
         self.invalid_log_reward = float(c["invalid_log_reward"])
         self.term_tokens = tuple(c["term_tokens"])
         self.use_eos = bool(c["use_eos"])
