@@ -110,6 +110,7 @@ def _register_builtin() -> None:
     register_task("continuation", ContinuationTask)
     register_task("infill", InfillTask)
     from gfn_jax.tasks.arithmetic import ArithmeticTask; register_task("arithmetic", ArithmeticTask)  # noqa: E702
+    from gfn_jax.tasks.subj import SubjCotTask, SubjLabelTask; register_task("subj_cot", SubjCotTask); register_task("subj_label", SubjLabelTask)  # noqa: E702,E501
 
 
 _register_builtin()
