@@ -22,6 +22,7 @@ commands:
   eval      evaluate a trained run with its task's metrics
   convert   export a run (LoRA merged) or a model to a Hugging Face directory
   sweep     expand a config over a grid of keys: run, emit launch commands, summarize
+  report    collect run directories into tables and plots (a results report)
 
 examples:
   gfn-jax train --config configs/rng.py --workdir runs/rng --config.train.steps=10
@@ -31,6 +32,7 @@ examples:
 """
 
 EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 3
+_COMMAND_LINE = ""  # the command being run (recorded in summary.json)
 
 
 def _common(fv: flags.FlagValues) -> None:
@@ -198,6 +200,8 @@ def cmd_train(fv: flags.FlagValues) -> int:
             results["after"] = _evaluate(trainer, config.eval.num_samples, "after",
                                          progress=fv.progress)
         summary["complete"] = not preempted
+        summary["command"] = _COMMAND_LINE or "gfn-jax train"
+        summary["hardware"] = _hardware()
         if primary:
             from gfn_jax.rundir import atomic_write_file
 
@@ -240,6 +244,7 @@ def _evaluate_policy(config, task, policy, workdir: str, num: int, tag: str,
     label = {"before": "evaluating the base model", "after": "evaluating the tuned policy"}
     samples = policy.sample_total(list(task.eval_prompts()), num,
                                   batch_size=int(config.eval.batch_size), seed=seed,
+                                  temperature=float(config.eval.get("temperature", 1.0)),
                                   progress=progress, desc=label.get(tag, f"evaluating ({tag})"))
     metrics = task.evaluate(samples, out_dir=workdir, tag=tag)
     metrics["eval_time_s"] = time.time() - t0
@@ -401,11 +406,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         from gfn_jax.sweep import main as sweep_main
 
         return sweep_main(argv[2:])
+    if cmd == "report":
+        from gfn_jax.report import main as report_main
+
+        return report_main(argv[2:])
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}",
               file=sys.stderr)
         return EXIT_USAGE
     define, run = COMMANDS[cmd]
+    global _COMMAND_LINE
+    import shlex
+
+    _COMMAND_LINE = " ".join(shlex.quote(a) for a in ["gfn-jax"] + argv[1:])
     fv = flags.FlagValues()
     rest = argv[2:]
     args = [f"gfn-jax {cmd}"] + [a for a in rest if a not in ("-h", "--help", "-help")]

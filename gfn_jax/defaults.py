@@ -107,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 1000
     c.eval.batch_size = 500
     c.eval.before_training = True
+    c.eval.temperature = 1.0  # sampling temperature of evaluations (the release: 0.9 / 0.1)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
@@ -214,6 +215,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                    ("replay.capacity", config.replay.capacity)):
         if v < 1:
             raise ValueError(f"{key} must be >= 1, got {v}")
+    if not config.eval.temperature > 0:
+        raise ValueError(f"eval.temperature must be > 0, got {config.eval.temperature}")
     for key, v in (("train.ckpt_every", t.ckpt_every),
                    ("eval.num_samples", config.eval.num_samples),
                    ("data.max_prompt_len", config.data.max_prompt_len)):

@@ -101,12 +101,14 @@ class Rollouts:
         n = len(self.prompt_ids)
         return [int(i) for i in rng.choice(n, size=P, replace=n < P)]
 
-    def choose_behaviour(self, step: int) -> Dict[str, Any]:
-        """Stateless (seeded by step) choice of the batch's behaviour policy."""
+    def choose_behaviour(self, step: int, rows: Optional[Sequence[int]] = None
+                         ) -> Dict[str, Any]:
+        """Stateless (seeded by step) choice of the batch's behaviour policy; replay only
+        once the buffers of the step's prompts (``rows``, default all) hold enough."""
         e = self.config.explore
         rng = np.random.default_rng([self.config.seed, step, 17])
         probs = np.array([e.p_on_policy, e.p_tempered, e.p_epsilon, e.p_replay], np.float64)
-        if not self.replay_ready():
+        if not self.replay_ready(rows):
             probs[3] = 0.0
         if probs.sum() <= 0:
             probs[0] = 1.0
@@ -118,11 +120,12 @@ class Rollouts:
             out["epsilon"] = float(e.epsilon)
         return out
 
-    def replay_ready(self) -> bool:
-        need = self.config.train.samples_per_prompt
-        return len(self.replay) > 0 and all(
-            self.replay.size(str(i)) >= min(need, self.config.replay.min_size)
-            for i in range(len(self.prompt_ids)))
+    def replay_ready(self, rows: Optional[Sequence[int]] = None) -> bool:
+        """Whether the buffers of ``rows`` (default: every prompt) hold enough trajectories
+        (``min(train.samples_per_prompt, replay.min_size)`` each)."""
+        need = min(self.config.train.samples_per_prompt, self.config.replay.min_size)
+        rows = range(len(self.prompt_ids)) if rows is None else rows
+        return len(self.replay) > 0 and all(self.replay.size(str(i)) >= need for i in rows)
 
     # ------------------------------------------------------------------ batches
     def make_batch(self, step: int, policy: Policy, replay_temperature: Optional[float],
@@ -132,7 +135,7 @@ class Rollouts:
             return self.data_batch(step), "data"
         tc = self.config.train
         rows = self.choose_prompts(step)
-        beh = self.choose_behaviour(step)
+        beh = self.choose_behaviour(step, rows)
         if beh["kind"] == "replay":
             batch = self.replay_batch(rows, tc.samples_per_prompt, replay_temperature)
             if batch is not None:

@@ -100,17 +100,22 @@ class _ConfigView(Mapping):
 
 
 def _register_builtin() -> None:
+    from gfn_jax.tasks.arithmetic import ArithmeticTask
     from gfn_jax.tasks.continuation import ContinuationTask
     from gfn_jax.tasks.infill import InfillTask
     from gfn_jax.tasks.rng import RandomNumberTask
+    from gfn_jax.tasks.stories import StoriesTask
+    from gfn_jax.tasks.subj import SubjCotTask, SubjLabelTask
     from gfn_jax.tasks.toy import ToyTask
 
     register_task("toy_exact", ToyTask)
     register_task("rng", RandomNumberTask)
     register_task("continuation", ContinuationTask)
     register_task("infill", InfillTask)
-    from gfn_jax.tasks.arithmetic import ArithmeticTask; register_task("arithmetic", ArithmeticTask)  # noqa: E702
-    from gfn_jax.tasks.subj import SubjCotTask, SubjLabelTask; register_task("subj_cot", SubjCotTask); register_task("subj_label", SubjLabelTask)  # noqa: E702,E501
+    register_task("infill_stories", StoriesTask)
+    register_task("arithmetic", ArithmeticTask)
+    register_task("subj_cot", SubjCotTask)
+    register_task("subj_label", SubjLabelTask)
 
 
 _register_builtin()
