@@ -6,9 +6,9 @@ One run directory per number of labelled examples k (10, 20, 50)::
     OUT/rationales_r0.jsonl   Z sampled from e0: train rows x --train_rationales, test rows
                       x (1 greedy + --vote_k sampled)
     OUT/m0/           M-step run (configs/subj_mstep.py): LoRA classifier p(Y | X Z)
-    OUT/m0/hf/        M-step model exported (`gfn-jax convert`): the reward model of the E-step
+    OUT/export/m0/    M-step model exported (`gfn-jax convert`): the reward model of the E-step
                       of the next round with --m_reward (round r >= 1 trains OUT/e<r> afresh)
-    OUT/e0/hf/        the E-step policy exported too
+    OUT/export/e0/    the E-step policy exported too (OUT/export/cls: the LoRA baseline)
     OUT/baselines/    zero-shot, few-shot (base model prompted), supervised LoRA (OUT/cls)
     OUT/results.json  every accuracy on the same test rows, by the same scorer
 
@@ -94,8 +94,9 @@ def train(config: Any, workdir: str, progress: bool) -> float:
 
 
 def export(workdir: str) -> str:
-    """``gfn-jax convert --workdir W --out W/hf`` (LoRA merged into a Hugging Face dir)."""
-    out = os.path.join(workdir, "hf")
+    """``gfn-jax convert --workdir OUT/W --out OUT/export/W`` (LoRA merged into a Hugging Face
+    directory; convert refuses a directory inside the run)."""
+    out = os.path.join(os.path.dirname(workdir), "export", os.path.basename(workdir))
     if not os.path.isfile(os.path.join(out, "config.json")):
         from gfn_jax import cli
 

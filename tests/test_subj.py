@@ -361,7 +361,7 @@ def test_driver_plumbing_one_round(data, tmp_path):
 
     d = os.path.dirname(data[0])
     sets = ["model.spec=random", "lora.rank=2", "train.prompts_per_batch=2",
-            "train.samples_per_prompt=2", "train.ckpt_every=0", "model.random.d_model=32",
+            "train.samples_per_prompt=4", "train.ckpt_every=0", "model.random.d_model=32",
             "model.random.n_layers=1", "model.random.n_heads=2", "model.random.n_kv_heads=1",
             "model.random.d_ff=64", "model.random.max_seq_len=128"]
     sets += [f"task.{k}={json.dumps(v)}" for k, v in TEMPLATES.items()]
@@ -370,7 +370,7 @@ def test_driver_plumbing_one_round(data, tmp_path):
             "--m_steps", "2", "--cls_steps", "2", "--train_rationales", "2", "--vote_k", "2",
             "--eval_num", "2", "--baselines", "--noprogress",
             "--set_e", 'task.wishful={"obj": [" fact"], "subj": [" view"]}',
-            "--set_e", "task.max_len=4"] + sum([["--set", s] for s in sets], [])
+            "--set_e", "task.max_len=5"] + sum([["--set", s] for s in sets], [])
     assert subj_em.main(argv) == 0
     res = json.load(open(os.path.join(out, "results.json")))
     em = res["rounds"][0]["em"]
