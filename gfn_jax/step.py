@@ -45,6 +45,7 @@ __all__ = [
     "compute_inputs",
     "make_train_step",
     "make_prepare",
+    "posterior_diagnostics",
 ]
 
 
@@ -161,12 +162,38 @@ def compute_inputs(ss: StepSpec, needs: Needs, trainable: Params, log_z_params: 
                       num_groups=ss.num_groups, options=ss.options)
 
 
+def posterior_diagnostics(log_r: jax.Array, log_q_beh: jax.Array, group: jax.Array,
+                          valid: jax.Array, num_groups: int) -> Dict[str, jax.Array]:
+    """Importance-sampling diagnostics of the sampler against the target ∝ R, per prompt
+    (group), averaged over the prompts present: ``iw_log_z`` = log-mean-exp of
+    log R − log q_beh (a stochastic lower bound of log Z in expectation), ``iw_ess`` = the
+    effective sample size fraction (Σw)² / (n Σw²) of those weights (1 when q ∝ R).
+    ``valid`` rows only (rows with known behaviour log-probs)."""
+    lw = jnp.where(valid, log_r - log_q_beh, -jnp.inf)
+    n = jax.ops.segment_sum(valid.astype(jnp.float32), group, num_segments=num_groups)
+    mx = jax.ops.segment_max(jnp.where(valid, lw, -1e30), group, num_segments=num_groups)
+    w = jnp.where(valid, jnp.exp(lw - mx[group]), 0.0)
+    s1 = jax.ops.segment_sum(w, group, num_segments=num_groups)
+    s2 = jax.ops.segment_sum(w * w, group, num_segments=num_groups)
+    present = n > 0
+    safe_n = jnp.where(present, n, 1.0)
+    log_z = jnp.where(present, mx + jnp.log(jnp.where(present, s1, 1.0)) - jnp.log(safe_n), 0.0)
+    ess = jnp.where(present, s1 * s1 / (safe_n * jnp.where(present, s2, 1.0)), 0.0)
+    k = jnp.maximum(jnp.sum(present), 1)
+    return {"iw_log_z": jnp.sum(log_z) / k, "iw_ess": jnp.sum(ess) / k}
+
+
 def _base_metrics(x: LossInputs) -> Dict[str, jax.Array]:
     lengths = x.batch.lengths
     m = {"log_q": jnp.mean(jax.lax.stop_gradient(x.log_q)),
          "length": jnp.mean(lengths.astype(jnp.float32))}
     if x.log_r_raw is not None:
-        m["log_r"] = jnp.mean(final_values(x.log_r_raw, lengths))
+        lr = final_values(x.log_r_raw, lengths)
+        m["log_r"] = jnp.mean(lr)
+        b = x.batch
+        lq_beh = obj.sequence_logprob(b.beh_log_pf, b.beh_log_pterm, lengths, b.action_mask)
+        valid = jnp.asarray(b.has_behaviour, bool) & jnp.isfinite(lr)
+        m.update(posterior_diagnostics(lr, lq_beh, b.prompt_index, valid, x.num_groups))
     return m
 
 
