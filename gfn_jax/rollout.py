@@ -19,7 +19,7 @@ import numpy as np
 
 from gfn_jax.batch import TrainBatch
 from gfn_jax.policy import Policy
-from gfn_jax.replay import ReplayBuffer
+from gfn_jax.replay import ReplayBuffer, collate
 from gfn_jax.tasks.base import Target
 
 BEHAVIOURS = ("on_policy", "tempered", "epsilon", "replay", "data")
@@ -164,15 +164,19 @@ class Rollouts:
     def replay_batch(self, rows: Sequence[int], k: int,
                      temperature: Optional[float]) -> Optional[TrainBatch]:
         """``k`` stored trajectories of each prompt (uniform, or ∝ R^(1/temperature))."""
-        seqs, masks, prow = [], [], []
+        entries, prow = [], []
         for r in rows:
             if self.replay.size(str(r)) == 0:
                 return None
-            for e in self.replay.sample(str(r), k, temperature=temperature):
-                seqs.append(e.tokens)
-                masks.append(e.arrays.get("action_mask"))
-                prow.append(r)
-        return self.trajectories(prow, seqs, masks)
+            entries += self.replay.sample(str(r), k, temperature=temperature)
+            prow += [r] * k
+        c = collate(entries, width=self.max_len, pad_id=self.pad_id)
+        amask = c.get("action_mask", np.arange(self.max_len)[None, :] < c["lengths"][:, None])
+        p = self._prompts_for(prow)
+        return TrainBatch.build(p["prompt_tokens"], p["prompt_mask"], c["tokens"], c["lengths"],
+                                amask.astype(bool), np.asarray(prow, np.int32),
+                                reward_prompt_tokens=p["reward_prompt_tokens"],
+                                reward_prompt_mask=p["reward_prompt_mask"])
 
     def data_batch(self, step: int) -> TrainBatch:
         """A batch of the task's target trajectories, drawn uniformly (seeded by step)."""
@@ -187,14 +191,13 @@ class Rollouts:
 
     # ------------------------------------------------------------------ replay
     def add_to_replay(self, batch: TrainBatch, log_r_final: np.ndarray) -> None:
-        """Offer a batch's trajectories (with their untempered final log R) to the buffer."""
-        lengths = np.asarray(batch.lengths)
-        tokens = np.asarray(batch.tokens)
-        amask = np.asarray(batch.action_mask)
-        pidx = np.asarray(batch.prompt_index)
-        for r in range(len(log_r_final)):
-            if not np.isfinite(log_r_final[r]):
-                continue  # an impossible trajectory is never replayed
-            n = int(lengths[r])
-            self.replay.add(str(int(pidx[r])), tokens[r, :n], float(log_r_final[r]),
-                            arrays={"action_mask": amask[r, :n]})
+        """Offer a batch's trajectories (with their untempered final log R) to the buffer;
+        impossible trajectories (non-finite log R) are never replayed."""
+        keep = np.isfinite(np.asarray(log_r_final))
+        if not keep.any():
+            return
+        self.replay.add_batch(
+            [str(int(i)) for i in np.asarray(batch.prompt_index)[keep]],
+            np.asarray(batch.tokens)[keep], np.asarray(log_r_final, np.float64)[keep],
+            arrays={"action_mask": np.asarray(batch.action_mask)[keep]},
+            lengths=np.asarray(batch.lengths)[keep])

@@ -424,6 +424,10 @@ class Trainer:
                                tokens_per_s=n_tok / max(dt, 1e-9),
                                behaviour=float(BEHAVIOURS.index(kind)),
                                replay_size=float(len(self.replay)))
+                if len(self.replay):
+                    rs = self.replay.stats()
+                    metrics.update(replay_best_log_r=rs["best_log_r"],
+                                   replay_mean_log_r=rs["mean_log_r"])
                 last = metrics
                 if step % tc.log_every == 0 or step == tc.steps - 1:
                     writer.write(step, metrics)
