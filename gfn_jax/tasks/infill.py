@@ -163,9 +163,20 @@ class InfillTask(ContinuationTask):
             raise ValueError(f"row {k} of {self.data_path!r} has no field {e} needed by "
                              f"task.{what} {template!r} (fields: {sorted(row)})") from None
 
+    def _template_fields(self) -> List[str]:
+        import string
+
+        names = []
+        for t in (self.prompt_template, self.suffix_template):
+            names += [f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(t)
+                      if f]
+        return sorted(set(names))
+
     def _load_prompts(self) -> List[str]:
+        # rows missing a field the templates use are reported with file and line
         self.rows = read_jsonl(self.data_path, 0 if self.max_prompt_tokens else
-                               self.num_prompts, self.data_root)
+                               self.num_prompts, self.data_root,
+                               required=self._template_fields())
         self.suffixes = [self._format(self.suffix_template, r, k, "suffix_template")
                          for k, r in enumerate(self.rows)]
         return [self._format(self.prompt_template, r, k, "prompt_template")
