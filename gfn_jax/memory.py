@@ -52,6 +52,7 @@ __all__ = [
     "lm_reward_fn",
     "abstract_batch",
     "format_bytes",
+    "opt_state_shardings",
     "FAST_CPU_COMPILE",
 ]
 
@@ -201,22 +202,30 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def _opt_state_shardings(tx: Any, tp_abstract: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shardings the optimizer state gets from ``jit(tx.init)`` on sharded parameters (as
-    the trainer builds it): moments follow their parameter; counters are replicated."""
-    compiled = jax.jit(tx.init).lower(tp_abstract).compile()
+def opt_state_shardings(tx: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings of ``tx.init(params)``: every parameter-shaped leaf (Adam's moments, the
+    accumulated gradient of ``optax.MultiSteps``) takes its parameter's sharding, every other
+    leaf (counters) is replicated. ``params`` holds arrays or ``ShapeDtypeStruct`` leaves with
+    shardings.
+
+    (``jax.jit(tx.init)(params)`` alone does not do this: a moment is ``zeros_like`` of its
+    parameter, which carries no sharding for the compiler to propagate, so the moments come
+    back on one device and replicating them keeps a full copy of the optimizer state on
+    every device. Use ``jax.jit(tx.init, out_shardings=opt_state_shardings(...))``.)"""
     rep = parallel.replicated(mesh)
-    devices = set(mesh.devices.flat)
+    shapes = jax.eval_shape(tx.init, params)
+    by_path = {tuple(path): (tuple(x.shape), x.sharding)
+               for path, x in jax.tree_util.tree_leaves_with_path(params)}
 
-    def fix(sh):
-        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.shape == mesh.shape \
-                and set(sh.mesh.devices.flat) == devices:
-            return jax.sharding.NamedSharding(mesh, sh.spec)
-        if getattr(sh, "is_fully_replicated", False):
-            return rep
-        raise ValueError(f"unexpected optimizer-state sharding {sh}")
+    def one(path, leaf):
+        path = tuple(path)
+        for k in range(len(path)):  # the parameter's path is a suffix of the state leaf's
+            hit = by_path.get(path[k:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return rep
 
-    return jax.tree_util.tree_map(fix, compiled.output_shardings)
+    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +339,7 @@ def estimate_step_memory(
                                                int(config.train.grad_accum)))
     tp = {"trainable": trainable, "log_z": log_z}
     opt_shapes = jax.eval_shape(tx.init, tp)
-    opt_state = _with_shardings(opt_shapes, _opt_state_shardings(tx, tp, mesh))
+    opt_state = _with_shardings(opt_shapes, opt_state_shardings(tx, tp, mesh))
     S = jax.ShapeDtypeStruct
     state = TrainState(step=S((), jnp.int32, sharding=rep), trainable=trainable, log_z=log_z,
                        opt_state=opt_state, rng=S((2,), jnp.uint32, sharding=rep))
