@@ -241,6 +241,14 @@ def _evaluate_policy(config, task, policy, workdir: str, num: int, tag: str,
     import time
 
     t0 = time.time()
+    direct = task.evaluate_policy(policy)
+    if direct is not None:  # the task evaluates the policy itself (labels, votes, ...)
+        metrics = dict(direct)
+        metrics["eval_time_s"] = time.time() - t0
+        with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"eval ({tag}):", json.dumps(metrics))
+        return metrics
     label = {"before": "evaluating the base model", "after": "evaluating the tuned policy"}
     samples = policy.sample_total(list(task.eval_prompts()), num,
                                   batch_size=int(config.eval.batch_size), seed=seed,

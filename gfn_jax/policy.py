@@ -295,15 +295,16 @@ def lora_config(config: Any) -> lora_lib.LoraConfig:
 
 def load_run(workdir: str, step: Optional[int] = None,
              require_checkpoint: bool = True) -> Tuple[Any, Any, Policy, Params]:
-    """(config, task, policy, base params) of a run directory, without optimizer state.
+    """(config, task, policy, reward params) of a run directory, without optimizer state.
 
-    The base parameters are the reward model's (adapters off) under LoRA, or the initial
-    weights under full fine-tuning (for tasks that score samples with the base model)."""
+    The reward parameters are those of ``reward.model`` when the run names one, else the
+    base model's (adapters off) under LoRA, or the initial weights under full fine-tuning
+    (for tasks that score samples with the reward model)."""
     from gfn_jax.checkpoint import Checkpointer
     from gfn_jax.tasks import make_task
 
     config = run_config(workdir)
-    task = make_task(config.task)
+    task = make_task(config.task, config.data.get("root", ""))
     model_cfg, base, tok = load_base_model(config, task)
     task.setup(model_cfg, tok)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -321,6 +322,8 @@ def load_run(workdir: str, step: Optional[int] = None,
     else:
         params, adapters = (base if trainable is None else trainable), None
     policy = policy_from_task(task, model_cfg, params, adapters, tok)
+    if config.reward.get("model", ""):  # the run's reward model is a separate checkpoint
+        base = registry.load(config.reward.model, dtype=config.model.param_dtype).params
     return config, task, policy, base
 
 

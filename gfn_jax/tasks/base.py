@@ -118,6 +118,12 @@ class Task(abc.ABC):
         return True
 
     # --- evaluation ---------------------------------------------------------
+    def evaluate_policy(self, policy: Any) -> Optional[Dict[str, float]]:
+        """Metrics that need the policy itself (e.g. label scoring, majority votes at a low
+        temperature); ``gfn-jax eval`` and training's evaluations use them instead of
+        sampling when a task returns a dict. Default: None (sample, then :meth:`evaluate`)."""
+        return None
+
     def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
                  tag: str = "") -> Dict[str, float]:
         """Task metrics for a list of samples (dicts with ``prompt``, ``tokens``, ``text``,
