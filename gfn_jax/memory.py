@@ -72,10 +72,12 @@ FIT_KNOBS = (
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes as GiB (or MiB below 1 GiB)."""
+    """``n`` bytes as GiB (MiB below 1 GiB, KiB below 1 MiB)."""
     if abs(n) >= GiB:
         return f"{n / GiB:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"
 
 
 @dataclasses.dataclass(frozen=True)
