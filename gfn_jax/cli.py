@@ -230,6 +230,17 @@ def _replot(workdir: str) -> None:
         print(f"warning: could not plot metrics: {e}", file=sys.stderr)
 
 
+def _hardware() -> str:
+    import platform
+
+    import jax
+
+    devs = jax.devices()
+    kinds = "/".join(sorted({d.device_kind for d in devs}))
+    return (f"{len(devs)} x {kinds} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+            f"{platform.machine()}, JAX {jax.__version__}")
+
+
 def _evaluate(trainer, num: int, tag: str, seed: int = 1234,
               progress: bool = True) -> Dict[str, float]:
     return _evaluate_policy(trainer.config, trainer.task, trainer.policy, trainer.workdir, num,
