@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Dict, Mapping
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -20,6 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = False
+    c.model.remat_policy = ""  # none | full | dots_saveable | ... ("" follows model.remat)
+    c.model.logits_chunk = 0  # positions per vocabulary-softmax chunk: 0 auto, -1 never
     c.model.init_seed = 0  # spec == "random" only
     c.model.init_std = 0.02
     c.model.random = ml_collections.ConfigDict(
@@ -108,6 +110,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 500
     c.eval.before_training = True
     c.eval.temperature = 1.0  # sampling temperature of evaluations (the release: 0.9 / 0.1)
+
+    c.memory = ml_collections.ConfigDict()
+    c.memory.estimate = "auto"  # compile the step on abstract shapes first: auto (not on
+    #                             CPU) | always | never
+    c.memory.device_gb = 0.0  # memory per device to plan for (0: what the device reports)
+    c.memory.headroom = 0.9  # fraction of it the step may use
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
@@ -255,6 +263,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.lora.rank} and {config.lora.dropout}")
 
     mesh_rules(config)
+    if config.memory.estimate not in ("auto", "always", "never"):
+        raise ValueError(f"memory.estimate must be auto, always or never, got "
+                         f"{config.memory.estimate!r}")
+    if not 0 < config.memory.headroom <= 1:
+        raise ValueError(f"memory.headroom must be in (0, 1], got {config.memory.headroom}")
     objective = get_objective(o.name)
     if objective.validate is not None:
         objective.validate(config)

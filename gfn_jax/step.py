@@ -32,6 +32,7 @@ from gfn_jax.batch import TrainBatch
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models import lora as lora_lib
 from gfn_jax.models.config import ModelConfig
+from gfn_jax.models.transformer import activation_sharding
 from gfn_jax.objective_registry import LossInputs, Needs, Objective, final_values
 from gfn_jax.scoring import PolicyScores, score_policy
 
@@ -214,12 +215,18 @@ def loss_fn(ss: StepSpec, trainable: Params, log_z_params: Params,
 
 
 def make_train_step(ss: StepSpec, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    state_shardings: Any, frozen_shardings: Any, batch_shardings: Any):
+                    state_shardings: Any, frozen_shardings: Any, batch_shardings: Any,
+                    rules: Any = None):
     """``step(state, frozen, batch, hyper) -> (state, metrics, log_r_final [B])`` jitted with
-    explicit in/out shardings; ``state`` is donated."""
+    explicit in/out shardings; ``state`` is donated. Activations are constrained at block
+    boundaries by the logical-axis ``rules`` (default ``parallel.DEFAULT_RULES``)."""
     log_z_scalar = ss.objective.needs_for(ss.options).log_z
 
     def step(state: TrainState, frozen, batch: TrainBatch, hyper):
+        with activation_sharding(mesh, rules):
+            return _step(state, frozen, batch, hyper)
+
+    def _step(state: TrainState, frozen, batch: TrainBatch, hyper):
         rng = jax.random.fold_in(state.rng, state.step)  # e.g. LoRA dropout masks
 
         def f(tp):
@@ -254,7 +261,7 @@ def make_train_step(ss: StepSpec, tx: optax.GradientTransformation, mesh: jax.sh
 
 
 def make_prepare(ss: StepSpec, mesh: jax.sharding.Mesh, state_shardings: Any,
-                 frozen_shardings: Any, batch_shardings: Any):
+                 frozen_shardings: Any, batch_shardings: Any, rules: Any = None):
     """``prepare(state, frozen, batch, hyper) -> (extras, metrics)``: the objective's
     once-per-rollout function under the pre-update policy (no dropout), jitted."""
     if ss.objective.prepare is None:
@@ -262,6 +269,10 @@ def make_prepare(ss: StepSpec, mesh: jax.sharding.Mesh, state_shardings: Any,
     needs = ss.objective.prepare_needs_for(ss.options)
 
     def prepare(state: TrainState, frozen, batch: TrainBatch, hyper):
+        with activation_sharding(mesh, rules):
+            return _prepare(state, frozen, batch, hyper)
+
+    def _prepare(state: TrainState, frozen, batch: TrainBatch, hyper):
         x = compute_inputs(ss, needs, state.trainable, state.log_z, frozen, batch, hyper, None)
         extras, aux = ss.objective.prepare(x)
         metrics = _base_metrics(x)

@@ -161,13 +161,14 @@ class Trainer:
         self.total_updates = total_updates(config.train.steps, self.calls_per_rollout,
                                            config.train.grad_accum)
         self.tx = build_optimizer(config, self.total_updates)
-        opt_state = jax.jit(self.tx.init)({"trainable": trainable, "log_z": log_z})
-        # leaves that follow a parameter keep its sharding; the rest (counters, scalar
-        # moments) are replicated over the mesh so every state leaf lives on the mesh
-        mesh_devices = set(self.mesh.devices.flat)
-        opt_state = jax.tree_util.tree_map(
-            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-            and x.sharding.device_set == mesh_devices else jax.device_put(x, rep), opt_state)
+        # every parameter-shaped leaf (Adam's moments, MultiSteps' accumulator) takes its
+        # parameter's sharding (so mesh.fsdp shards the optimizer state too); counters are
+        # replicated over the mesh
+        from gfn_jax.memory import opt_state_shardings
+
+        tp = {"trainable": trainable, "log_z": log_z}
+        opt_state = jax.jit(self.tx.init,
+                            out_shardings=opt_state_shardings(self.tx, tp, self.mesh))(tp)
         self.state = TrainState(
             step=jax.device_put(jnp.zeros((), jnp.int32), rep), trainable=trainable,
             log_z=log_z, opt_state=opt_state,
@@ -186,6 +187,7 @@ class Trainer:
         if restore and self.ckpt.latest_step() is not None:
             self._restore()
 
+        self.memory_estimate = self._plan_memory(devices)
         self.step_spec = StepSpec(
             model_cfg=self.model_cfg, objective=self.objective, options=self.options,
             spec=self.spec, reward_fn=self._task_reward, logit_bias=self.logit_bias,
@@ -213,6 +215,25 @@ class Trainer:
             self.task.bind_reward_params(self.frozen[reward_key])
 
     # ------------------------------------------------------------------ utils
+    def _plan_memory(self, devices: Optional[List[Any]]) -> Any:
+        """Compile the step ahead of time on abstract shapes and check its per-device memory
+        against the device (``memory.estimate``: auto = on accelerators only)."""
+        mc = self.config.memory
+        if mc.estimate == "never" or (mc.estimate == "auto" and jax.default_backend() == "cpu"):
+            return None
+        from gfn_jax import memory
+
+        est = memory.estimate_from_config(
+            self.config, self.model_cfg, self.prompt_len, devices=devices,
+            reward_prompt_len=self.reward_prompt_len, term_ids=self.spec.term_ids,
+            logit_bias=self.logit_bias is not None)
+        if jax.process_index() == 0:
+            print(est.summary())
+        limit = float(mc.device_gb) * 1e9 or memory.device_memory_bytes(
+            self.mesh.devices.flat[0])
+        memory.check_fits(est, limit, float(mc.headroom))
+        return est
+
     def _task_reward(self, model_cfg: Any, params: Params, batch: TrainBatch) -> jax.Array:
         """The task's reward, looked up when the step is traced (not bound at start-up)."""
         return self.task.log_reward(model_cfg, params, batch)
@@ -310,10 +331,11 @@ class Trainer:
     def _build(self) -> None:
         bsh = parallel.batch_sharding(self.mesh, 1, self.rules)
         self._step_fn = make_train_step(self.step_spec, self.tx, self.mesh,
-                                        self.state_shardings, self.frozen_shardings, bsh)
+                                        self.state_shardings, self.frozen_shardings, bsh,
+                                        rules=self.rules)
         if self.objective.prepare is not None:
             self._prepare_fn = make_prepare(self.step_spec, self.mesh, self.state_shardings,
-                                            self.frozen_shardings, bsh)
+                                            self.frozen_shardings, bsh, rules=self.rules)
 
     def train_step(self, batch: TrainBatch, temperature: Optional[float] = None,
                    step: int = 0) -> Tuple[Dict[str, float], np.ndarray]:

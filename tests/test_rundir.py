@@ -7,11 +7,9 @@ import errno
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest

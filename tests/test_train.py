@@ -4,7 +4,6 @@ rewards against closed forms, and the CLI."""
 import itertools
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gfn_jax.models.adapters import Adapters, as_adapters, merge_kernel, merge_tree
+from gfn_jax.models.adapters import Adapters, as_adapters, merge_kernel, merge_tree  # noqa: F401
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import param_axes
 

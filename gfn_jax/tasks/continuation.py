@@ -55,9 +55,7 @@ import numpy as np
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
-from gfn_jax.logprobs import gather_logprobs, masked_cumsum, state_mask, term_logprob, token_mask
-from gfn_jax.models.transformer import unembed
-from gfn_jax.scoring import RewardScores, _prefix_hidden, score_reward_prefixes
+from gfn_jax.scoring import RewardScores, score_reward_prefixes
 from gfn_jax.tasks.base import Batch, Task
 
 DEFAULT_PROMPTS = "../shared/data/openwebtext/prompts.txt"
@@ -201,22 +199,10 @@ def penalised_reward_prefixes(cfg: ModelConfig, params: Any, prompt_tokens: jax.
     ``p~(v | s) = softmax(logits(s) + bias)[v]``: ``log_pz [B, T+1]`` = log p~(z_<i | X) and
     ``log_pterm [B, T+1]`` = log p~(⊤ | X z_<i) (0 beyond each row's length). One forward
     pass; ``bias=None`` is the plain LM (exactly ``score_reward_prefixes``)."""
-    if bias is None:
-        return score_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
-                                     term_ids)
-    P, T = prompt_tokens.shape[1], tokens.shape[1]
-    hidden, _, toks = _prefix_hidden(cfg, params, jnp.asarray(prompt_tokens, jnp.int32),
-                                     jnp.asarray(prompt_mask).astype(bool),
-                                     jnp.asarray(tokens, jnp.int32),
-                                     jnp.asarray(lengths, jnp.int32), None)
-    logits = unembed(cfg, params, hidden[:, P - 1:]).astype(jnp.float32)  # [B, T+1, V]
-    logp = jax.nn.log_softmax(logits + jnp.asarray(bias, jnp.float32), axis=-1)
-    tok_lp = gather_logprobs(logp[:, :T], toks)
-    cum = masked_cumsum(tok_lp, token_mask(lengths, T), axis=-1)
-    log_pz = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)
-    smask = state_mask(lengths, T)
-    return RewardScores(log_pz=jnp.where(smask, log_pz, 0.0),
-                        log_pterm=jnp.where(smask, term_logprob(logp, tuple(term_ids)), 0.0))
+    # the scorer computes the vocabulary softmax in chunks of positions: the [B, T+1, V]
+    # logits never exist at once
+    return score_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
+                                 term_ids, logit_bias=bias)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
@@ -542,4 +528,3 @@ class ContinuationTask(Task):
         gs = [[str(samples[i].get("text", "")) for i in g] for g in _group(samples).values()]
         gs = [g for g in gs if len(g) >= 2]
         return embedding_diversity(gs, enc) if gs else None
-        return m
