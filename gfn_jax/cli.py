@@ -359,7 +359,8 @@ def _expected_errors() -> tuple:
     from gfn_jax.checkpoint import CheckpointError
     from gfn_jax.rundir import RunDirError
 
-    errs = [ValueError, OSError, KeyError, CheckpointError, RunDirError, UsageError]
+    errs = [ValueError, OSError, KeyError, MemoryError, CheckpointError, RunDirError,
+            UsageError]
     try:
         from gfn_jax.train import NonFiniteLossError
 

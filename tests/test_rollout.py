@@ -147,3 +147,19 @@ def test_posterior_diagnostics_closed_form():
                               jnp.ones(8, bool), 2)
     assert float(d["iw_ess"]) == pytest.approx(1.0, abs=1e-6)
     assert float(d["iw_log_z"]) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys):
+    """memory.estimate=always compiles the step on abstract shapes first; a config that does
+    not fit the planned device memory is refused before training, naming what to change."""
+    from gfn_jax import cli
+
+    tr = Trainer(toy_config(**{"memory.estimate": "always"}), str(tmp_path / "a"),
+                 restore=False)
+    assert tr.memory_estimate is not None and tr.memory_estimate.total_bytes > 0
+    rc = cli.main(["gfn-jax", "train", "--config", os.path.join(ROOT, "configs/toy_exact.py"),
+                   "--workdir", str(tmp_path / "b"), "--config.memory.estimate=always",
+                   "--config.memory.device_gb=0.000001", "--config.train.steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "train.samples_per_prompt" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "b" / "checkpoints")
