@@ -584,7 +584,7 @@ def test_infill_row_missing_the_templates_field(tmp_path, capsys, no_model):
     rc, _, err = gfn(capsys, "train", "--config", os.path.join(ROOT, "configs/infill_subj.py"),
                      "--workdir", wd, f"--config.task.data_path={data}")
     assert rc == 1
-    assert_short_error(err, str(data), "no field 'text'", "task.prompt_template")
+    assert_short_error(err, f"{data}:2", "missing field(s) 'text'")
     assert no_model == [] and (not wd.exists() or os.listdir(wd) == [])
     # the reader itself names the line when told the fields a template needs
     from gfn_jax.tasks.infill import read_jsonl

@@ -218,7 +218,7 @@ def test_data_file_errors_are_clear(model, tmp_path):
     bad = _write(tmp_path / "bad.jsonl", json.dumps(ROWS[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         InfillTask({"data_path": bad})
-    with pytest.raises(ValueError, match="no field 'label'"):
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: missing field\(s\) 'label'"):
         InfillTask({"data_path": jsonl_file(tmp_path), "suffix_template": "{label}"})
     with pytest.raises(ValueError, match="encodes to no tokens"):
         infill_task(model, tmp_path, suffix_template="")
@@ -226,8 +226,8 @@ def test_data_file_errors_are_clear(model, tmp_path):
         infill_task(model, tmp_path, max_len=250)
     with pytest.raises(ValueError, match="min_len"):
         ContinuationTask({"data_path": prompt_file(tmp_path), "min_len": 5, "max_len": 3})
-    # relative paths resolve against the repository root
-    rel = os.path.relpath(prompt_file(tmp_path), ROOT)
+    # relative paths resolve against the working directory (the tests run from the root)
+    rel = os.path.relpath(prompt_file(tmp_path), os.getcwd())
     assert ContinuationTask({"data_path": rel}).train_prompts()[0] == "Hi.  "
 
 
