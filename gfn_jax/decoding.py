@@ -29,7 +29,7 @@ rule as the sampler's behaviour policy).
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -39,6 +39,7 @@ from gfn_jax.logprobs import (
     DISALLOWED,
     PolicySpec,
     check_bias,
+    check_prompts,
     check_spec,
     constrain_logits,
     policy_logprobs,
@@ -102,15 +103,7 @@ def _allowed(logits: jax.Array, t: jax.Array, spec: PolicySpec, logit_bias) -> j
 
 
 def _check_prompts(cfg: ModelConfig, prompt_tokens: Any, prompt_mask: Any, spec: PolicySpec):
-    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
-    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-        raise ValueError(
-            f"prompt_tokens and prompt_mask must both be [B, P]; got {prompt_tokens.shape} "
-            f"and {prompt_mask.shape}"
-        )
-    if prompt_tokens.shape[1] < 1:
-        raise ValueError("prompts must have at least one token (P >= 1)")
+    prompt_tokens, prompt_mask = check_prompts(prompt_tokens, prompt_mask)
     check_spec(spec, cfg.vocab_size)
     check_length(cfg, prompt_tokens.shape[1] + spec.max_len)
     return prompt_tokens, prompt_mask

@@ -30,6 +30,7 @@ __all__ = [
     "PolicySpec",
     "check_spec",
     "check_bias",
+    "check_prompts",
     "term_id_mask",
     "constrain_logits",
     "policy_logprobs",
@@ -92,6 +93,21 @@ def check_spec(spec: Any, vocab_size: int) -> None:
     if not isinstance(spec, PolicySpec):
         raise TypeError(f"spec must be a PolicySpec, got {type(spec).__name__}")
     spec.check_vocab(vocab_size)
+
+
+def check_prompts(prompt_tokens: Any, prompt_mask: Any) -> Tuple[jax.Array, jax.Array]:
+    """Left-padded prompts as int32 ``[B, P]`` arrays, with a clear error for a bad shape or an
+    empty prompt axis (shared by the sampler and the decoders)."""
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(
+            f"prompt_tokens and prompt_mask must both be [B, P]; got {prompt_tokens.shape} "
+            f"and {prompt_mask.shape}"
+        )
+    if prompt_tokens.shape[1] < 1:
+        raise ValueError("prompts must have at least one token (P >= 1)")
+    return prompt_tokens, prompt_mask
 
 
 def check_bias(name: str, bias: Optional[jax.Array], vocab_size: int) -> Optional[jax.Array]:

@@ -24,6 +24,7 @@ from gfn_jax.logprobs import (
     NEG_INF,
     PolicySpec,
     check_bias,
+    check_prompts,
     check_spec,
     constrain_logits,
     gather_logprobs,
@@ -292,15 +293,7 @@ def sample(
 
     Deterministic given ``rng``; one jitted call keyed on cfg/spec/shapes/num_samples/top_k/tool.
     """
-    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
-    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-        raise ValueError(
-            f"prompt_tokens and prompt_mask must both be [B, P]; got {prompt_tokens.shape} "
-            f"and {prompt_mask.shape}"
-        )
-    if prompt_tokens.shape[1] < 1:
-        raise ValueError("prompts must have at least one token (P >= 1)")
+    prompt_tokens, prompt_mask = check_prompts(prompt_tokens, prompt_mask)
     check_spec(spec, cfg.vocab_size)
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
