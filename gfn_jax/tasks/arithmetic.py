@@ -86,7 +86,7 @@ from gfn_jax.models.tokenizer import Tokenizer
 from gfn_jax.models.transformer import apply, causal_mask, positions_from_mask, unembed
 from gfn_jax.scoring import score_suffix_prefixes
 from gfn_jax.tasks import arithmetic_data as ad
-from gfn_jax.tasks.base import Batch, Target, Task
+from gfn_jax.tasks.base import Batch, Target, Task, importance_log_z
 from gfn_jax.tasks.calculator import CalculatorTool, rationale_trajectory
 
 __all__ = [
@@ -157,19 +157,11 @@ def majority_vote(answers: Sequence[Optional[int]]) -> Optional[int]:
     return None  # unreachable
 
 
-def _logmeanexp(x: np.ndarray) -> float:
-    m = float(np.max(x))
-    return m + math.log(float(np.mean(np.exp(x - m))))
-
-
 def importance_diagnostics(log_r: Sequence[float], log_q: Sequence[float]) -> Tuple[float, float]:
-    """(log-mean-exp of ``log R - log q``, effective sample size fraction ``(Σw)² / (n Σw²)``)."""
-    lw = np.asarray(log_r, np.float64) - np.asarray(log_q, np.float64)
-    if lw.size == 0 or not np.all(np.isfinite(lw)):
-        return float("nan"), float("nan")
-    m = lw.max()
-    w = np.exp(lw - m)
-    return _logmeanexp(lw), float(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+    """(log-mean-exp of ``log R - log q``, effective sample size fraction ``(Σw)² / (n Σw²)``):
+    :func:`~gfn_jax.tasks.base.importance_log_z` with the ESS divided by n."""
+    log_z, ess = importance_log_z(log_r, log_q)
+    return log_z, ess / max(len(log_r), 1)
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+import math
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -129,3 +130,16 @@ class Task(abc.ABC):
         """Task metrics for a list of samples (dicts with ``prompt``, ``tokens``, ``text``,
         ``log_q``); may write plots into ``out_dir``."""
         return {}
+
+
+def importance_log_z(log_r: Sequence[float], log_q: Sequence[float]) -> Tuple[float, float]:
+    """``(log mean_j exp(log R_j - log q_j), ESS = (Σ w)² / Σ w²)`` of samples Z_j ~ q.
+
+    ``exp`` of the first is an unbiased estimate of Z = Σ_Z R(Z), so by Jensen its log is a
+    lower bound of log Z in expectation. ESS is in [1, n]; n when every weight is equal."""
+    lw = np.asarray(log_r, np.float64) - np.asarray(log_q, np.float64)
+    if lw.size == 0 or not np.all(np.isfinite(lw)):
+        return float("nan"), float("nan")
+    m = lw.max()
+    w = np.exp(lw - m)
+    return float(m + math.log(w.mean())), float(w.sum() ** 2 / (w ** 2).sum())

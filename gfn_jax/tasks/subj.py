@@ -56,7 +56,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -69,7 +68,7 @@ from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
 from gfn_jax.models.transformer import apply, positions_from_mask, unembed
 from gfn_jax.scoring import score_reward_prefixes, score_suffix_prefixes
-from gfn_jax.tasks.base import Batch, Target, Task
+from gfn_jax.tasks.base import Batch, Target, Task, importance_log_z
 from gfn_jax.tasks.continuation import penalised_token_mask, resolve_data_path
 
 __all__ = [
@@ -261,19 +260,6 @@ def mean_prob_vote(scores: np.ndarray) -> int:
     """argmax over candidates of the mean over rationales of the candidate-normalised
     probabilities (``scores [k, C]`` log-scores); ties to the lower index."""
     return int(np.argmax(candidate_probs(scores).mean(axis=0)))
-
-
-def importance_log_z(log_r: Sequence[float], log_q: Sequence[float]) -> Tuple[float, float]:
-    """``(log mean_j exp(log R_j - log q_j), ESS = (Σ w)² / Σ w²)`` of samples Z_j ~ q.
-
-    ``exp`` of the first is an unbiased estimate of Z = Σ_Z R(Z), so by Jensen its log is a
-    lower bound of log Z in expectation. ESS is in [1, n]; n when every weight is equal."""
-    lw = np.asarray(log_r, np.float64) - np.asarray(log_q, np.float64)
-    if lw.size == 0 or not np.all(np.isfinite(lw)):
-        return float("nan"), float("nan")
-    m = lw.max()
-    w = np.exp(lw - m)
-    return float(m + math.log(w.mean())), float(w.sum() ** 2 / (w ** 2).sum())
 
 
 # ---------------------------------------------------------------------------
