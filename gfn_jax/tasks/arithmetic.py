@@ -69,7 +69,6 @@ import collections
 import fractions
 import functools
 import json
-import math
 import os
 import re
 import sys
