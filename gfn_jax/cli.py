@@ -201,7 +201,9 @@ def cmd_train(fv: flags.FlagValues) -> int:
                                          progress=fv.progress)
         summary["complete"] = not preempted
         summary["command"] = _COMMAND_LINE or "gfn-jax train"
-        summary["hardware"] = _hardware()
+        from gfn_jax.baselines import hardware
+
+        summary["hardware"] = hardware()
         if primary:
             from gfn_jax.rundir import atomic_write_file
 
@@ -228,17 +230,6 @@ def _replot(workdir: str) -> None:
         plot_metrics(workdir)
     except Exception as e:  # noqa: BLE001 - plots are a convenience, never fatal
         print(f"warning: could not plot metrics: {e}", file=sys.stderr)
-
-
-def _hardware() -> str:
-    import platform
-
-    import jax
-
-    devs = jax.devices()
-    kinds = "/".join(sorted({d.device_kind for d in devs}))
-    return (f"{len(devs)} x {kinds} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
-            f"{platform.machine()}, JAX {jax.__version__}")
 
 
 def _evaluate(trainer, num: int, tag: str, seed: int = 1234,

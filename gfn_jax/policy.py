@@ -34,7 +34,7 @@ from gfn_jax.scoring import score_policy
 
 Params = Any
 
-__all__ = ["Policy", "load_policy", "load_run", "load_base_model", "run_config"]
+__all__ = ["Policy", "load_policy", "load_run", "load_base_model", "run_config", "left_pad"]
 
 
 @dataclasses.dataclass
@@ -91,16 +91,7 @@ class Policy:
     def pad(self, ids: Sequence[Sequence[int]], length: Optional[int] = None
             ) -> Tuple[np.ndarray, np.ndarray]:
         """Left-pad token lists to ``length`` (default: the longest); (tokens, mask) int32."""
-        P = int(length or max(len(x) for x in ids))
-        toks = np.full((len(ids), P), self.pad_id, np.int32)
-        mask = np.zeros((len(ids), P), np.int32)
-        for r, seq in enumerate(ids):
-            if len(seq) > P:
-                raise ValueError(f"prompt {r} has {len(seq)} tokens, more than the padded "
-                                 f"length {P}")
-            toks[r, P - len(seq):] = seq
-            mask[r, P - len(seq):] = 1
-        return toks, mask
+        return left_pad(ids, int(length or max(len(x) for x in ids)), self.pad_id)
 
     # ------------------------------------------------------------------ sampling
     def draw(self, prompt_tokens: Any, prompt_mask: Any, rng: jax.Array, num_samples: int,
@@ -224,6 +215,21 @@ class Policy:
         from gfn_jax.models import hf
 
         hf.save_hf(self.model_config, self.merged_params(), out_dir, tokenizer=self.tokenizer)
+
+
+def left_pad(ids: Sequence[Sequence[int]], length: int, pad_id: int
+             ) -> Tuple[np.ndarray, np.ndarray]:
+    """Token lists left-padded to ``length``: (tokens, mask) int32 ``[N, length]``, mask 1 on
+    the real tokens; a list longer than ``length`` is an error."""
+    toks = np.full((len(ids), length), pad_id, np.int32)
+    mask = np.zeros((len(ids), length), np.int32)
+    for r, seq in enumerate(ids):
+        if len(seq) > length:
+            raise ValueError(f"prompt {r} has {len(seq)} tokens, more than the padded "
+                             f"length {length}")
+        toks[r, length - len(seq):] = seq
+        mask[r, length - len(seq):] = 1
+    return toks, mask
 
 
 def _seq_logq(log_pf: np.ndarray, log_pterm: np.ndarray, lengths: np.ndarray) -> np.ndarray:

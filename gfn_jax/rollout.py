@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gfn_jax.batch import TrainBatch
-from gfn_jax.policy import Policy
+from gfn_jax.policy import Policy, left_pad
 from gfn_jax.replay import ReplayBuffer, collate
 from gfn_jax.tasks.base import Target
 
@@ -57,12 +57,7 @@ class Rollouts:
 
     # ------------------------------------------------------------------ helpers
     def pad(self, ids: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
-        toks = np.full((len(ids), length), self.pad_id, np.int32)
-        mask = np.zeros((len(ids), length), np.int32)
-        for r, seq in enumerate(ids):
-            toks[r, length - len(seq):] = seq
-            mask[r, length - len(seq):] = 1
-        return toks, mask
+        return left_pad(ids, length, self.pad_id)
 
     def _prompts_for(self, rows: Sequence[int]) -> Dict[str, np.ndarray]:
         pt, pm = self.pad([self.prompt_ids[i] for i in rows], self.prompt_len)

@@ -37,7 +37,7 @@ from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.transformer import param_axes, param_shapes
 from gfn_jax.objective_registry import final_values, get_objective
 from gfn_jax.optim import build_optimizer, reward_temperature, total_updates
-from gfn_jax.policy import Policy, load_base_model, lora_config, policy_from_task
+from gfn_jax.policy import Policy, load_base_model, lora_config
 from gfn_jax.replay import ReplayBuffer
 from gfn_jax.rollout import BEHAVIOURS, Rollouts
 from gfn_jax.step import (StepSpec, TrainState, host_hyper, make_prepare, make_train_step,
@@ -92,6 +92,7 @@ class Trainer:
         self.spec = self.task.policy_spec()
         bias = self.task.policy_logit_bias()
         self.logit_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+        self.tool = self.task.tool()
         self.prompts: List[str] = list(self.task.train_prompts())
         self.prompt_ids = [self._encode(p, k, "prompt") for k, p in enumerate(self.prompts)]
         self.prompt_len = self._padded_len(self.prompt_ids)
@@ -262,10 +263,6 @@ class Trainer:
                 f"or lower task.max_len")
         return P
 
-    def pad_prompts(self, ids: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
-        """Left-pad prompts to ``self.prompt_len``."""
-        return self.rollouts.pad(ids, self.prompt_len)
-
     @property
     def policy_params(self) -> Tuple[Params, Optional[Adapters]]:
         """(params, adapters) of the current policy."""
@@ -277,7 +274,10 @@ class Trainer:
     def policy(self) -> Policy:
         """The current policy as a :class:`~gfn_jax.policy.Policy` value."""
         params, adapters = self.policy_params
-        return policy_from_task(self.task, self.model_cfg, params, adapters, self.tokenizer)
+        # the task's spec, bias and tool were read once at start-up: no per-step rebuild
+        return Policy(model_config=self.model_cfg, params=params, adapters=adapters,
+                      spec=self.spec, tokenizer=self.tokenizer, logit_bias=self.logit_bias,
+                      tool=self.tool, encode_prompt=self.task.encode_prompt)
 
     def _restore(self) -> None:
         abstract = jax.tree_util.tree_map(
