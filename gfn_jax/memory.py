@@ -30,7 +30,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gfn_jax import parallel
 from gfn_jax.batch import TrainBatch

@@ -45,7 +45,6 @@ tool is built, given the policy's termination ids).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Any, List, Optional, Sequence, Tuple
 
