@@ -31,6 +31,9 @@ Run (a GPU or TPU; a 2-core CPU manages ~100 tokens/s, far too slow for the full
     gfn-jax train --config configs/continuation.py --workdir runs/continuation
 Smoke test: ... --config.train.steps=2 --config.train.grad_accum=1 --config.eval.num_samples=0
 Baselines on the same model and held-out prompts: python -m gfn_jax.baselines --help
+Training prompts from a data set instead (txt / jsonl / tfds:NAME:SPLIT, streamed, sharded per
+host, position checkpointed; evaluation keeps the held-out lines): ... --config.data.source=SPEC
+--config.data.x_field=FIELD --config.data.max_prompt_len=128 --config.explore.p_replay=0
 """
 
 from gfn_jax.defaults import default_config, with_task

@@ -34,6 +34,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.max_prompt_len = 0  # 0 = longest training prompt; longer prompts are an error
     c.data.root = ""  # relative data paths resolve against this (default: the working dir)
+    # training prompts streamed from a source instead of the task's own list (tasks that
+    # declare STREAM_FIELDS, e.g. continuation; see gfn_jax/prompt_stream.py): "" = the
+    # task's prompts; else a .txt / .jsonl file (txt:PATH, jsonl:PATH) or
+    # tfds:NAME[/CONFIG][:VERSION]:SPLIT (pip install "gfn-jax[data]"). Needs
+    # data.max_prompt_len > 0; sharded per host, shuffled per epoch with `seed`, its
+    # position saved in every checkpoint
+    c.data.source = ""
+    c.data.x_field = "X"  # the column holding the prompt (JSON key / TFDS feature)
+    c.data.y_field = ""  # "" = not read; only for tasks that read Y from a stream
+    c.data.z_field = ""  # "" = not read; only for tasks that read Z from a stream
+    c.data.shuffle = True  # a new seeded permutation every epoch
+    c.data.on_bad = "error"  # error | skip: bad rows, too long / empty prompts
+    c.data.tfds_dir = ""  # TFDS data_dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True
@@ -290,3 +303,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"(objective.sft_source='data'): explore.* is unused; set "
                          f"explore.p_replay to 0")
     check_task_config(config.task)
+    from gfn_jax.prompt_stream import check_data_config
+
+    check_data_config(config)

@@ -39,6 +39,9 @@ class Rollouts:
       replay: the replay buffer (host).
       max_len: T.
       targets: the task's target trajectories (for ``data`` batches), or None.
+
+    With a prompt stream (``data.source``) the trainer hands each step's prompts to
+    :meth:`use_prompts` before :meth:`make_batch`; the step's rows are then all of them.
     """
 
     def __init__(self, config: Any, prompt_ids: List[List[int]],
@@ -54,6 +57,13 @@ class Rollouts:
         self.replay = replay
         self.max_len = max_len
         self.targets = list(targets) if targets is not None else None
+        self.streamed = False
+
+    def use_prompts(self, prompt_ids: List[List[int]]) -> None:
+        """Make ``prompt_ids`` (a step's streamed prompts, also the reward's context) the
+        prompt table; every later step takes all of its rows."""
+        self.prompt_ids = self.reward_prompt_ids = list(prompt_ids)
+        self.streamed = True
 
     # ------------------------------------------------------------------ helpers
     def pad(self, ids: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -91,6 +101,8 @@ class Rollouts:
 
     # ------------------------------------------------------------------ choice
     def choose_prompts(self, step: int) -> List[int]:
+        if self.streamed:
+            return list(range(len(self.prompt_ids)))
         P = int(self.config.train.prompts_per_batch)
         rng = np.random.default_rng([self.config.seed, step, 3])
         n = len(self.prompt_ids)

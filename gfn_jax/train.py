@@ -8,6 +8,8 @@
 * the pure jitted step (:mod:`gfn_jax.step`) and, for objectives like PPO, the
   once-per-rollout ``prepare``;
 * the host-side rollouts (:mod:`gfn_jax.rollout`): prompts, behaviour, replay, data batches;
+  with ``data.source``, each step's prompts from a :class:`~gfn_jax.prompt_stream.PromptStream`
+  (its position saved in every checkpoint);
 * checkpoints, metrics, the loop (progress bar, preemption, non-finite steps).
 
 One loop step is one rollout: a batch of trajectories, then the objective's epochs x
@@ -38,6 +40,7 @@ from gfn_jax.models.transformer import param_axes, param_shapes
 from gfn_jax.objective_registry import final_values, get_objective
 from gfn_jax.optim import build_optimizer, reward_temperature, total_updates
 from gfn_jax.policy import Policy, load_base_model, lora_config
+from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.replay import ReplayBuffer
 from gfn_jax.rollout import BEHAVIOURS, Rollouts
 from gfn_jax.step import (StepSpec, TrainState, host_hyper, make_prepare, make_train_step,
@@ -93,10 +96,19 @@ class Trainer:
         bias = self.task.policy_logit_bias()
         self.logit_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
         self.tool = self.task.tool()
-        self.prompts: List[str] = list(self.task.train_prompts())
-        self.prompt_ids = [self._encode(p, k, "prompt") for k, p in enumerate(self.prompts)]
-        self.prompt_len = self._padded_len(self.prompt_ids)
-        reward_prompts = self.task.reward_prompts()
+        # data.source: every step's prompts come from a per-host sharded stream instead
+        self.prompt_stream: Optional[PromptStream] = None
+        self.prompts: List[str] = []
+        self.prompt_ids: List[List[int]] = []
+        reward_prompts = None
+        if config.data.source:
+            self.prompt_stream = PromptStream.open(config, self.task)
+            self.prompt_len = self._padded_len(int(config.data.max_prompt_len))
+        else:
+            self.prompts = list(self.task.train_prompts())
+            self.prompt_ids = [self._encode(p, k, "prompt") for k, p in enumerate(self.prompts)]
+            self.prompt_len = self._padded_len(max(len(p) for p in self.prompt_ids))
+            reward_prompts = self.task.reward_prompts()
         if reward_prompts is None:
             self.reward_prompt_ids, self.reward_prompt_len = self.prompt_ids, self.prompt_len
         else:
@@ -195,7 +207,8 @@ class Trainer:
             use_lora=self.use_lora,
             lora_scale=float(self.lora_cfg.scale) if self.lora_cfg else 1.0,
             lora_dropout=float(self.lora_cfg.dropout) if self.lora_cfg else 0.0,
-            num_groups=len(self.prompts), reward_key=reward_key,
+            num_groups=(int(config.train.prompts_per_batch) if self.prompt_stream
+                        else len(self.prompts)), reward_key=reward_key,
             reference_key="base" if "base" in self.frozen else None,
             reward_model_cfg=reward_model_cfg)
         self._step_fn = None
@@ -253,8 +266,8 @@ class Trainer:
             raise ValueError(f"{what} {k} ({text[:80]!r}) encodes to no tokens")
         return ids
 
-    def _padded_len(self, ids: List[List[int]]) -> int:
-        longest = max(len(p) for p in ids)
+    def _padded_len(self, longest: int) -> int:
+        """The static prompt length: ``data.max_prompt_len``, else the longest prompt."""
         P = max(int(self.config.data.max_prompt_len) or longest, longest)
         if P + self.spec.max_len > self.model_cfg.max_seq_len:
             raise ValueError(
@@ -290,6 +303,10 @@ class Trainer:
         self.start_step = int(meta.get("step", int(state.step)))
         self.calls = int(jax.device_get(state.step))
         self.hyper.update({k: float(v) for k, v in (meta.get("hyper") or {}).items()})
+        if self.prompt_stream is not None:
+            why = self.prompt_stream.restore(meta.get("data_stream"))
+            if why and jax.process_index() == 0:
+                print(f"note: {why}")
 
     def updates_done(self) -> int:
         """Optimizer updates completed so far (step calls // grad_accum): every micro-batch of
@@ -385,10 +402,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def save(self, step: int, force: bool = False) -> None:
-        meta = {"step": step, "config": self.config.to_dict(), "hyper": dict(self.hyper),
-                "reward_temperature": self.temperature(), "updates": self.updates_done()}
         if step == getattr(self, "_last_saved", None):
             return  # already saved (e.g. by ckpt_every at the last step): no second save
+        meta = {"step": step, "config": self.config.to_dict(), "hyper": dict(self.hyper),
+                "reward_temperature": self.temperature(), "updates": self.updates_done()}
+        if self.prompt_stream is not None:  # in the same atomic checkpoint as the state
+            meta["data_stream"] = self.prompt_stream.state()
         self.ckpt.save(step, self.state, meta=_jsonable(meta),
                        replay=self.replay.state_dict(), force=force)
         self._last_saved = step
@@ -396,6 +415,8 @@ class Trainer:
     def make_batch(self, step: int) -> Tuple[TrainBatch, str]:
         """The host batch of loop step ``step`` and its behaviour's name."""
         temp = self.temperature() if self.config.replay.sampling == "reward" else None
+        if self.prompt_stream is not None:
+            self.rollouts.use_prompts(self.prompt_stream.next_prompts())
         return self.rollouts.make_batch(step, self.policy, temp, self.source)
 
     def add_to_replay(self, batch: TrainBatch, log_r_final: np.ndarray) -> None:
@@ -446,6 +467,8 @@ class Trainer:
                                tokens_per_s=n_tok / max(dt, 1e-9),
                                behaviour=float(BEHAVIOURS.index(kind)),
                                replay_size=float(len(self.replay)))
+                if self.prompt_stream is not None:
+                    metrics.update(self.prompt_stream.metrics())
                 if len(self.replay):
                     rs = self.replay.stats()
                     metrics.update(replay_best_log_r=rs["best_log_r"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -47,6 +47,10 @@ class Task(abc.ABC):
     name: str = "task"
     DEFAULTS: ClassVar[Dict[str, Any]] = {}
     """The task's config schema: every ``config.task`` key with its default."""
+    STREAM_FIELDS: ClassVar[Tuple[str, ...]] = ()
+    """Record fields the task takes from a streamed ``data.source`` (``("X",)``: the prompt
+    text); empty: its prompts come only from its own files (e.g. with per-prompt data indexed
+    by ``prompt_index``) and ``data.source`` is refused."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -68,6 +72,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def train_prompts(self) -> List[str]:
         """Prompts (raw text) to train on."""
+
+    def stream_prompt(self, record: Mapping[str, Any]) -> str:
+        """The training prompt of one streamed record (``data.source``; the fields named in
+        ``STREAM_FIELDS``): its X."""
+        return str(record["X"])
 
     def eval_prompts(self) -> List[str]:
         return self.train_prompts()

@@ -330,6 +330,13 @@ class ContinuationTask(Task):
                              f"task.max_prompt_tokens={self.max_prompt_tokens} tokens")
         self._select(keep[: self.num_prompts] if self.num_prompts else keep)
 
+    STREAM_FIELDS = ("X",)
+
+    def stream_prompt(self, record: Any) -> str:
+        """A streamed record's prompt (``data.source``): its X inside ``task.prompt_prefix``
+        / ``task.prompt_suffix``, as the lines of ``task.data_path`` are."""
+        return self.prompt_prefix + str(record["X"]) + self.prompt_suffix
+
     def train_prompts(self) -> List[str]:
         """The training prompts: all loaded prompts but the last ``task.num_eval``."""
         assert self._prompts is not None

@@ -133,6 +133,7 @@ class InfillTask(ContinuationTask):
     """Infilling: reward ``p_base(Z | X) p_base(Y | X Z)`` with a per-prompt suffix Y."""
 
     name = "infill"
+    STREAM_FIELDS = ()  # Y is a per-prompt table indexed by prompt_index: its own file only
 
     DEFAULTS = {
         **ContinuationTask.DEFAULTS,
