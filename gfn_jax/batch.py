@@ -44,6 +44,10 @@ class TrainBatch:
       weight: float32 [B] per-row loss weight (1 by default; data targets may weigh less).
       extras: per-row arrays an objective computes once per rollout (see
         :attr:`gfn_jax.objective_registry.Objective.prepare`), e.g. PPO advantages.
+      group_size: static (not an array): the rows come in consecutive groups of this many
+        with the same prompt and reward prompt (K samples of each prompt, prompt-major), so
+        the step's scorers may run each prompt once (:func:`gfn_jax.scoring.prompt_groups`);
+        1 = no such structure. A row selection (:meth:`take`) resets it to 1.
     """
 
     prompt_tokens: Any
@@ -61,6 +65,7 @@ class TrainBatch:
     has_behaviour: Any
     weight: Any
     extras: Dict[str, Any] = flax.struct.field(default_factory=dict)
+    group_size: int = flax.struct.field(pytree_node=False, default=1)
 
     # -- dict-style access, so task rewards written against ``batch["tokens"]`` keep working
     def __getitem__(self, key: str) -> Any:
@@ -104,10 +109,14 @@ class TrainBatch:
         old_log_pf: Optional[np.ndarray] = None,
         old_log_pterm: Optional[np.ndarray] = None,
         weight: Optional[np.ndarray] = None,
+        group_size: int = 1,
     ) -> "TrainBatch":
         """A host (numpy) batch with the right dtypes; missing behaviour log-probs are zeros
-        and flagged by ``has_behaviour = False``."""
+        and flagged by ``has_behaviour = False``. ``group_size``: see the class docstring (the
+        caller guarantees the grouping)."""
         B, T = np.shape(tokens)
+        if group_size < 1 or B % group_size:
+            raise ValueError(f"group_size={group_size} must be >= 1 and divide the {B} rows")
         has = beh_log_pf is not None
         zeros_pf = np.zeros((B, T), np.float32)
         zeros_pt = np.zeros((B, T + 1), np.float32)
@@ -130,6 +139,7 @@ class TrainBatch:
             has_behaviour=np.full((B,), has, bool),
             weight=np.asarray(np.ones(B) if weight is None else weight, np.float32),
             extras={},
+            group_size=int(group_size),
         )
 
     def map(self, fn: Callable[[Any], Any]) -> "TrainBatch":
@@ -137,9 +147,9 @@ class TrainBatch:
         return jax.tree_util.tree_map(fn, self)
 
     def take(self, rows: Sequence[int]) -> "TrainBatch":
-        """The rows ``rows`` (host arrays)."""
+        """The rows ``rows`` (host arrays); no group structure is assumed for them."""
         idx = np.asarray(rows)
-        return self.map(lambda x: np.asarray(x)[idx])
+        return self.map(lambda x: np.asarray(x)[idx]).replace(group_size=1)
 
     def with_extras(self, extras: Mapping[str, Any]) -> "TrainBatch":
         """A copy with ``extras`` merged in."""
@@ -167,7 +177,11 @@ class TrainBatch:
 
 
 def concat_batches(batches: Sequence[TrainBatch]) -> TrainBatch:
-    """Row-wise concatenation of host batches with the same shapes (other than B)."""
+    """Row-wise concatenation of host batches with the same shapes (other than B); the
+    group size is kept when every part has the same one."""
+    sizes = {b.group_size for b in batches}
+    k = sizes.pop() if len(sizes) == 1 else 1
+    batches = [b.replace(group_size=k) for b in batches]
     return jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
                                   *batches)
 

@@ -22,6 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.remat_policy = ""  # none | full | dots_saveable | ... ("" follows model.remat)
     c.model.logits_chunk = 0  # positions per vocabulary-softmax chunk: 0 auto, -1 never
+    # the train step runs the prompt shared by a prompt's samples once per group (every
+    # layer's keys/values) and the samples against it, in the policy, reward and reference
+    # passes; same scores up to float rounding. False = every row recomputes its prompt.
+    c.model.share_prompt = True
     c.model.init_seed = 0  # spec == "random" only
     c.model.init_std = 0.02
     c.model.random = ml_collections.ConfigDict(

@@ -166,7 +166,7 @@ class Rollouts:
             reward_prompt_tokens=rep(p["reward_prompt_tokens"]),
             reward_prompt_mask=rep(p["reward_prompt_mask"]),
             beh_log_pf=out.beh_log_pf, beh_log_pterm=out.beh_log_pterm,
-            old_log_pf=out.log_pf, old_log_pterm=out.log_pterm)
+            old_log_pf=out.log_pf, old_log_pterm=out.log_pterm, group_size=num_samples)
 
     def replay_batch(self, rows: Sequence[int], k: int,
                      temperature: Optional[float]) -> Optional[TrainBatch]:
@@ -183,7 +183,7 @@ class Rollouts:
         return TrainBatch.build(p["prompt_tokens"], p["prompt_mask"], c["tokens"], c["lengths"],
                                 amask.astype(bool), np.asarray(prow, np.int32),
                                 reward_prompt_tokens=p["reward_prompt_tokens"],
-                                reward_prompt_mask=p["reward_prompt_mask"])
+                                reward_prompt_mask=p["reward_prompt_mask"], group_size=k)
 
     def data_batch(self, step: int) -> TrainBatch:
         """A batch of the task's target trajectories, drawn uniformly (seeded by step)."""

@@ -7,6 +7,14 @@ is read at sequence position ``P - 1 + i`` of the concatenation ``[X | Z]``.
 
 Each public function is ONE jitted forward pass (no Python loops over rows or prefixes).
 
+Shared prompts: when the rows come in consecutive groups of K with the same prompt (the train
+step's ``samples_per_prompt`` samples of each prompt, prompt-major; see :func:`prompt_groups`
+and the ``group_size`` arguments), each group's prompt runs once
+(:func:`gfn_jax.models.transformer.prompt_forward`) and its K continuations attend to its
+keys/values (:func:`~gfn_jax.models.transformer.continuation_forward`): the same scores, the
+prompt's cost paid once per group. Under a differentiated caller the prompt's gradient is the
+sum over its K rows.
+
 The vocabulary log-softmax runs in chunks of positions (``ModelConfig.logits_chunk``; see
 :func:`gfn_jax.logprobs.chunked_position_logprobs`): with a large vocabulary the float32
 ``[B, N, V]`` logits never exist at once, in the forward or the backward pass. When one chunk
@@ -17,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Optional, Sequence, Tuple
+import threading
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax import parallel
 from gfn_jax.logprobs import (
     PolicySpec,
     check_bias,
@@ -37,6 +47,7 @@ from gfn_jax.logprobs import (
     term_logprob,
     token_mask,
 )
+from gfn_jax.models.adapters import as_adapters
 from gfn_jax.models.config import AUTO_LOGITS_CHUNK_BYTES, ModelConfig
 from gfn_jax.models.transformer import (
     _merged_top,
@@ -45,15 +56,20 @@ from gfn_jax.models.transformer import (
     causal_mask,
     check_length,
     constrain,
+    continuation_forward,
+    continuation_mask,
     current_activation_sharding,
     head_params,
     positions_from_mask,
+    prompt_forward,
     unembed,
 )
 
 __all__ = [
     "PolicyScores",
     "RewardScores",
+    "prompt_groups",
+    "current_prompt_groups",
     "score_policy",
     "score_reward_prefixes",
     "score_suffix_prefixes",
@@ -153,27 +169,190 @@ def _prefix_hidden(
 
 
 # ---------------------------------------------------------------------------
+# Shared prompts
+# ---------------------------------------------------------------------------
+_GROUPS = threading.local()
+
+
+@contextlib.contextmanager
+def prompt_groups(group_size: int) -> Iterator[None]:
+    """Within this context (at trace time) the scorers take their rows to come in consecutive
+    groups of ``group_size`` rows with the same prompt (tokens and mask), e.g. the
+    ``samples_per_prompt`` samples of each prompt in prompt-major order, and run each group's
+    prompt once when ``ModelConfig.share_prompt`` is on. A batch whose size is not a multiple
+    of ``group_size`` is scored row by row. The train step enters it from
+    ``TrainBatch.group_size``. Rows of a group with different prompts make the scores NaN
+    (so the step's non-finite guard skips the update) rather than silently wrong."""
+    if int(group_size) < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    stack = getattr(_GROUPS, "stack", None)
+    if stack is None:
+        stack = _GROUPS.stack = []
+    stack.append(int(group_size))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_prompt_groups() -> int:
+    """The active :func:`prompt_groups` size (1 outside one)."""
+    stack = getattr(_GROUPS, "stack", None)
+    return stack[-1] if stack else 1
+
+
+def _batch_shards(size: int) -> int:
+    """Devices a dimension of ``size`` rows is split over under the active activation
+    sharding (the ``batch`` rule, dropping mesh axes that do not divide it); 1 without one."""
+    ctx = current_activation_sharding()
+    if ctx is None:
+        return 1
+    mesh, rules = ctx
+    spec = parallel.logical_to_pspec(("batch",), rules, mesh, (size,))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
+
+
+def _num_groups(cfg: ModelConfig, batch: int, tokens: int, group_size: Optional[int]) -> int:
+    """How many shared prompts G to run (0 = the row-by-row path) for ``batch`` rows.
+
+    ``group_size`` None follows ``cfg.share_prompt`` and :func:`prompt_groups`. Under a mesh,
+    prompts the batch axes cannot split are computed on every device; sharing is skipped
+    when that makes more prompts per device than there are rows per device."""
+    if group_size is None:
+        group_size = current_prompt_groups() if cfg.share_prompt else 1
+    K = int(group_size)
+    if K <= 1 or batch % K or tokens < 1:
+        return 0
+    G = batch // K
+    if G * _batch_shards(batch) > batch * _batch_shards(G):
+        return 0
+    return G
+
+
+def _check_group_size(group_size: Optional[int], prompt_tokens: jax.Array,
+                      prompt_mask: jax.Array) -> Optional[int]:
+    """Validate an explicit ``group_size``; with concrete arrays, check the grouping too."""
+    if group_size is None:
+        return None
+    K = int(group_size)
+    B = prompt_tokens.shape[0]
+    if K < 1 or B % K:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the batch of {B} rows")
+    if K == 1 or any(isinstance(x, jax.core.Tracer) for x in (prompt_tokens, prompt_mask)):
+        return K
+    if not all(getattr(x, "is_fully_addressable", True) for x in (prompt_tokens, prompt_mask)):
+        return K
+    m = np.asarray(prompt_mask).astype(bool).reshape(B // K, K, -1)
+    t = np.where(m, np.asarray(prompt_tokens).reshape(B // K, K, -1), 0)
+    if not ((m == m[:, :1]).all() and (t == t[:, :1]).all()):
+        raise ValueError(f"group_size={K}: the rows of a group of {K} consecutive rows do not "
+                         "all have the same prompt (tokens and mask)")
+    return K
+
+
+def _group_heads(prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                 groups: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens [G, P], mask [G, P]) of each group's first row and a scalar bool: every row of
+    each group has that prompt."""
+    B, P = prompt_tokens.shape
+    m = prompt_mask.reshape(groups, B // groups, P)
+    t = prompt_tokens.reshape(groups, B // groups, P)
+    tm = jnp.where(m, t, 0)
+    ok = jnp.all(m == m[:, :1]) & jnp.all(tm == tm[:, :1])
+    return t[:, 0], m[:, 0], ok
+
+
+def _poison(ok: Optional[jax.Array], tree: Any) -> Any:
+    """``tree`` where the grouping held, NaN everywhere otherwise."""
+    if ok is None:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jnp.where(ok, x, jnp.nan), tree)
+
+
+def _prompt_dropout(adapters: Optional[Any]) -> Optional[Any]:
+    """The adapters for a shared prompt: with LoRA dropout, a key of its own (the prompt's
+    masks, shared by the rows of its group, independent of the continuations' masks)."""
+    ad = as_adapters(adapters)
+    if ad is None or ad.dropout_rng is None:
+        return adapters
+    return ad.replace(dropout_rng=jax.random.fold_in(ad.dropout_rng, 0x5EED))
+
+
+def _shared_prefix_hidden(
+    cfg: ModelConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    tokens: jax.Array,
+    groups: int,
+    adapters: Optional[Any],
+    positions: jax.Array,
+    mask: jax.Array,
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Each group's prompt once, then ``tokens [B, Tc]`` against it (``positions [B, Tc]``,
+    ``mask [B, Tc, P + Tc]``). Returns (hidden [B, 1 + Tc, D] at sequence positions
+    P-1 .. P-1+Tc of ``[X | tokens]``, i.e. the prompt's last slot then the continuation;
+    the prompt's last hidden state [B, D]; the grouping check)."""
+    B = tokens.shape[0]
+    heads, head_mask, ok = _group_heads(prompt_tokens, prompt_mask, groups)
+    prompt = prompt_forward(cfg, params, heads, head_mask, adapters=_prompt_dropout(adapters))
+    cont = continuation_forward(cfg, params, prompt, tokens, positions, mask, adapters=adapters)
+    last = constrain(jnp.repeat(prompt.last_hidden, B // groups, axis=0), ("batch", None))
+    return jnp.concatenate([last[:, None].astype(cont.dtype), cont], axis=1), last, ok
+
+
+def _prefix_states(
+    cfg: ModelConfig,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    adapters: Optional[Any],
+    groups: int,
+) -> Tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
+    """Hidden states of prefixes 0..T [B, T+1, D], the prompt's last hidden state [B, D],
+    the safe tokens [B, T] and the grouping check (None on the row-by-row path)."""
+    P = prompt_tokens.shape[1]
+    if not groups:
+        hidden, _, tokens = _prefix_hidden(
+            cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters)
+        return hidden[:, P - 1:], hidden[:, P - 1], tokens, None
+    T = tokens.shape[1]
+    zmask = token_mask(lengths, T)
+    tokens = jnp.where(zmask, tokens, 0)
+    positions = positions_from_mask(jnp.concatenate([prompt_mask, zmask], axis=1))[:, P:]
+    hid, last, ok = _shared_prefix_hidden(
+        cfg, params, prompt_tokens, prompt_mask, tokens, groups, adapters, positions,
+        continuation_mask(prompt_mask, zmask))
+    return hid, last, tokens, ok
+
+
+# ---------------------------------------------------------------------------
 # Policy
 # ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "shard"))
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "shard", "groups"))
 def _score_policy_jit(
     params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask, *,
-    cfg, spec, shard=None,
+    cfg, spec, shard=None, groups=0,
 ) -> PolicyScores:
     with _sharding_scope(shard):
         return _score_policy_body(params, prompt_tokens, prompt_mask, tokens, lengths,
-                                  logit_bias, adapters, action_mask, cfg, spec)
+                                  logit_bias, adapters, action_mask, cfg, spec, groups)
 
 
 def _score_policy_body(params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias,
-                       adapters, action_mask, cfg, spec) -> PolicyScores:
+                       adapters, action_mask, cfg, spec, groups=0) -> PolicyScores:
     B, P = prompt_tokens.shape
     T = tokens.shape[1]
-    hidden, _, tokens = _prefix_hidden(
-        cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters
-    )
+    # hid [B, T+1, D]: prefixes 0..T; groups > 0: each group's prompt computed once
+    hid, prompt_hidden, tokens, ok = _prefix_states(
+        cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters, groups)
     top = _merged_top(params, adapters)  # adapters on the head/embedding, as apply uses
-    hid = hidden[:, P - 1 :]  # [B, T+1, D]: prefixes 0..T
     chunk = _chunk(cfg, B, T + 1)
     tmask = token_mask(lengths, T)
     if action_mask is not None:
@@ -191,9 +370,8 @@ def _score_policy_body(params, prompt_tokens, prompt_mask, tokens, lengths, logi
         tok_lp = tok_lp[:, :T]
     log_pf = jnp.where(tmask, tok_lp, 0.0)
     log_pterm = jnp.where(state_mask(lengths, T), lp_term, 0.0)
-    return PolicyScores(
-        log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden[:, P - 1].astype(jnp.float32)
-    )
+    return _poison(ok, PolicyScores(
+        log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=prompt_hidden.astype(jnp.float32)))
 
 
 def score_policy(
@@ -208,15 +386,19 @@ def score_policy(
     logit_bias: Optional[jax.Array] = None,
     adapters: Optional[Any] = None,
     action_mask: Optional[jax.Array] = None,
+    group_size: Optional[int] = None,
 ) -> PolicyScores:
     """Per-step log q(z_t | X z_<t) and log q(⊤ | X z_<i) of the constrained policy, one pass.
 
     ``log_pf`` is 0 after each row's end and where ``action_mask`` is False (tool-spliced
     tokens); ``log_pterm`` is 0 beyond n. Matches :func:`gfn_jax.sampling.sample`'s outputs.
+    ``group_size`` K: rows come in consecutive groups of K with the same prompt, each prompt
+    is run once (None: :func:`prompt_groups` and ``cfg.share_prompt`` decide; 1: per row).
     """
     prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
         cfg, prompt_tokens, prompt_mask, tokens, lengths
     )
+    group_size = _check_group_size(group_size, prompt_tokens, prompt_mask)
     check_spec(spec, cfg.vocab_size)
     logit_bias = check_bias("logit_bias", logit_bias, cfg.vocab_size)
     if action_mask is not None:
@@ -226,31 +408,30 @@ def score_policy(
     return _score_policy_jit(
         params, prompt_tokens, prompt_mask, tokens, lengths, logit_bias, adapters, action_mask,
         cfg=cfg, spec=spec, shard=current_activation_sharding(),
+        groups=_num_groups(cfg, tokens.shape[0], tokens.shape[1], group_size),
     )
 
 
 # ---------------------------------------------------------------------------
 # Reward: every prefix terminated
 # ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "term_ids", "shard"))
+@functools.partial(jax.jit, static_argnames=("cfg", "term_ids", "shard", "groups"))
 def _score_reward_jit(
     params, prompt_tokens, prompt_mask, tokens, lengths, adapters, logit_bias, *, cfg, term_ids,
-    shard=None,
+    shard=None, groups=0,
 ) -> RewardScores:
     with _sharding_scope(shard):
         return _score_reward_body(params, prompt_tokens, prompt_mask, tokens, lengths, adapters,
-                                  logit_bias, cfg, term_ids)
+                                  logit_bias, cfg, term_ids, groups)
 
 
 def _score_reward_body(params, prompt_tokens, prompt_mask, tokens, lengths, adapters,
-                       logit_bias, cfg, term_ids) -> RewardScores:
+                       logit_bias, cfg, term_ids, groups=0) -> RewardScores:
     B, P = prompt_tokens.shape
     T = tokens.shape[1]
-    hidden, _, tokens = _prefix_hidden(
-        cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters
-    )
+    hid, _, tokens, ok = _prefix_states(  # [B, T+1, D]
+        cfg, params, prompt_tokens, prompt_mask, tokens, lengths, adapters, groups)
     top = _merged_top(params, adapters)
-    hid = hidden[:, P - 1 :]  # [B, T+1, D]
     chunk = _chunk(cfg, B, T + 1)
     if chunk >= T + 1:
         logits = unembed(cfg, top, hid)  # [B, T+1, V]
@@ -268,10 +449,10 @@ def _score_reward_body(params, prompt_tokens, prompt_mask, tokens, lengths, adap
     cum = masked_cumsum(tok_lp, token_mask(lengths, T), axis=-1)
     log_pz = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=1)
     smask = state_mask(lengths, T)
-    return RewardScores(
+    return _poison(ok, RewardScores(
         log_pz=jnp.where(smask, log_pz, 0.0),
         log_pterm=jnp.where(smask, lp_term, 0.0),
-    )
+    ))
 
 
 def _term_tuple(cfg: ModelConfig, term_ids: Sequence[int]) -> Tuple[int, ...]:
@@ -295,18 +476,22 @@ def score_reward_prefixes(
     *,
     adapters: Optional[Any] = None,
     logit_bias: Optional[jax.Array] = None,
+    group_size: Optional[int] = None,
 ) -> RewardScores:
     """Unconstrained model log p(z_<i | X) and log p(⊤ | X z_<i) for all prefixes, one pass.
 
     With ``logit_bias [V]`` the model is the penalised, renormalised LM
-    ``p~(v | s) = softmax(logits(s) + logit_bias)[v]`` (e.g. a task's reward penalty)."""
+    ``p~(v | s) = softmax(logits(s) + logit_bias)[v]`` (e.g. a task's reward penalty).
+    ``group_size``: as in :func:`score_policy` (each group's prompt run once)."""
     prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
         cfg, prompt_tokens, prompt_mask, tokens, lengths
     )
+    group_size = _check_group_size(group_size, prompt_tokens, prompt_mask)
     logit_bias = check_bias("logit_bias", logit_bias, cfg.vocab_size)
     return _score_reward_jit(
         params, prompt_tokens, prompt_mask, tokens, lengths, adapters, logit_bias,
         cfg=cfg, term_ids=_term_tuple(cfg, term_ids), shard=current_activation_sharding(),
+        groups=_num_groups(cfg, tokens.shape[0], tokens.shape[1], group_size),
     )
 
 
@@ -366,19 +551,19 @@ def suffix_layout(
     return positions, mask, idx
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "shard"))
+@functools.partial(jax.jit, static_argnames=("cfg", "shard", "groups"))
 def _score_suffix_jit(
     params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens, suffix_mask, adapters, *,
-    cfg, shard=None,
+    cfg, shard=None, groups=0,
 ) -> jax.Array:
     with _sharding_scope(shard):
         return _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths,
-                                  suffix_tokens, suffix_mask, adapters, cfg)
+                                  suffix_tokens, suffix_mask, adapters, cfg, groups)
 
 
 def _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens,
-                       suffix_mask, adapters, cfg) -> jax.Array:
-    B = prompt_tokens.shape[0]
+                       suffix_mask, adapters, cfg, groups=0) -> jax.Array:
+    B, P = prompt_tokens.shape
     T = tokens.shape[1]
     S = suffix_tokens.shape[1]
     C = T + 1
@@ -386,13 +571,18 @@ def _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths, suff
     suffix_tokens = jnp.where(smask, suffix_tokens, 0)
     tokens = jnp.where(token_mask(lengths, T), tokens, 0)
     positions, mask, idx = suffix_layout(prompt_mask, lengths, smask, T)
-    seq = jnp.concatenate(
-        [prompt_tokens, tokens, jnp.tile(suffix_tokens[:, : S - 1], (1, C))], axis=1
-    )
-    _, _, hidden = apply(
-        cfg, params, seq, positions, mask, None,
-        return_hidden=True, compute_logits=False, adapters=adapters,
-    )
+    cont = jnp.concatenate([tokens, jnp.tile(suffix_tokens[:, : S - 1], (1, C))], axis=1)
+    ok = None
+    if groups:  # X once per group; [Z | Y'_0 .. Y'_T] of every row against it
+        hidden, _, ok = _shared_prefix_hidden(
+            cfg, params, prompt_tokens, prompt_mask, cont, groups, adapters,
+            positions[:, P:], mask[:, P:, :])
+        idx = idx - (P - 1)  # hidden starts at sequence position P - 1
+    else:
+        _, _, hidden = apply(
+            cfg, params, jnp.concatenate([prompt_tokens, cont], axis=1), positions, mask, None,
+            return_hidden=True, compute_logits=False, adapters=adapters,
+        )
     top = _merged_top(params, adapters)
     targets = jnp.broadcast_to(suffix_tokens[:, None, :], (B, C, S))
     chunk = _chunk(cfg, B, C * S)
@@ -406,7 +596,7 @@ def _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths, suff
             constrain_fn=constrain)
         lp = lp.reshape(B, C, S)
     total = jnp.sum(jnp.where(smask[:, None, :], lp, 0.0), axis=-1)  # [B, C]
-    return jnp.where(state_mask(lengths, T), total, 0.0)
+    return _poison(ok, jnp.where(state_mask(lengths, T), total, 0.0))
 
 
 def score_suffix_prefixes(
@@ -420,15 +610,19 @@ def score_suffix_prefixes(
     suffix_mask: jax.Array,
     *,
     adapters: Optional[Any] = None,
+    group_size: Optional[int] = None,
 ) -> jax.Array:
     """log p(Y | X z_<i) for every prefix i = 0..n, ``[B, T+1]`` (0 beyond n), in ONE pass.
 
     The sequence ``[X | Z | Y_0 | ... | Y_T]`` (about ``P + T + (T+1)(S-1)`` tokens) is run once
     with the block mask of :func:`suffix_layout`; ``Y`` is right-padded by ``suffix_mask``.
+    ``group_size``: as in :func:`score_policy`; X then runs once per group and
+    ``[Z | Y_0 | ... | Y_T]`` of each row against it (Y may differ between the rows).
     """
     prompt_tokens, prompt_mask, tokens, lengths = _check_batch(
         cfg, prompt_tokens, prompt_mask, tokens, lengths
     )
+    group_size = _check_group_size(group_size, prompt_tokens, prompt_mask)
     suffix_tokens = jnp.asarray(suffix_tokens, jnp.int32)
     suffix_mask = jnp.asarray(suffix_mask)
     B = prompt_tokens.shape[0]
@@ -443,4 +637,6 @@ def score_suffix_prefixes(
     return _score_suffix_jit(
         params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens,
         suffix_mask.astype(bool), adapters, cfg=cfg, shard=current_activation_sharding(),
+        groups=_num_groups(cfg, tokens.shape[0], tokens.shape[1] + suffix_tokens.shape[1] - 1,
+                           group_size),
     )

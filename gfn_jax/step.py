@@ -4,7 +4,9 @@
 donated. Inside it, for a :class:`~gfn_jax.batch.TrainBatch`:
 
 1. the policy forward over [X | Z] (adapters on, LoRA dropout in training) gives log q of every
-   action and of termination at every prefix, in one pass;
+   action and of termination at every prefix, in one pass; when the batch comes in groups of
+   samples of one prompt (``TrainBatch.group_size``) and ``model.share_prompt`` is on, every
+   scorer in the step (policy, reward, reference) runs each prompt once per group;
 2. what the registered objective declares it needs: log R of every prefix from the reward
    model (adapters off, or a separate reward checkpoint; divided by the reward temperature),
    the frozen reference policy's log-probs, a learned log Z;
@@ -34,7 +36,7 @@ from gfn_jax.models import lora as lora_lib
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import activation_sharding
 from gfn_jax.objective_registry import LossInputs, Needs, Objective, final_values
-from gfn_jax.scoring import PolicyScores, score_policy
+from gfn_jax.scoring import PolicyScores, prompt_groups, score_policy
 
 Params = Any
 RewardFn = Callable[[ModelConfig, Params, TrainBatch], jax.Array]
@@ -135,7 +137,19 @@ def state_mask_from(lengths: jax.Array, action_mask: jax.Array, min_len: int) ->
 def compute_inputs(ss: StepSpec, needs: Needs, trainable: Params, log_z_params: Params,
                    frozen: Mapping[str, Params], batch: TrainBatch,
                    hyper: Mapping[str, jax.Array], rng: Optional[jax.Array]) -> LossInputs:
-    """The policy scores and whatever ``needs`` asks for, as :class:`LossInputs` (pure)."""
+    """The policy scores and whatever ``needs`` asks for, as :class:`LossInputs` (pure).
+
+    Scorers (the task's reward included) run each group's prompt once when the batch is
+    grouped and ``model_cfg.share_prompt`` is on (see :func:`gfn_jax.scoring.prompt_groups`);
+    with LoRA dropout the rows of a group then share the prompt's dropout masks."""
+    k = int(getattr(batch, "group_size", 1)) if ss.model_cfg.share_prompt else 1
+    with prompt_groups(k):
+        return _compute_inputs(ss, needs, trainable, log_z_params, frozen, batch, hyper, rng)
+
+
+def _compute_inputs(ss: StepSpec, needs: Needs, trainable: Params, log_z_params: Params,
+                    frozen: Mapping[str, Params], batch: TrainBatch,
+                    hyper: Mapping[str, jax.Array], rng: Optional[jax.Array]) -> LossInputs:
     spec = ss.scoring_spec()
     params, adapters = ss.policy_params(trainable, frozen, rng)
     scores: PolicyScores = score_policy(

@@ -3,8 +3,11 @@
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import (
     KVCache,
+    PromptKV,
     apply,
     causal_mask,
+    continuation_forward,
+    continuation_mask,
     decode_step,
     forward,
     init_cache,
@@ -13,6 +16,7 @@ from gfn_jax.models.transformer import (
     param_shapes,
     positions_from_mask,
     prefill,
+    prompt_forward,
     unembed,
 )
 from gfn_jax.models.hf import load_hf, save_hf
@@ -20,7 +24,8 @@ from gfn_jax.models.gguf import load_gguf
 from gfn_jax.models.registry import Model, load
 
 __all__ = [
-    "ModelConfig", "KVCache", "apply", "causal_mask", "decode_step", "forward", "init_cache",
-    "init_params", "param_axes", "param_shapes", "positions_from_mask", "prefill", "unembed",
+    "ModelConfig", "KVCache", "PromptKV", "apply", "causal_mask", "continuation_forward",
+    "continuation_mask", "decode_step", "forward", "init_cache", "init_params", "param_axes",
+    "param_shapes", "positions_from_mask", "prefill", "prompt_forward", "unembed",
     "load_hf", "save_hf", "load_gguf", "Model", "load",
 ]

@@ -91,6 +91,9 @@ class ModelConfig:
     # chunk (the whole [B, N, V] at once), k > 0 = k positions per chunk.
     logits_chunk: int = 0
     qkv_bias: Optional[bool] = None  # None -> family default (gpt2: True, else False)
+    # The train step's scorers run the prompt shared by a group of samples once (keys/values
+    # of every layer) and the samples against it; False = every row recomputes its prompt.
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

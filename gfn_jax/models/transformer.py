@@ -8,6 +8,9 @@ Entry points:
   attention mask (used by one-pass suffix scoring) and an optional KV cache.
 * :func:`init_cache`, :func:`prefill`, :func:`decode_step` -- static-shape KV-cache
   decoding, equal to the full forward.
+* :func:`prompt_forward`, :func:`continuation_forward` -- run each distinct prompt once
+  (every layer's keys/values, :class:`PromptKV`) and its continuations against it, equal
+  to the full forward over ``[prompt | continuation]`` (the scorers' shared-prompt path).
 * :func:`activation_sharding` / :func:`constrain` -- sharding constraints on the
   activations at block boundaries by logical names (``("batch", "length", "embed")``),
   the identity unless a mesh and rules table are active (the train step sets them).
@@ -44,6 +47,12 @@ NEG_INF = -1e30
 #: Logical names of the activations constrained at block boundaries.
 ACTIVATION_AXES: Tuple[str, str, str] = ("batch", "length", "embed")
 LOGITS_AXES: Tuple[str, str, str] = ("batch", "length", "vocab")
+#: Logical names of one layer's keys/values [B, T, K, Dh].
+KV_AXES: Tuple[str, str, str, str] = ("batch", "length", "kv_heads", "head_dim")
+#: The activations of shared prompts (:func:`prompt_forward`): fewer prompts than rows may not
+#: split over the batch axes, and their features then stay whole rather than taking the
+#: batch's mesh axes (which would put collectives around every matmul of the prompt).
+PROMPT_AXES: Tuple[str, str, None] = ("batch", "length", None)
 
 _SHARDING = threading.local()
 
@@ -306,7 +315,12 @@ def _attention(
     kv: Optional[Tuple[jax.Array, jax.Array]],
     index: Optional[jax.Array],
     lora: Any = None,
+    prefix: Optional[Tuple[jax.Array, jax.Array]] = None,
+    collect: bool = False,
 ) -> Tuple[jax.Array, Optional[Tuple[jax.Array, jax.Array]]]:
+    """Self-attention. With a cache ``kv`` the new keys/values are written at ``index`` and
+    the whole cache is attended; with ``prefix`` ([B, Tp, K, Dh] keys/values of a shared
+    prompt) the keys are ``[prefix | own]``; ``collect`` returns the own (rotated) k/v."""
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, _w(p["q"], "kernel", dt))
     k = jnp.einsum("btd,dhk->bthk", x, _w(p["k"], "kernel", dt))
@@ -331,6 +345,11 @@ def _attention(
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
         new_kv = (ck, cv)
         k, v = ck.astype(dt), cv.astype(dt)
+    elif collect:
+        new_kv = (k, v)
+    if prefix is not None:
+        k = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
+        v = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
     B, T, H, Dh = q.shape
     K = cfg.n_kv_heads
     G = H // K
@@ -371,9 +390,9 @@ def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, lora: Any = None) -> jax.Arr
     return out
 
 
-def _block(cfg, p, x, positions, mask, kv, index, lora=None):
+def _block(cfg, p, x, positions, mask, kv, index, lora=None, prefix=None, collect=False):
     h = _norm(cfg, p["attn_norm"], x)
-    a, new_kv = _attention(cfg, p["attn"], h, positions, mask, kv, index, lora)
+    a, new_kv = _attention(cfg, p["attn"], h, positions, mask, kv, index, lora, prefix, collect)
     if cfg.family == "gptj":
         return x + a + _mlp(cfg, p["mlp"], h, lora), new_kv
     x = x + a
@@ -486,8 +505,44 @@ def apply(
 
     Returns ``(logits, cache)`` or ``(logits, cache, hidden)``; logits are float32.
     """
+    kv_xs = None if cache is None else (cache.k, cache.v)
+    index = None if cache is None else cache.index
+    hidden, new_kv, params = _layers(cfg, params, tokens, positions, mask, adapters,
+                                     cache_kv=kv_xs, index=index)
+    logits = unembed(cfg, params, hidden) if compute_logits else None
+    new_cache = None
+    if cache is not None:
+        T = tokens.shape[1]
+        new_cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + T)
+    if return_hidden:
+        return logits, new_cache, hidden
+    return logits, new_cache
+
+
+def _layers(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    adapters: Optional[Params],
+    *,
+    cache_kv: Optional[Tuple[jax.Array, jax.Array]] = None,
+    index: Optional[jax.Array] = None,
+    prefix_kv: Optional[Tuple[jax.Array, jax.Array]] = None,
+    collect_kv: bool = False,
+    act_axes: Sequence[Optional[str]] = ACTIVATION_AXES,
+) -> Tuple[jax.Array, Any, Params]:
+    """Embedding, the layer scan and the final norm shared by every forward.
+
+    ``cache_kv``: per-layer cache buffers written at ``index``; ``prefix_kv``: per-layer
+    keys/values [L, G, Tp, K, Dh] of G shared prompts, row b using prompt b // (B / G);
+    ``collect_kv``: also return each layer's own k/v; ``act_axes``: logical names of the
+    block-boundary activations. Returns (final-normed hidden [B, T, D], per-layer k/v or
+    None, params with the top-level adapters merged)."""
     layer_adapters = None
     layer_rngs = None
+    scale = rate = None
     adapters = as_adapters(adapters)
     if adapters is not None:
         scale = adapters.scale
@@ -498,35 +553,29 @@ def apply(
             # adapter dropout: keep the adapter path unmerged, x@W + s*drop(x)@A@B
             rate = adapters.dropout_rate
             layer_rngs = jax.random.split(adapters.dropout_rng, cfg.n_layers)
-    x = constrain(_embed(cfg, params, tokens, positions), ACTIVATION_AXES)
+    x = constrain(_embed(cfg, params, tokens, positions), act_axes)
     layers = params["layers"]
-    index = None if cache is None else cache.index
+    reps = 0 if prefix_kv is None else tokens.shape[0] // prefix_kv[0].shape[1]
 
     def body(carry, xs):
         h = carry
-        lp, la, kv, lrng = xs
+        lp, la, kv, pkv, lrng = xs
         lora = None
         if la is not None and lrng is None:
             lp = merge_tree(lp, la, scale)
         elif la is not None:
             lora = (la, scale, rate, lrng)
-        h, new_kv = _block(cfg, lp, h, positions, mask, kv, index, lora)
-        return constrain(h, ACTIVATION_AXES), new_kv
+        if pkv is not None:  # each shared prompt's k/v, once per row of its group
+            pkv = tuple(constrain(jnp.repeat(a, reps, axis=0), KV_AXES) for a in pkv)
+        h, new_kv = _block(cfg, lp, h, positions, mask, kv, index, lora, pkv, collect_kv)
+        return constrain(h, act_axes), new_kv
 
     policy_name = cfg.effective_remat_policy
     if policy_name != "none":
         body = jax.checkpoint(body, policy=remat_policy(policy_name), prevent_cse=False)
-    kv_xs = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, kv_xs, layer_rngs))
-    hidden = constrain(_norm(cfg, params["final_norm"], x), ACTIVATION_AXES)
-    logits = unembed(cfg, params, hidden) if compute_logits else None
-    new_cache = None
-    if cache is not None:
-        T = tokens.shape[1]
-        new_cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + T)
-    if return_hidden:
-        return logits, new_cache, hidden
-    return logits, new_cache
+    x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, cache_kv, prefix_kv, layer_rngs))
+    hidden = constrain(_norm(cfg, params["final_norm"], x), act_axes)
+    return hidden, new_kv, params
 
 
 def forward(
@@ -629,3 +678,94 @@ def decode_step(
     cache = cache.replace(valid=valid)
     logits, cache = apply(cfg, params, token[:, None], positions, mask, cache, adapters=adapters)
     return logits[:, 0], cache.replace(next_pos=cache.next_pos + 1)
+
+
+# ---------------------------------------------------------------------------
+# Shared prompts: one forward per distinct prompt, continuations against its keys/values
+# ---------------------------------------------------------------------------
+@flax.struct.dataclass
+class PromptKV:
+    """Keys/values of G (left-padded) prompts for :func:`continuation_forward`.
+
+    ``k``/``v``: [L, G, Tp, K, Dh] every layer's keys (after rotary) and values, in the
+    compute dtype; ``valid``: bool [G, Tp] real prompt tokens; ``next_pos``: int32 [G] the
+    position id of the first continuation token; ``last_hidden``: [G, D] the final-normed
+    hidden state at the last prompt slot (it predicts the first continuation token)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    next_pos: jax.Array
+    last_hidden: jax.Array
+
+    @property
+    def num_prompts(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def prompt_forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    adapters: Optional[Params] = None,
+) -> PromptKV:
+    """Run G left-padded prompts ``tokens [G, Tp]`` once and keep every layer's keys/values.
+
+    Pure and differentiable: gradients reach ``params`` / ``adapters`` through the returned
+    keys, values and last hidden state. Positions come from the mask, as in :func:`forward`.
+    """
+    G, Tp = tokens.shape
+    check_length(cfg, Tp)
+    am = attention_mask.astype(bool)
+    hidden, kv, _ = _layers(cfg, params, tokens, positions_from_mask(am), causal_mask(am),
+                            adapters, collect_kv=True, act_axes=PROMPT_AXES)
+    k, v = (constrain(a, ("layers",) + KV_AXES) for a in kv)
+    return PromptKV(k=k, v=v, valid=am, next_pos=jnp.sum(am, axis=-1).astype(jnp.int32),
+                    last_hidden=constrain(hidden[:, -1], ("batch", None)))
+
+
+def continuation_mask(prompt_mask: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """[B, T, Tp + T] mask of :func:`continuation_forward`: every real prompt key (``prompt_mask``
+    [B, Tp], each row's own prompt's mask), then causal over the row's real tokens
+    (``token_mask`` [B, T])."""
+    B, T = token_mask.shape
+    pm = jnp.broadcast_to(prompt_mask.astype(bool)[:, None, :], (B, T, prompt_mask.shape[1]))
+    return jnp.concatenate([pm, causal_mask(token_mask)], axis=-1)
+
+
+def continuation_forward(
+    cfg: ModelConfig,
+    params: Params,
+    prompt: PromptKV,
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    *,
+    adapters: Optional[Params] = None,
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D] of ``tokens [B, T]`` continuing shared prompts.
+
+    Rows are prompt-major: B = G * R and row b continues prompt ``b // R`` of ``prompt``
+    (:func:`prompt_forward`), whose keys/values are broadcast to its R rows inside each
+    layer (so the gradient of a prompt is the sum over its rows). ``positions [B, T]``
+    (usually ``prompt.next_pos`` onwards); ``mask [B, T, Tp + T]`` over keys
+    ``[prompt | own tokens]`` (:func:`continuation_mask`, or any block mask such as the
+    packed suffix layout). Equals :func:`apply` over ``[prompt | tokens]`` at the last T
+    positions, computing the prompt once instead of R times.
+    """
+    B, T = tokens.shape
+    G, Tp = prompt.num_prompts, prompt.length
+    if G < 1 or B % G:
+        raise ValueError(f"{B} continuation rows do not split into groups of the {G} prompts")
+    if mask.shape != (B, T, Tp + T):
+        raise ValueError(f"mask must be [B={B}, T={T}, Tp+T={Tp + T}], got {mask.shape}")
+    check_length(cfg, Tp + T)
+    hidden, _, _ = _layers(cfg, params, tokens, positions, mask, adapters,
+                           prefix_kv=(prompt.k, prompt.v))
+    return hidden
