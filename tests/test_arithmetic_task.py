@@ -419,3 +419,31 @@ def test_two_training_steps(data_dir, tmp_path, objective):
     assert len(recs) == 2 and all(np.isfinite(r["loss"]) for r in recs)
     if objective == "subtb":
         assert all(np.isfinite(r["log_r"]) for r in recs)
+
+
+@pytest.mark.parametrize("method", ["gfn", "sft", "ppo"])
+def test_experiment_driver_flags_give_valid_configs(method):
+    """scripts/arithmetic_experiment.py: each method's overrides name real keys and pass the
+    whole-config validation (PPO: on-policy only, its own step count; the schedules follow
+    --steps for every method)."""
+    from gfn_jax.defaults import validate_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = runpy.run_path(os.path.join(root, "scripts", "arithmetic_experiment.py"))[
+        "train_flags"](method, 80, 41)
+    c = runpy.run_path(os.path.join(root, "configs", "arithmetic.py"))["get_config"]()
+    for f in flags:
+        key, _, val = f[len("--config."):].partition("=")
+        *parents, last = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        assert last in node, key
+        old = node[last]
+        node[last] = (val == "True") if isinstance(old, bool) else type(old)(val)
+    validate_config(c)
+    assert c.train.steps == (41 if method == "ppo" else 80)
+    assert c.optim.warmup_steps == 10 and c.eval.num_samples == 0
+    assert c.objective.name == {"gfn": "subtb", "sft": "sft", "ppo": "ppo"}[method]
+    if method != "gfn":
+        assert c.explore.p_replay == 0 and c.explore.p_on_policy == 1.0
