@@ -6,6 +6,15 @@
   per-step log-probs, log R and LoRA gradients on the same weights and batch.
 * The reference's cumulative-sum SubTB equals a naive double loop over state pairs.
 * Bad command-line values fail with a clear message.
+
+And for benchmarks/bench_official.py (ours vs the paper's official PyTorch pipeline):
+
+* without torch (made unimportable) and without a snapshot of the official code, the tiny
+  preset runs our side alone and says why the official side is skipped;
+* the two sides alternate which goes first, step by step;
+* with ``$GFN_JAX_OFFICIAL`` pointing at a work tree of GFNOrg/gfn-lm-tuning (and its
+  packages installed), the tiny preset runs both sides through the official training loops
+  (slow; skipped with the reason otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +34,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_step.py"
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+OFFICIAL_SCRIPT = ROOT / "benchmarks" / "bench_official.py"
 
-# Runs the script with the modules the GPU image lacks made unimportable.
-_BLOCKED_RUNNER = """
-import importlib.abc, runpy, sys
+HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="needs torch and transformers")
+
+# Runs a script (argv[1:]) as if the packages in BLOCKED were not installed: importing one
+# fails, and importlib.util.find_spec says None (as availability probes, e.g. accelerate's
+# when transformers loads it, expect of a missing package).
+_RUNNER = """
+import importlib.abc, importlib.util, runpy, sys
+BLOCKED = {blocked!r}
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('ml_collections', 'gguf', 'tensorboardX'):
+        if name.split('.')[0] in BLOCKED:
             raise ImportError('blocked for the test: ' + name)
+_find_spec = importlib.util.find_spec
+def _probe(name, package=None):
+    if name.split('.')[0] in BLOCKED:
+        return None
+    return _find_spec(name, package)
+importlib.util.find_spec = _probe
 sys.meta_path.insert(0, _Block())
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
+# The modules the GPU image lacks made unimportable.
+_BLOCKED_RUNNER = _RUNNER.format(blocked=("ml_collections", "gguf", "tensorboardX"))
 
 
 def _load_bench():
@@ -47,6 +70,7 @@ def _load_bench():
     return mod
 
 
+@needs_torch
 def test_tiny_end_to_end_json_and_loss_agreement(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
@@ -107,8 +131,11 @@ def _naive_subtb(log_pf, log_pterm, log_r, lengths, min_len, lamb):
     return num / den
 
 
+@needs_torch
 @pytest.mark.parametrize("lamb,min_len", [(1.0, 0), (0.7, 2), (0.0, 1)])
 def test_reference_subtb_equals_naive_pairs(lamb, min_len):
+    import torch
+
     bench = _load_bench()
     rng = np.random.default_rng(3)
     B, T = 4, 6
@@ -139,3 +166,124 @@ def test_bad_arguments_fail_clearly(argv, msg, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert msg in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# benchmarks/bench_official.py
+# ---------------------------------------------------------------------------
+# torch (and what needs it) unimportable.
+_NO_TORCH_RUNNER = _RUNNER.format(blocked=("torch", "transformers", "peft",
+                                           "pytorch_lightning"))
+
+
+def _load_official_bench():
+    spec = importlib.util.spec_from_file_location("bench_official_under_test", OFFICIAL_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_phases(rows, official):
+    for ph in ("sampling", "reward", "policy", "sampling+policy", "total"):
+        r = rows[ph]
+        assert r["ours_s"] > 0 and math.isfinite(r["ours_s"]), (ph, r)
+        assert r["floor_gflop"] > 0 and r["floor_s"] > 0, (ph, r)
+        if official:
+            assert r["official_s"] > 0 and r["speedup"] == pytest.approx(
+                r["official_s"] / r["ours_s"]), (ph, r)
+        else:
+            assert r["official_s"] is None and r["speedup"] is None
+
+
+def test_official_bench_ours_only_without_torch_or_snapshot(tmp_path):
+    """The JAX side alone, tiny preset, one timed step: no torch, no snapshot needed."""
+    out = tmp_path / "official.json"
+    env = {k: v for k, v in os.environ.items() if k != "GFN_JAX_OFFICIAL"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-c", _NO_TORCH_RUNNER, str(OFFICIAL_SCRIPT), "--preset", "tiny",
+           "--setting", "B", "--steps", "1", "--warmup", "1", "--no-fused",
+           "--matmul-size", "256", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "official side skipped: no snapshot of the official code" in proc.stderr
+    assert "| train step (sampling + reward + policy + backward + update) |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["official"] is None and "GFN_JAX_OFFICIAL" in res["official_skipped"]
+    assert "torch" not in res["env"]
+    b = res["settings"]["B"]
+    assert b["setting"]["prompt_len"] == 30 and b["setting"]["traj_len"] == 20
+    assert len(b["ours_steps"]) == 2 and b["official_steps"] == []
+    assert all(s["mean_length"] == 20.0 for s in b["ours_steps"])  # min = max = 20 tokens
+    assert all(math.isfinite(x) for x in b["ours_losses"])
+    _check_phases(b["phases"], official=False)
+
+
+def test_official_bench_alternates_sides():
+    bench = _load_official_bench()
+    order = []
+    alt = bench.Alternator(lambda s: order.append(("ours", s)) or {"sampling": 1.0})
+    sampler = bench.timed_sampler(lambda x, reward_fn=None: reward_fn(x) + 1, alt)
+    for s in range(4):
+        alt.begin(s)
+        order.append(("official", s))
+        assert sampler(1, reward_fn=lambda x: 2 * x) == 3
+        alt.end(s)
+    assert order == [("official", 0), ("ours", 0), ("ours", 1), ("official", 1),
+                     ("official", 2), ("ours", 2), ("ours", 3), ("official", 3)]
+    assert len(alt.official) == 4 and all(r["reward_calls"] == 1 for r in alt.official)
+    with pytest.raises(RuntimeError, match="without calling its sampler"):
+        alt.begin(4)
+        alt.end(4)
+
+
+def test_official_bench_flops_count_one_reward_pass_per_prefix():
+    bench = _load_official_bench()
+    cfg = types.SimpleNamespace(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
+                                vocab_size=257, n_layers=2)
+    a = bench.phase_flops(cfg, bench.SETTINGS["A"], 64)
+    b = bench.phase_flops(cfg, bench.SETTINGS["B"], 64)
+    f = bench.fwd_flops
+    assert a["official"]["reward"] == pytest.approx(
+        sum(f(cfg, 16, 59 + i + 10, 0, 16 * (59 + i + 10), 0) for i in range(21)))
+    assert b["official"]["reward"] == pytest.approx(f(cfg, 16, 50, 0, 16 * 50, 0))
+    for d in (a, b):
+        for side in ("floor", "official"):
+            x = d[side]
+            assert x["total"] == pytest.approx(x["sampling"] + x["reward"] + x["policy"])
+        assert d["floor"]["total"] < d["official"]["total"]
+
+
+@pytest.mark.parametrize("argv,msg", [(["--steps", "0"], "--steps must be >= 1"),
+                                      (["--setting", "C"], "invalid choice")])
+def test_official_bench_bad_arguments(argv, msg, capsys):
+    bench = _load_official_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_official_bench_both_sides_tiny(tmp_path):
+    """Both sides through the official training loops (needs a snapshot of the official
+    code in $GFN_JAX_OFFICIAL and its packages; see benchmarks/README.md)."""
+    bench = _load_official_bench()
+    why = bench.check_official(os.environ.get("GFN_JAX_OFFICIAL", ""))
+    if why:
+        pytest.skip(f"official side not run: {why}")
+    out = tmp_path / "official.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(OFFICIAL_SCRIPT), "--preset", "tiny", "--steps", "1",
+           "--warmup", "1", "--matmul-size", "256", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["official"]["path"] and res["env"]["torch_threads"] == 2
+    for name, calls in (("A", 21), ("B", 1)):  # A: one reward pass per prefix
+        r = res["settings"][name]
+        assert len(r["official_steps"]) == 2 and len(r["ours_steps"]) == 2
+        assert all(s["reward_calls"] == calls for s in r["official_steps"])
+        assert all(math.isfinite(x) for x in r["official_losses"] + r["ours_losses"])
+        assert r["official_driver"]["entry"]
+        _check_phases(r["phases"], official=True)
