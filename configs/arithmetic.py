@@ -42,6 +42,7 @@ Run:
   gfn-jax train --config configs/arithmetic.py --workdir runs/arith
   python -m gfn_jax.tasks.arithmetic --workdir runs/arith            # T = 0.1 majority vote
   python -m gfn_jax.tasks.arithmetic --few_shot --config configs/arithmetic.py   # baseline
+  python scripts/arithmetic_experiment.py --out runs/arith --steps 80   # all four methods
   gfn-jax train --config configs/arithmetic.py --workdir runs/arith_sft \\
       --config.objective.name=sft --config.explore.p_replay=0 --config.replay.seed_from_data=False
 """
