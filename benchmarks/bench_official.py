@@ -118,20 +118,11 @@ OFFICIAL_NAMES = ("main", "utils", "rewards", "data", "replay_buffer", "lightnin
 def import_gfn_jax() -> types.SimpleNamespace:
     """The library pieces used here; ``import gfn_jax`` may fail for lack of an optional
     package (e.g. ``ml_collections``): then the submodules are imported directly."""
-    if importlib.util.find_spec("gfn_jax") is None and str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    note = None
-    try:
-        import gfn_jax  # noqa: F401
-    except ImportError as e:
-        spec = importlib.util.find_spec("gfn_jax")
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        pkg = types.ModuleType("gfn_jax")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__file__ = spec.origin
-        sys.modules["gfn_jax"] = pkg
-        note = f"`import gfn_jax` failed ({e}); imported its submodules directly"
+    spec = importlib.util.spec_from_file_location("gfn_jax_bench_step",
+                                                  Path(__file__).with_name("bench_step.py"))
+    bench_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_step)
+    note = bench_step.import_gfn_jax_package()  # the same fallback as bench_step.py's
     from gfn_jax import parallel
     from gfn_jax.logprobs import PolicySpec
     from gfn_jax.models import hf, registry

@@ -92,17 +92,13 @@ MIB = 1024.0 * 1024.0
 # ---------------------------------------------------------------------------
 # Imports of gfn_jax that survive a missing optional dependency
 # ---------------------------------------------------------------------------
-def import_gfn_jax() -> types.SimpleNamespace:
-    """The gfn_jax functions used here, imported without needing ``ml_collections`` etc.
-
-    ``gfn_jax/__init__.py`` re-exports the trainer, whose module imports ``ml_collections``
-    at import time; a bare GPU image may lack it. On that ImportError a bare package module
-    is registered so that the submodules (which do not need it) still import.
-    """
+def import_gfn_jax_package() -> Optional[str]:
+    """Make ``gfn_jax`` importable (the repository root on ``sys.path`` when it is not
+    installed); when ``import gfn_jax`` fails for lack of an optional package, register a bare
+    package module so that its submodules still import, and return a note saying so."""
     root = str(Path(__file__).resolve().parents[1])
     if importlib.util.find_spec("gfn_jax") is None and root not in sys.path:
         sys.path.insert(0, root)
-    note = None
     try:
         import gfn_jax  # noqa: F401
     except ImportError as e:
@@ -113,7 +109,18 @@ def import_gfn_jax() -> types.SimpleNamespace:
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__file__ = spec.origin
         sys.modules["gfn_jax"] = pkg
-        note = f"`import gfn_jax` failed ({e}); imported its submodules directly"
+        return f"`import gfn_jax` failed ({e}); imported its submodules directly"
+    return None
+
+
+def import_gfn_jax() -> types.SimpleNamespace:
+    """The gfn_jax functions used here, imported without needing ``ml_collections`` etc.
+
+    ``gfn_jax/__init__.py`` re-exports the trainer, whose module imports ``ml_collections``
+    at import time; a bare GPU image may lack it. On that ImportError a bare package module
+    is registered so that the submodules (which do not need it) still import.
+    """
+    note = import_gfn_jax_package()
     from gfn_jax.logprobs import PolicySpec
     from gfn_jax.models.config import ModelConfig
     from gfn_jax.models.hf import load_hf
