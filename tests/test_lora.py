@@ -141,8 +141,8 @@ def test_init_merge_and_chain_rule(fam):
         dA = s * np.matmul(G, np.swapaxes(B, -1, -2))
         dB = s * np.matmul(np.swapaxes(A, -1, -2), G)
         assert np.max(np.abs(dA)) > 1e-4 and np.max(np.abs(dB)) > 1e-4, path
-        np.testing.assert_allclose(np.asarray(ga["a"]), dA, rtol=2e-4, atol=2e-5, err_msg=path)
-        np.testing.assert_allclose(np.asarray(ga["b"]), dB, rtol=2e-4, atol=2e-5, err_msg=path)
+        np.testing.assert_allclose(np.asarray(ga["a"]), dA, rtol=2e-4, atol=1e-4, err_msg=path)
+        np.testing.assert_allclose(np.asarray(ga["b"]), dB, rtol=2e-4, atol=1e-4, err_msg=path)
 
 
 def test_only_adapters_train_and_scale_is_masked():
@@ -307,3 +307,30 @@ def test_dropout_delta_matches_numpy_and_is_keyed():
     assert all(np.isfinite(np.asarray(v)).all() for v in leaves)
     assert any(float(jnp.abs(v).max()) > 0 for v in leaves)
     assert with_dropout(ad, 0.0, jax.random.PRNGKey(1)) is ad
+
+
+def test_adapters_unmerged_for_few_tokens_merged_for_many():
+    """Per kernel, the cheaper form is chosen: a decode step (few tokens) keeps adapters
+    unmerged (x@W + s(x@A)@B), a long forward merges them; both give the merged model's
+    logits."""
+    from gfn_jax.models.transformer import split_adapters_for_tokens
+
+    cfg, params, _, ad = _setup("llama")
+    ad = _nonzero(ad)
+    layer = jax.tree_util.tree_map(lambda x: x[0], ad["tree"]["layers"])
+    merged, unmerged = split_adapters_for_tokens(layer, 1)
+    assert not merged and set(unmerged) == {"attn", "mlp"}
+    merged, unmerged = split_adapters_for_tokens(layer, 10_000)
+    assert not unmerged and set(merged["attn"]) == {"q", "k", "v", "o"}
+    # q is 32 -> 32 (rank r): unmerged below 32*32 / 64 = 16 tokens, merged from 16
+    r = layer["attn"]["q"]["kernel"]["a"].shape[-1]
+    assert "q" in split_adapters_for_tokens(layer, 15)[1]["attn"]
+    assert "q" in split_adapters_for_tokens(layer, 16)[0]["attn"]
+    assert r < 16
+    full = _merge(params, ad)
+    for n in (1, 16):  # 1 token: all unmerged; 16: attention merged, MLP (32 -> 48) not
+        toks = jnp.asarray(np.random.default_rng(n).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+        mask = jnp.ones_like(toks)
+        got = _fwd(cfg, params, toks, mask, adapters=ad)
+        want = _fwd(cfg, full, toks, mask)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -292,7 +292,8 @@ _LORA_IDS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6}
 
 def _lora_delta(lora, group: str, name: str, x: jax.Array, n_in: int) -> Optional[jax.Array]:
     """``scale * dropout(x) @ a @ b`` for adapter ``group/name/kernel`` (None if absent);
-    ``x``'s last ``n_in`` axes are the kernel's input features. Output [..., n_out]."""
+    ``x``'s last ``n_in`` axes are the kernel's input features. Output [..., n_out].
+    ``lora`` is ``(tree, scale, rate, rng)``; ``rng`` None means no dropout."""
     if lora is None:
         return None
     tree, scale, rate, rng = lora
@@ -301,9 +302,13 @@ def _lora_delta(lora, group: str, name: str, x: jax.Array, n_in: int) -> Optiona
         return None
     dt = x.dtype
     xin = x.reshape(x.shape[: x.ndim - n_in] + (-1,))
-    keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - rate, xin.shape)
-    xin = jnp.where(keep, xin / (1.0 - rate), 0.0).astype(dt)
-    return (xin @ ad["a"].astype(dt)) @ ad["b"].astype(dt) * jnp.asarray(scale, dt)
+    if rng is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, _LORA_IDS[name]), 1.0 - rate,
+                                    xin.shape)
+        xin = jnp.where(keep, xin / (1.0 - rate), 0.0)
+    xin = xin.astype(dt)
+    scale = jax.lax.stop_gradient(jnp.asarray(scale, dt))  # a constant, as in merge_kernel
+    return (xin @ ad["a"].astype(dt)) @ ad["b"].astype(dt) * scale
 
 
 def _attention(
@@ -519,6 +524,28 @@ def apply(
     return logits, new_cache
 
 
+def split_adapters_for_tokens(tree: Params, n_tokens: int) -> Tuple[Params, Params]:
+    """Split a layer's adapter tree into (kernels to merge, kernels to keep unmerged) for a
+    call over ``n_tokens`` tokens, whichever form costs fewer FLOPs per kernel.
+
+    Merging ``W + s·A·B`` costs ``n_in·r·n_out`` multiply-adds (and writes a whole kernel);
+    the unmerged ``x·W + s·(x·A)·B`` costs ``n_tokens·r·(n_in + n_out)``. A decode step
+    (a few tokens) keeps every adapter unmerged; a training forward merges them."""
+    merged: Dict[str, Any] = {}
+    unmerged: Dict[str, Any] = {}
+    for group, sub in tree.items():
+        for name, leaf in sub.items():
+            ad = leaf.get("kernel") if isinstance(leaf, dict) else None
+            if ad is None or set(ad) != {"a", "b"}:
+                merged.setdefault(group, {})[name] = leaf
+                continue
+            n_in = math.prod(ad["a"].shape[:-1])
+            n_out = math.prod(ad["b"].shape[1:])
+            dest = unmerged if n_tokens * (n_in + n_out) < n_in * n_out else merged
+            dest.setdefault(group, {})[name] = leaf
+    return merged, unmerged
+
+
 def _layers(
     cfg: ModelConfig,
     params: Params,
@@ -556,13 +583,17 @@ def _layers(
     x = constrain(_embed(cfg, params, tokens, positions), act_axes)
     layers = params["layers"]
     reps = 0 if prefix_kv is None else tokens.shape[0] // prefix_kv[0].shape[1]
+    n_tokens = tokens.shape[0] * tokens.shape[1]
 
     def body(carry, xs):
         h = carry
         lp, la, kv, pkv, lrng = xs
         lora = None
         if la is not None and lrng is None:
-            lp = merge_tree(lp, la, scale)
+            merged, unmerged = split_adapters_for_tokens(la, n_tokens)
+            lp = merge_tree(lp, merged, scale)
+            if unmerged:
+                lora = (unmerged, scale, 0.0, None)
         elif la is not None:
             lora = (la, scale, rate, lrng)
         if pkv is not None:  # each shared prompt's k/v, once per row of its group
