@@ -10,6 +10,12 @@ A *run directory* is either
 * a baselines directory (``python -m gfn_jax.baselines``): ``baselines.json`` ({method:
   metrics}) and ``run.json`` (command, hardware, wall time, config); one row per method.
 
+* an experiment-script output: ``scripts/arithmetic_experiment.py``'s directory
+  (``eval_<method>.json``, ``wall_times.json``), ``scripts/subj_em.py``'s ``results.json``
+  (one per k: its rows are merged with the other k's into one table), or
+  ``scripts/toy_objectives.py``'s ``toy_objectives.json``; an optional ``experiment.json``
+  beside them gives the command and hardware.
+
 Every table row names its run directory; a "Runs" table gives each directory's command,
 hardware and wall time ("not recorded" where the run did not write them). Rows are grouped by
 task (``config.task.name``) and each task shows its headline metrics (:data:`COLUMNS`; a task
@@ -33,7 +39,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["COLUMNS", "SCATTER", "read_run", "collect_rows", "markdown_table", "scatter_plot",
-           "write_report", "main"]
+           "write_report", "write_sectioned_report", "write_experiment_meta", "main"]
 
 COLUMNS: Dict[str, Tuple[str, ...]] = {
     "continuation": ("logp_mean", "logp_max", "embedding_diversity", "word_distinct_2",
@@ -41,6 +47,13 @@ COLUMNS: Dict[str, Tuple[str, ...]] = {
     "infill_stories": ("bleu4", "gleu", "embedding_diversity", "logp_mean",
                        "word_distinct_2", "mean_length"),
     "infill": ("label_accuracy", "mean_log_p_base", "distinct_2", "mean_length"),
+    "arithmetic": ("id_accuracy", "id_sample_accuracy", "ood_accuracy", "ood_sample_accuracy",
+                   "parsed_fraction", "log_z_iw", "ess_fraction", "train_wall_s"),
+    "rng": ("fraction_valid", "tv_to_uniform", "tv_to_uniform_among_valid", "distinct_valid",
+            "num_samples"),
+    "toy_objectives": ("target", "tv", "tv_to_reward_target", "mass_on_mode", "steps",
+                       "train_wall_s"),
+    "subj": ("accuracy_k10", "accuracy_k20", "accuracy_k50"),
 }
 """Headline metrics per task, in table order."""
 
@@ -77,12 +90,112 @@ def _last_metrics(path: str) -> Dict[str, float]:
     return last
 
 
+def _meta(d: str) -> Dict[str, Any]:
+    m = _json(os.path.join(d, "experiment.json"))
+    return m if isinstance(m, dict) else {}
+
+
+def _experiment(d: str, task: str, rows: Dict[str, Dict[str, Any]], meta: Dict[str, Any],
+                wall: Optional[float]) -> Dict[str, Any]:
+    return {"kind": "experiment", "dir": d, "config": {}, "task": task,
+            "command": meta.get("command") or NOT_RECORDED,
+            "hardware": meta.get("hardware") or NOT_RECORDED,
+            "wall_time_s": wall, "evals": rows, "last_metrics": {}, "meta": meta}
+
+
+ARITH_LABELS = {"few_shot": "few-shot prompting", "sft": "SFT", "ppo": "PPO",
+                "gfn": "GFlowNet (subtb)"}
+SUBJ_LABELS = (("zero_shot", "zero-shot prompting"), ("few_shot", "few-shot prompting"),
+               ("supervised_lora", "supervised LoRA classifier"))
+SUBJ_EM = (("greedy_accuracy", "greedy rationale"), ("vote_accuracy", "majority vote"),
+           ("mean_prob_accuracy", "mean label probability"))
+
+
+def _read_arithmetic(d: str) -> Dict[str, Any]:
+    times = _json(os.path.join(d, "wall_times.json")) or {}
+    rows: Dict[str, Dict[str, Any]] = {}
+    for key, label in ARITH_LABELS.items():
+        m = _json(os.path.join(d, f"eval_{key}.json"))
+        if not isinstance(m, dict):
+            continue
+        m = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        if "id_parsed_fraction" in m and "ood_parsed_fraction" in m:
+            m["parsed_fraction"] = (m["id_parsed_fraction"] + m["ood_parsed_fraction"]) / 2
+        if f"train_{key}" in times:
+            m["train_wall_s"] = times[f"train_{key}"]
+        rows[label] = m
+    wall = sum(v for v in times.values() if isinstance(v, (int, float))) or None
+    return _experiment(d, "arithmetic", rows, _meta(d), wall)
+
+
+def _read_subj(path: str, res: Dict[str, Any]) -> Dict[str, Any]:
+    k = res["k"]
+    col = f"accuracy_k{k}"
+    rows: Dict[str, Dict[str, Any]] = {}
+    for key, label in SUBJ_LABELS:
+        v = (res.get("baselines") or {}).get(key)
+        if isinstance(v, (int, float)):
+            rows[label] = {col: v}
+    for rnd in res.get("rounds") or []:
+        for part, name in (("em", "E/M"), ("e_only", "E-step only")):
+            m = rnd.get(part) or {}
+            for key, how in SUBJ_EM:
+                if isinstance(m.get(key), (int, float)):
+                    rows[f"{name} round {rnd.get('round', 0)}, {how}"] = {col: m[key]}
+    times = res.get("times_s") or {}
+    wall = sum(v for v in times.values() if isinstance(v, (int, float))) or None
+    return _experiment(os.path.dirname(path) or ".", "subj", rows, _meta(os.path.dirname(path)),
+                       wall)
+
+
+def _read_toy(path: str, res: Dict[str, Any]) -> Dict[str, Any]:
+    meta = dict(res.get("meta") or {})
+    hw = meta.get("hardware") or (f"{meta.get('cpus', '?')} CPU cores ({meta.get('machine', '?')})"
+                                  if meta else None)
+    rows = {r["setting"]: {k: v for k, v in r.items() if k != "setting"}
+            for r in res.get("results") or [] if isinstance(r, dict) and "setting" in r}
+    wall = sum(r.get("train_wall_s", 0.0) for r in rows.values()) or None
+    return _experiment(path, "toy_objectives", rows, {"command": meta.get("command"),
+                                                       "hardware": hw}, wall)
+
+
+def write_experiment_meta(directory: str, argv: Optional[Sequence[str]] = None) -> str:
+    """Record how an experiment script was run: ``DIR/experiment.json`` with the command
+    (``python`` + ``argv``, default ``sys.argv``) and the hardware; read back by the report."""
+    import shlex
+
+    from gfn_jax.baselines import hardware
+
+    args = list(sys.argv if argv is None else argv)
+    meta = {"command": shlex.join(["python"] + args), "hardware": hardware()}
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "experiment.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def read_run(path: str) -> Dict[str, Any]:
     """What a run directory holds: ``kind`` ("train" | "baselines"), ``dir``, ``config``,
     ``task``, ``command``, ``hardware``, ``wall_time_s``, ``evals`` ({tag: metrics}),
     ``last_metrics`` (last logged value of each training metric). ``ValueError`` if the
     directory is neither kind."""
     d = os.path.normpath(path)
+    if os.path.isfile(d):
+        res = _json(d)
+        if isinstance(res, dict) and "k" in res and "rounds" in res:
+            return _read_subj(d, res)
+        if isinstance(res, dict) and "results" in res and "meta" in res:
+            return _read_toy(d, res)
+        raise ValueError(f"{d!r}: not a results file this report knows (subj_em.py's "
+                         f"results.json or toy_objectives.py's JSON)")
+    if os.path.isfile(os.path.join(d, "results.json")) and not os.path.isfile(
+            os.path.join(d, "config.json")):
+        return read_run(os.path.join(d, "results.json"))
+    if os.path.isfile(os.path.join(d, "wall_times.json")) and glob.glob(
+            os.path.join(d, "eval_*.json")):
+        return _read_arithmetic(d)
     base = _json(os.path.join(d, "baselines.json"))
     if base is not None:
         meta = _json(os.path.join(d, "run.json")) or {}
@@ -120,7 +233,7 @@ def read_run(path: str) -> Dict[str, Any]:
 
 def _label(run: Dict[str, Any], tag: str) -> Tuple[str, Optional[float]]:
     """(method label, final reward temperature or None) of one evaluation of a run."""
-    if run["kind"] == "baselines":
+    if run["kind"] in ("baselines", "experiment"):
         return tag, None
     cfg = run["config"]
     obj = (cfg.get("objective") or {}).get("name", "?")
@@ -138,9 +251,16 @@ def collect_rows(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any
     for r in runs:
         for tag, m in r["evals"].items():
             method, t_end = _label(r, tag)
-            out.setdefault(r["task"], []).append(
-                {"task": r["task"], "method": method, "temp_end": t_end, "run": r["dir"],
-                 "tag": tag, "metrics": m})
+            rows = out.setdefault(r["task"], [])
+            same = next((x for x in rows if x["method"] == method and x["temp_end"] == t_end
+                         and not set(x["metrics"]) & set(m)), None)
+            if same is not None and r["kind"] == "experiment":
+                # the same method measured in another run under other columns (SUBJ per k)
+                same["metrics"] = {**same["metrics"], **m}
+                same["run"] = f"{same['run']}`, `{r['dir']}"
+                continue
+            rows.append({"task": r["task"], "method": method, "temp_end": t_end,
+                         "run": r["dir"], "tag": tag, "metrics": m})
     return out
 
 
@@ -168,7 +288,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[st
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"]] + [_fmt(r["metrics"].get(c)) for c in columns]
-        cells.append(f"`{r['run']}` ({r['tag']})")
+        cells.append(f"`{r['run']}`" + ("" if r["tag"] == r["method"] else f" ({r['tag']})"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -235,17 +355,88 @@ def write_report(run_dirs: Sequence[str], out: str, title: str = "Results",
     if notes:
         parts += [notes.rstrip(), ""]
     for task in sorted(by_task):
-        rows = by_task[task]
-        parts += [f"## {task}", ""]
-        cols = COLUMNS.get(task)
-        if cols is not None:
-            cols = [c for c in cols if any(c in r["metrics"] for r in rows)]
-        parts += [markdown_table(rows, cols), ""]
-        png = scatter_plot(rows, task, os.path.join(plot_dir, f"{task}_likelihood_diversity.png"))
-        if png:
-            rel = os.path.relpath(png, out_dir)
-            parts += [f"![{task}: likelihood vs diversity]({rel})", ""]
+        parts += _task_block(by_task[task], task, out_dir, plot_dir, f"## {task}")
     parts += ["## Runs", "", _runs_table(runs), ""]
+    text = "\n".join(parts)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return text
+
+
+def _task_block(rows: List[Dict[str, Any]], task: str, out_dir: str, plot_dir: str,
+                heading: str) -> List[str]:
+    parts = [heading, ""]
+    cols = COLUMNS.get(task)
+    if cols is not None:  # the task's headline metrics that these rows have (else all)
+        cols = [c for c in cols if any(c in r["metrics"] for r in rows)] or None
+    parts += [markdown_table(rows, cols), ""]
+    png = scatter_plot(rows, task, os.path.join(plot_dir, f"{task}_likelihood_diversity.png"))
+    if png:
+        rel = os.path.relpath(png, out_dir)
+        parts += [f"![{task}: likelihood vs diversity]({rel})", ""]
+    return parts
+
+
+def _expand(patterns: Sequence[str], base: str = "") -> List[str]:
+    out: List[str] = []
+    for pat in patterns:
+        pat = os.path.join(base, pat) if base and not os.path.isabs(pat) else pat
+        hits = sorted(glob.glob(pat))
+        out += hits or [pat]
+    return out
+
+
+def write_sectioned_report(spec_path: str, out: str) -> str:
+    """The report laid out by a sections file (JSON): ``{"title": ..., "intro": "notes.md",
+    "sections": [{"title": ..., "notes": "file.md", "runs": ["dir or glob", ...]}, ...]}``.
+    Each section prints its notes (the prose: findings, deviations), then one table (and
+    scatter plot) per task of its runs. Paths are relative to the working directory; a
+    missing run is an error naming the section, so every number has a source."""
+    spec = _json(spec_path)
+    if not isinstance(spec, dict) or not isinstance(spec.get("sections"), list):
+        raise ValueError(f"{spec_path}: not a sections file (a JSON object with a 'sections' "
+                         f"list)")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    plot_dir = os.path.join(out_dir, os.path.splitext(os.path.basename(out))[0] + "_plots")
+
+    def read_notes(name: Optional[str]) -> str:
+        if not name:
+            return ""
+        with open(name) as f:
+            return f.read().rstrip()
+
+    parts = [f"# {spec.get('title', 'Results')}", "",
+             f"Generated by `gfn-jax report --sections {spec_path} --out {out}` from the run "
+             "directories named in each table row (run directories are not committed; each "
+             "section's notes give the commands that make them, the Runs table their "
+             "recorded command, hardware and wall time).", ""]
+    intro = read_notes(spec.get("intro"))
+    if intro:
+        parts += [intro, ""]
+    all_runs: List[Dict[str, Any]] = []
+    for i, sec in enumerate(spec["sections"]):
+        title = sec.get("title") or f"section {i + 1}"
+        parts += [f"## {title}", ""]
+        notes = read_notes(sec.get("notes"))
+        if notes:
+            parts += [notes, ""]
+        runs = []
+        for d in _expand(sec.get("runs") or []):
+            if not os.path.exists(d):
+                raise ValueError(f"section {title!r}: run {d!r} does not exist (make it with "
+                                 f"the command in {sec.get('notes') or 'its notes'})")
+            runs.append(read_run(d))
+        all_runs += runs
+        by_task = collect_rows(runs)
+        for task in sorted(by_task):
+            heading = f"### Table: {task}" if len(by_task) > 1 else "### Table"
+            parts += _task_block(by_task[task], task, out_dir, plot_dir, heading)
+        for extra in sec.get("after") or []:
+            parts += [read_notes(extra), ""]
+    parts += ["## Runs", "", _runs_table(all_runs), ""]
     text = "\n".join(parts)
     os.makedirs(out_dir, exist_ok=True)
     tmp = out + ".tmp"
@@ -260,11 +451,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="gfn-jax report", description=(
         "Write markdown tables and likelihood-vs-diversity plots from run directories "
         "(training runs and `python -m gfn_jax.baselines` outputs)."))
-    p.add_argument("runs", nargs="+", help="run directories (globs are expanded)")
+    p.add_argument("runs", nargs="*", help="run directories (globs are expanded)")
+    p.add_argument("--sections", default="", help=(
+        "a sections file (JSON): titled sections, each with a notes file and its runs "
+        "(see write_sectioned_report); replaces the positional run directories"))
     p.add_argument("--out", default="docs/results.md", help="the report file to write")
     p.add_argument("--title", default="Results")
     p.add_argument("--notes", default="", help="a markdown file inserted under the title")
     a = p.parse_args(list(argv) if argv is not None else None)
+    if a.sections:
+        try:
+            write_sectioned_report(a.sections, a.out)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {a.out} (sections from {a.sections})")
+        return 0
+    if not a.runs:
+        p.error("give run directories or --sections FILE")
     dirs: List[str] = []
     for pat in a.runs:
         hits = sorted(glob.glob(pat)) or [pat]

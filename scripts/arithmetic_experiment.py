@@ -83,6 +83,9 @@ def main() -> int:
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     times_path = os.path.join(out, "wall_times.json")
+    from gfn_jax.report import write_experiment_meta
+
+    write_experiment_meta(out)  # the command and hardware, for `gfn-jax report`
     times: Dict[str, float] = json.load(open(times_path)) if os.path.exists(times_path) else {}
     cmds: Dict[str, List[str]] = {}
     ev_set = ["--set", f"eval_id_num={a.eval_num}", "--set", f"eval_ood_num={a.eval_num}",

@@ -203,6 +203,9 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     res.update({"k": a.k, "rounds": res.get("rounds", []), "eval_num": a.eval_num,
                 "vote_k": a.vote_k, "train_rationales": a.train_rationales})
     times = res.setdefault("times_s", {})
+    from gfn_jax.report import write_experiment_meta
+
+    write_experiment_meta(a.out)  # the command and hardware, for `gfn-jax report`
 
     def save() -> None:
         with open(res_path + ".tmp", "w") as f:

@@ -61,7 +61,7 @@ def test_report_tables_plot_and_runs(tmp_path):
     assert "-21.5" in r and "-12.25" in r and "0.31" in r and f"`{g1}` (after)" in r
     assert f"`{g1}` (before)" in row("base model (sampling)")
     assert "-9.5" in row("beam_n")
-    assert f"`{b}` (beam_n)" in row("beam_n")
+    assert row("beam_n").endswith(f"`{b}` |")  # the tag is the method: not repeated
     # continuation columns in the headline order; rng shows all its metrics
     head = next(x for x in lines if x.startswith("| method | logp_mean"))
     assert head.split(" | ")[1:4] == ["logp_mean", "logp_max", "embedding_diversity"]
@@ -92,3 +92,58 @@ def test_report_points_and_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a run directory"):
         report.read_run(str(empty))
     assert report.main([str(empty), "--out", str(tmp_path / "r.md")]) == 2
+
+
+def _dump(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_experiment_outputs_and_sections(tmp_path):
+    """Experiment-script outputs become tables (SUBJ's per-k files merge into one row per
+    method); a sections file lays out notes and tables; a missing run is a clear error."""
+    arith = tmp_path / "arith"
+    _dump(arith / "eval_sft.json", {"id_accuracy": 0.65, "ood_accuracy": 0.2,
+                                    "id_parsed_fraction": 1.0, "ood_parsed_fraction": 0.5})
+    _dump(arith / "eval_gfn.json", {"id_accuracy": 0.0, "ood_accuracy": 0.0, "info": "text"})
+    _dump(arith / "wall_times.json", {"train_sft": 100.0, "eval_sft": 20.0, "train_gfn": 30.0})
+    _dump(arith / "experiment.json", {"command": "python scripts/arithmetic_experiment.py",
+                                      "hardware": "2 cores"})
+    subj = []
+    for k, acc in ((10, 0.61), (20, 0.67)):
+        subj.append(_dump(tmp_path / f"subj_k{k}" / "results.json", {
+            "k": k, "rounds": [{"round": 0, "em": {"vote_accuracy": acc}}],
+            "baselines": {"zero_shot": 0.62}, "times_s": {"e0": 5.0, "m0": 6.0}}))
+    toy = _dump(tmp_path / "toy.json", {"meta": {"command": "python scripts/toy_objectives.py",
+                                                 "cpus": 2},
+                                        "results": [{"setting": "tb", "tv": 0.03}]})
+    (tmp_path / "intro.md").write_text("Intro words.")
+    (tmp_path / "arith.md").write_text("Arithmetic findings.")
+    spec = _dump(tmp_path / "sections.json", {
+        "title": "All results", "intro": str(tmp_path / "intro.md"),
+        "sections": [
+            {"title": "Arithmetic", "notes": str(tmp_path / "arith.md"), "runs": [str(arith)]},
+            {"title": "SUBJ", "runs": [str(tmp_path / "subj_k*")]},
+            {"title": "Toy", "runs": [toy]}]})
+    out = str(tmp_path / "docs" / "results.md")
+    assert report.main(["--sections", spec, "--out", out]) == 0
+    text = open(out).read()
+    assert text.startswith("# All results") and "Intro words." in text
+    assert text.index("## Arithmetic") < text.index("Arithmetic findings.") < text.index("| SFT |")
+    sft = next(x for x in text.splitlines() if x.startswith("| SFT |"))
+    assert "0.65" in sft and "0.75" in sft and "100" in sft  # parsed = mean of 1.0 and 0.5
+    head = next(x for x in text.splitlines() if x.startswith("| method | accuracy_k10"))
+    assert head.startswith("| method | accuracy_k10 | accuracy_k20 |")
+    vote = next(x for x in text.splitlines() if "majority vote" in x)
+    assert "0.61" in vote and "0.67" in vote and "subj_k10" in vote and "subj_k20" in vote
+    assert "python scripts/arithmetic_experiment.py" in text and "| 150.0 |" in text
+    assert "python scripts/toy_objectives.py" in text and "| 0.03 |" in text
+
+    spec2 = _dump(tmp_path / "bad.json", {"sections": [{"title": "Gone",
+                                                        "runs": [str(tmp_path / "nope")]}]})
+    assert report.main(["--sections", spec2, "--out", out]) == 2
+    with pytest.raises(ValueError, match="Gone.*nope"):
+        report.write_sectioned_report(spec2, out)
+    with pytest.raises(ValueError, match="not a results file"):
+        report.read_run(_dump(tmp_path / "other.json", {"x": 1}))
