@@ -64,6 +64,8 @@ SCATTER: Dict[str, Tuple[str, Tuple[str, ...]]] = {
 """Per task: (likelihood metric on y, diversity metrics on x, first present wins)."""
 
 NOT_RECORDED = "not recorded"
+TABLES_MARK = "<!-- tables -->"
+"""In a section's notes file: the generated tables go here."""
 
 
 def _json(path: str) -> Optional[Any]:
@@ -392,8 +394,9 @@ def _expand(patterns: Sequence[str], base: str = "") -> List[str]:
 def write_sectioned_report(spec_path: str, out: str) -> str:
     """The report laid out by a sections file (JSON): ``{"title": ..., "intro": "notes.md",
     "sections": [{"title": ..., "notes": "file.md", "runs": ["dir or glob", ...]}, ...]}``.
-    Each section prints its notes (the prose: findings, deviations), then one table (and
-    scatter plot) per task of its runs. Paths are relative to the working directory; a
+    Each section prints its notes (the prose: findings, deviations) and one table (and
+    scatter plot) per task of its runs, at the notes' ``<!-- tables -->`` line (else after
+    them). Paths are relative to the working directory; a
     missing run is an error naming the section, so every number has a source."""
     spec = _json(spec_path)
     if not isinstance(spec, dict) or not isinstance(spec.get("sections"), list):
@@ -421,8 +424,9 @@ def write_sectioned_report(spec_path: str, out: str) -> str:
         title = sec.get("title") or f"section {i + 1}"
         parts += [f"## {title}", ""]
         notes = read_notes(sec.get("notes"))
-        if notes:
-            parts += [notes, ""]
+        before, _, after = notes.partition(TABLES_MARK)
+        if before.strip():
+            parts += [before.strip(), ""]
         runs = []
         for d in _expand(sec.get("runs") or []):
             if not os.path.exists(d):
@@ -434,8 +438,8 @@ def write_sectioned_report(spec_path: str, out: str) -> str:
         for task in sorted(by_task):
             heading = f"### Table: {task}" if len(by_task) > 1 else "### Table"
             parts += _task_block(by_task[task], task, out_dir, plot_dir, heading)
-        for extra in sec.get("after") or []:
-            parts += [read_notes(extra), ""]
+        if after.strip():
+            parts += [after.strip(), ""]
     parts += ["## Runs", "", _runs_table(all_runs), ""]
     text = "\n".join(parts)
     os.makedirs(out_dir, exist_ok=True)

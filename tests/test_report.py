@@ -119,7 +119,7 @@ def test_experiment_outputs_and_sections(tmp_path):
                                                  "cpus": 2},
                                         "results": [{"setting": "tb", "tv": 0.03}]})
     (tmp_path / "intro.md").write_text("Intro words.")
-    (tmp_path / "arith.md").write_text("Arithmetic findings.")
+    (tmp_path / "arith.md").write_text("Arithmetic findings.\n<!-- tables -->\nAfter the table.")
     spec = _dump(tmp_path / "sections.json", {
         "title": "All results", "intro": str(tmp_path / "intro.md"),
         "sections": [
@@ -130,7 +130,9 @@ def test_experiment_outputs_and_sections(tmp_path):
     assert report.main(["--sections", spec, "--out", out]) == 0
     text = open(out).read()
     assert text.startswith("# All results") and "Intro words." in text
-    assert text.index("## Arithmetic") < text.index("Arithmetic findings.") < text.index("| SFT |")
+    assert (text.index("## Arithmetic") < text.index("Arithmetic findings.") < text.index("| SFT |")
+            < text.index("After the table.") < text.index("## SUBJ"))
+    assert "<!-- tables -->" not in text
     sft = next(x for x in text.splitlines() if x.startswith("| SFT |"))
     assert "0.65" in sft and "0.75" in sft and "100" in sft  # parsed = mean of 1.0 and 0.5
     head = next(x for x in text.splitlines() if x.startswith("| method | accuracy_k10"))
