@@ -1,4 +1,4 @@
-"""Command line: ``gfn-jax train | sample | eval | convert``.
+"""Command line: ``gfn-jax train | sample | eval | convert | bench | sweep | report``.
 
 Every command takes ``--help``; expected errors (configuration, paths, data, checkpoints,
 model files) print one line saying what is wrong, where and what to do (the traceback with
@@ -23,12 +23,14 @@ commands:
   convert   export a run (LoRA merged) or a model to a Hugging Face directory
   sweep     expand a config over a grid of keys: run, emit launch commands, summarize
   report    collect run directories into tables and plots (a results report)
+  bench     time one training step's phases of a config: ms, tokens/s, FLOPs, MFU
 
 examples:
   gfn-jax train --config configs/rng.py --workdir runs/rng --config.train.steps=10
   gfn-jax sample --workdir runs/rng --num 100 --output samples.jsonl --temperature 1.0
   gfn-jax eval --workdir runs/rng --num 10000
   gfn-jax convert --workdir runs/rng --out exported/rng
+  gfn-jax bench --config configs/rng.py --steps 5 --json bench.json
 """
 
 EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 3
@@ -94,6 +96,25 @@ def _define_convert(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_string("out", None, "output Hugging Face directory (new or empty)",
                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory", flag_values=fv)
+    _common(fv)
+
+
+def _define_bench(fv: flags.FlagValues, argv: List[str]) -> None:
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file (configs/*.py); override any key with "
+        "--config.KEY=VALUE (e.g. --config.train.samples_per_prompt=8)", flag_values=fv,
+        lock_config=True, sys_argv=argv)
+    flags.DEFINE_integer("steps", 5, "timed calls of each phase (the median is reported)",
+                         flag_values=fv)
+    flags.DEFINE_integer("warmup", 1, "untimed calls of each phase before timing; the first "
+                         "(compilation) is reported apart", flag_values=fv)
+    flags.DEFINE_string("json", None, "write every figure to this JSON file", flag_values=fv)
+    flags.DEFINE_string("device-peak", None, "peak FLOP/s of one device for MFU: a name (H100 "
+                        "SXM, H200, A100, TPU v4, TPU v5e, TPU v5p, TPU v6e, cpu = measure) or "
+                        "a number (e.g. 989e12); default: detected from the device (CPU: a "
+                        "measured float32 matmul)", flag_values=fv)
     _common(fv)
 
 
@@ -323,11 +344,46 @@ def cmd_convert(fv: flags.FlagValues) -> int:
     return 0
 
 
+def cmd_bench(fv: flags.FlagValues) -> int:
+    _need(fv, "config")
+    _positive(fv, "steps", "warmup")
+    from ml_collections import config_flags
+
+    from gfn_jax import bench
+    from gfn_jax.defaults import validate_config
+    from gfn_jax.rundir import atomic_write_file, check_writable
+    from gfn_jax.train import _jsonable
+
+    config = fv.config
+    validate_config(config)  # before any model is loaded or compiled
+    peak = fv["device-peak"].value
+    if peak is not None:  # a bad name fails now, not after the compilations
+        try:
+            bench.resolve_peak(peak, None, str(config.model.dtype), measure=lambda: 0.0)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if fv.json:
+        check_writable(fv.json, flag="--json")
+    name = config_flags.get_config_filename(fv["config"])
+    overrides = config_flags.get_override_values(fv["config"])
+    if overrides:
+        name += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+    result = bench.run_bench(config, steps=fv.steps, warmup=fv.warmup, device_peak=peak,
+                             config_name=name, command=_COMMAND_LINE or "gfn-jax bench")
+    print(bench.format_report(result))
+    if fv.json:
+        with atomic_write_file(fv.json, flag="--json") as f:
+            f.write(json.dumps(_jsonable(result), indent=2))
+        print(f"wrote {fv.json}")
+    return 0
+
+
 COMMANDS: Dict[str, tuple] = {
     "train": (_define_train, cmd_train),
     "sample": (_define_sample, cmd_sample),
     "eval": (_define_eval, cmd_eval),
     "convert": (_define_convert, cmd_convert),
+    "bench": (_define_bench, cmd_bench),
 }
 
 

@@ -1,0 +1,616 @@
+"""``gfn-jax bench``: time the phases of one training step of a config, with FLOPs and MFU.
+
+:func:`run_bench` builds exactly what ``gfn-jax train`` builds for a config (a
+:class:`~gfn_jax.train.Trainer` in a temporary directory: task, model, adapters, mesh and
+shardings, the jitted train step), then times each phase of one loop step: the sampler call
+that draws the batch, the task's reward alone (adapters off), the objective's once-per-rollout
+``prepare`` (PPO), and the jitted train step. For each: the first call (compilation) apart,
+the median of the timed calls, tokens/s, FLOPs, achieved FLOP/s and MFU against a device peak
+(:data:`DEVICE_PEAKS`, or measured on CPU).
+
+FLOPs come from XLA's ``compiled.cost_analysis()`` when the compiled program has no loop:
+XLA's analysis counts the body of every ``while`` loop once, whatever its trip count, and
+every model program here has one (the scan over layers; the sampler's decode loop, whose trip
+count depends on the samples), so those phases use the standard estimate
+(:func:`forward_flops`: 2·N·tokens forward, 3x that for forward + backward, plus attention
+and the vocabulary projection) on the shapes the program runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["DEVICE_PEAKS", "Peak", "FlopShape", "matmul_params", "forward_flops",
+           "train_flops", "resolve_peak", "measure_cpu_peak", "run_bench", "format_report"]
+
+# Dense (no sparsity) peak FLOP/s per chip, from the vendors' published figures:
+# * NVIDIA H100 SXM5 and H200 SXM datasheets / Hopper whitepaper: BF16 tensor core 989.4
+#   TFLOPS dense (the datasheets print 1,979 "with sparsity"), TF32 494.7 dense (989 with
+#   sparsity), FP32 67 (non-tensor-core). The H200 has the H100 SXM's compute.
+# * NVIDIA A100 datasheet (SXM and PCIe): BF16 312, TF32 156 (dense), FP32 19.5.
+# * Google Cloud TPU documentation, peak bf16 compute per chip: v4 275, v5e 197, v5p 459,
+#   v6e (Trillium) 918 TFLOPS. No float32 figure is published (float32 matmuls at the default
+#   precision run as bf16 passes on the MXU), so float32 configs use the bf16 peak there.
+DEVICE_PEAKS: Dict[str, Dict[str, float]] = {
+    "H100 SXM": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 67e12},
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "TPU v4": {"bf16": 275e12},
+    "TPU v5e": {"bf16": 197e12},
+    "TPU v5p": {"bf16": 459e12},
+    "TPU v6e": {"bf16": 918e12},
+}
+
+_ALIASES = {"h100": "H100 SXM", "h100sxm": "H100 SXM", "h100sxm5": "H100 SXM", "h200": "H200",
+            "a100": "A100", "v4": "TPU v4", "tpuv4": "TPU v4", "v5e": "TPU v5e",
+            "tpuv5e": "TPU v5e", "v5lite": "TPU v5e", "tpuv5lite": "TPU v5e", "v5p": "TPU v5p",
+            "tpuv5p": "TPU v5p", "v6e": "TPU v6e", "tpuv6e": "TPU v6e", "v6lite": "TPU v6e",
+            "tpuv6lite": "TPU v6e"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.lower())
+
+
+# ---------------------------------------------------------------------------- device peak
+@dataclasses.dataclass
+class Peak:
+    """The peak FLOP/s of one device (None: unknown) and where it comes from."""
+
+    flops_per_s: Optional[float]
+    name: str
+    source: str
+
+
+def measure_cpu_peak(n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of the fastest of ``reps`` jitted ``n`` x ``n`` float32 matmuls (after one
+    untimed call): the "CPU measured" peak."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def _precision_key(dtype: str) -> str:
+    """Which peak column a compute dtype runs at: bf16 (also float16), else float32 matmuls
+    at JAX's default precision (TF32 on NVIDIA tensor cores) or full fp32 when the default
+    matmul precision is set to highest / float32."""
+    if dtype in ("bfloat16", "float16"):
+        return "bf16"
+    prec = str(jax.config.jax_default_matmul_precision or "").lower()
+    return "fp32" if prec in ("highest", "float32") else "tf32"
+
+
+def _detect(kind: str) -> Optional[str]:
+    """The :data:`DEVICE_PEAKS` entry of a ``device_kind`` string, if known."""
+    k = kind.lower()
+    if "h200" in k:
+        return "H200"
+    if "h100" in k and "pcie" not in k and "nvl" not in k:
+        return "H100 SXM"
+    if "a100" in k:
+        return "A100"
+    m = re.search(r"tpu\s*v(\d)\s*(lite|e|p)?", k)
+    if m:
+        gen, var = m.group(1), m.group(2) or ""
+        name = {("4", ""): "TPU v4", ("5", "lite"): "TPU v5e", ("5", "e"): "TPU v5e",
+                ("5", ""): "TPU v5p", ("5", "p"): "TPU v5p", ("6", "lite"): "TPU v6e",
+                ("6", "e"): "TPU v6e"}.get((gen, var))
+        return name
+    return None
+
+
+def _table_peak(name: str, dtype: str) -> Peak:
+    row = DEVICE_PEAKS[name]
+    key = _precision_key(dtype)
+    if key not in row:
+        return Peak(row["bf16"], name, f"{name} bf16 (vendor peak; no published {dtype} "
+                                       f"figure)")
+    return Peak(row[key], name, f"{name} {key} (vendor peak, dense)")
+
+
+def resolve_peak(spec: Optional[str], device: Any, dtype: str,
+                 measure: Callable[[], float] = measure_cpu_peak) -> Peak:
+    """The peak of ``device`` for compute ``dtype``: ``spec`` is ``--device-peak`` (a name of
+    :data:`DEVICE_PEAKS`, ``cpu`` to measure, or a number of FLOP/s), else it is detected from
+    ``device.device_kind`` (CPU: measured). Raises ValueError for an unknown name."""
+    if spec is not None and str(spec).strip():
+        s = str(spec).strip()
+        try:
+            value = float(s)
+        except ValueError:
+            value = None
+        if value is not None:
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"--device-peak must be > 0 FLOP/s, got {s}")
+            return Peak(value, "given", f"--device-peak {s} FLOP/s")
+        if _norm(s) == "cpu":
+            return Peak(measure(), "CPU measured", "CPU measured: fastest 2048x2048 float32 "
+                                                   "matmul")
+        name = {_norm(k): k for k in DEVICE_PEAKS}.get(_norm(s)) or _ALIASES.get(_norm(s))
+        if name is None:
+            raise ValueError(f"unknown --device-peak {s!r}: give a number of FLOP/s (e.g. "
+                             f"989e12) or one of {', '.join(DEVICE_PEAKS)}, cpu")
+        return _table_peak(name, dtype)
+    if device.platform == "cpu":
+        return Peak(measure(), "CPU measured", "CPU measured: fastest 2048x2048 float32 matmul")
+    name = _detect(str(device.device_kind))
+    if name is None:
+        return Peak(None, str(device.device_kind), "unknown device: pass --device-peak for MFU")
+    return _table_peak(name, dtype)
+
+
+# ---------------------------------------------------------------------------- FLOP estimate
+@dataclasses.dataclass(frozen=True)
+class FlopShape:
+    """What one forward computes: ``tokens`` through the layers, (query, key) ``pairs`` of
+    attention per layer (summed over rows, as computed: masked pairs included) and ``logits``
+    positions projected to the vocabulary."""
+
+    tokens: float
+    pairs: float
+    logits: float
+
+    def __add__(self, other: "FlopShape") -> "FlopShape":
+        return FlopShape(self.tokens + other.tokens, self.pairs + other.pairs,
+                         self.logits + other.logits)
+
+
+def matmul_params(cfg: Any) -> int:
+    """Weights of the block matmuls (q, k, v, o, MLP) of all layers; embeddings, norms and
+    biases excluded, the vocabulary projection counted apart (per logit position)."""
+    D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    attn = D * H * Dh + 2 * D * K * Dh + H * Dh * D
+    mlp = (3 if cfg.family == "llama" else 2) * D * F
+    return int(cfg.n_layers * (attn + mlp))
+
+
+def forward_flops(cfg: Any, shape: FlopShape, lora_params: int = 0) -> float:
+    """Standard forward FLOP estimate: ``2·(N + N_lora)·tokens`` for the block matmuls
+    (:func:`matmul_params`; LoRA adapters as extra ``r·(n_in + n_out)`` weights each),
+    ``4·L·H·Dh`` per attention pair (scores and weighted values) and ``2·D·V`` per logit."""
+    lin = 2.0 * (matmul_params(cfg) + lora_params) * shape.tokens
+    attn = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * shape.pairs
+    head = 2.0 * cfg.d_model * cfg.vocab_size * shape.logits
+    return lin + attn + head
+
+
+def train_flops(cfg: Any, shape: FlopShape, lora_params: int = 0) -> float:
+    """Forward + backward: 3x :func:`forward_flops` (the standard 6·N·tokens)."""
+    return 3.0 * forward_flops(cfg, shape, lora_params)
+
+
+def scoring_shape(rows: int, prompt_len: int, traj_len: int, groups: int) -> FlopShape:
+    """A scorer's forward over ``[X | Z]`` (``rows`` x (P + T)); with ``groups`` > 0 shared
+    prompts, each prompt runs once and the continuations attend to its keys/values."""
+    B, P, T = rows, prompt_len, traj_len
+    if groups:
+        return FlopShape(groups * P + B * T, groups * P * P + B * T * (P + T), B * (T + 1))
+    return FlopShape(B * (P + T), B * (P + T) ** 2, B * (T + 1))
+
+
+def sampling_shape(prompts: int, prompt_len: int, traj_len: int, rows: int,
+                   steps: int) -> FlopShape:
+    """The sampler: a prefill of ``prompts`` prompts into a cache of P + T slots, then
+    ``steps`` decode steps of ``rows`` tokens, each attending to the whole cache."""
+    S = prompt_len + traj_len
+    return FlopShape(prompts * prompt_len + rows * steps,
+                     prompts * prompt_len * S + rows * steps * S, prompts + rows * steps)
+
+
+def _lora_layer_params(tree: Any) -> int:
+    """Adapter weights applied per token (those of the layer kernels; top-level adapters
+    are merged into their weights)."""
+    layers = tree.get("layers") if isinstance(tree, dict) else None
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(layers or {})))
+
+
+def xla_flops(compiled: Any) -> Tuple[Optional[float], bool]:
+    """(XLA's per-device ``flops`` of a compiled program or None, whether the program has a
+    ``while`` loop, whose body XLA's cost analysis counts once)."""
+    flops = None
+    try:
+        ca = compiled.cost_analysis()
+        if isinstance(ca, (list, tuple)):
+            ca = ca[0] if ca else None
+        if ca and ca.get("flops", -1.0) >= 0:
+            flops = float(ca["flops"])
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        flops = None
+    try:
+        has_loop = re.search(r"\bwhile\(", compiled.as_text() or "") is not None
+    except Exception:  # noqa: BLE001
+        has_loop = True
+    return flops, has_loop
+
+
+# ---------------------------------------------------------------------------- timing
+@dataclasses.dataclass
+class Phase:
+    """One timed phase and its figures."""
+
+    name: str
+    first_s: Optional[float]
+    times_s: List[float]
+    tokens: int
+    flops: float
+    flop_source: str
+    xla_flops: Optional[float] = None
+    note: str = ""
+
+    @property
+    def median_s(self) -> float:
+        return float(statistics.median(self.times_s))
+
+
+def _time(fn: Callable[[], Any], warmup: int, steps: int) -> Tuple[float, List[float]]:
+    """(first call, timed calls) in seconds: the first call (it compiles), ``warmup - 1``
+    more untimed calls, then ``steps`` timed calls, each waited for."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+class _Lazy:
+    """A jitted function compiled ahead of time on its first call (so that its compiled
+    program's cost and memory analyses are at hand), then called compiled."""
+
+    def __init__(self, jitted: Any) -> None:
+        self.jitted = jitted
+        self.compiled: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+        return self.compiled(*args)
+
+
+def _flops_choice(compiled: Any, n_dev: int, analytic: float, what: str
+                  ) -> Tuple[float, str, Optional[float]]:
+    """(FLOPs, their source, XLA's raw figure x devices) of one phase."""
+    per_dev, has_loop = xla_flops(compiled)
+    xla = None if per_dev is None else per_dev * n_dev
+    if xla is not None and not has_loop:
+        return xla, "xla", xla
+    why = ("XLA has no cost analysis here" if xla is None else
+           "XLA's cost analysis counts a while loop's body once; this program has one")
+    return analytic, f"analytic ({what}; {why})", xla
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- the bench
+def run_bench(config: Any, *, steps: int = 5, warmup: int = 1, device_peak: Optional[str] = None,
+              progress: bool = True, config_name: str = "", command: str = "",
+              measure: Callable[[], float] = measure_cpu_peak) -> Dict[str, Any]:
+    """Build the config's trainer and time its phases; returns every figure as a JSON-able
+    dict (see :func:`format_report`)."""
+    from gfn_jax.train import Trainer
+
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
+    _log(progress, "building what `gfn-jax train` builds (task, model, adapters, mesh, step)")
+    with tempfile.TemporaryDirectory(prefix="gfn-jax-bench-") as workdir:
+        tr = Trainer(config, workdir, restore=False)  # nothing is saved: no run directory
+        return _run(tr, config, steps, warmup, device_peak, progress, config_name, command,
+                    measure)
+
+
+def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[str],
+         progress: bool, config_name: str, command: str, measure: Callable[[], float]
+         ) -> Dict[str, Any]:
+    from gfn_jax.batch import TrainBatch
+    from gfn_jax.models.transformer import activation_sharding
+    from gfn_jax.scoring import _num_groups, prompt_groups
+    from gfn_jax.step import host_hyper
+    from gfn_jax.train import _to_host
+
+    ss = tr.step_spec
+    cfg = tr.model_cfg
+    mesh, rules = tr.mesh, tr.rules
+    n_dev = int(mesh.devices.size)
+    device = mesh.devices.flat[0]
+    dtype = str(config.model.dtype)
+    peak = resolve_peak(device_peak, device, dtype, measure)
+    needs = tr.objective.needs_for(tr.options)
+    prep_needs = tr.objective.prepare_needs_for(tr.options) if tr.objective.prepare else None
+    lora_p = _lora_layer_params(tr.state.trainable) if tr.use_lora else 0
+    rcfg = ss.reward_model_cfg or cfg
+    reward_uses_model = bool(config.reward.model) or tr.task.needs_reward_model()
+    tc = config.train
+    K = int(tc.samples_per_prompt)
+    phases: List[Phase] = []
+    notes: List[str] = []
+    total = (1 if tr.source != "data" else 0) + int(needs.reward or bool(prep_needs and
+                                                                          prep_needs.reward))
+    total += 1 + int(tr.objective.prepare is not None)
+    done = [0]
+
+    def announce(name: str) -> None:
+        done[0] += 1
+        more = f", {warmup - 1} more warm-up call(s)" if warmup > 1 else ""
+        _log(progress, f"[{done[0]}/{total}] {name}: first call (compiles){more}, "
+                       f"{steps} timed call(s) ...")
+
+    def report(p: Phase) -> None:
+        _log(progress, f"[{done[0]}/{total}] {p.name}: median {p.median_s * 1e3:.3g} ms "
+                       f"(first call {p.first_s:.3g} s)")
+
+    # --- sampling: the sampler call train makes for a batch (on-policy behaviour) -------
+    if tr.prompt_stream is not None:
+        tr.rollouts.use_prompts(tr.prompt_stream.next_prompts())
+    if tr.source == "data":
+        batch = tr.rollouts.data_batch(0)
+        notes.append("the objective trains on the task's data: no sampling phase")
+    else:
+        rows = tr.rollouts.choose_prompts(0)
+        key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 1), 0)
+        beh = {"kind": "on_policy", "temperature": 1.0, "epsilon": 0.0}
+        out: Dict[str, TrainBatch] = {}
+
+        def draw() -> Any:
+            out["batch"] = tr.rollouts.draw(tr.policy, key, rows, K, beh)
+            return out["batch"].tokens
+
+        announce("sampling")
+        first, times = _time(draw, warmup, steps)
+        batch = out["batch"]
+        P, T = int(np.shape(batch.prompt_tokens)[1]), batch.max_len
+        n_rows = batch.size
+        lengths = np.asarray(batch.lengths)
+        decode_steps = int(min(T, int(lengths.max()) + 1))
+        pm = np.asarray(batch.prompt_mask)[::K]  # rows are prompt-major, K per prompt
+        shape = sampling_shape(len(rows), P, T, n_rows, decode_steps)
+        p = Phase("sampling", first, times, int(pm.sum() + lengths.sum()),
+                  forward_flops(cfg, shape, lora_p),
+                  "analytic (forward of the prefill and the decode steps run; XLA's cost "
+                  "analysis cannot count the data-dependent decode loop)",
+                  note=f"on-policy draw of {len(rows)} prompts x {K} samples, "
+                       f"{decode_steps} decode steps")
+        phases.append(p)
+        report(p)
+
+    B, P, T = batch.size, int(np.shape(batch.prompt_tokens)[1]), batch.max_len
+    Pr = int(np.shape(batch.reward_prompt_tokens)[1])
+    lengths = np.asarray(batch.lengths)
+    k = int(batch.group_size) if cfg.share_prompt else 1
+
+    def groups_of(rows_: int, k_: int) -> int:
+        with activation_sharding(mesh, rules), prompt_groups(k_):
+            return _num_groups(cfg, rows_, T, None)
+
+    def real_tokens(b: TrainBatch, g: int, field: str = "prompt_mask") -> int:
+        pmask = np.asarray(getattr(b, field))
+        if g:  # each group's prompt runs once
+            pmask = pmask.reshape(g, -1, pmask.shape[1])[:, 0]
+        return int(pmask.sum() + np.asarray(b.lengths).sum())
+
+    G = groups_of(B, k)
+    hyper = host_hyper(tr.temperature(), tr.hyper["kl_coef"])
+    dev = batch.to_device(mesh, rules)
+    frozen = tr.frozen
+
+    def reward_analytic(rows_: int, g: int) -> float:
+        if not reward_uses_model:
+            return 0.0
+        return forward_flops(rcfg, scoring_shape(rows_, Pr, T, g))
+
+    # --- reward: the task's log R of every prefix, alone (adapters off) -----------------
+    reward_phase: Optional[Phase] = None
+    if needs.reward or (prep_needs is not None and prep_needs.reward):
+        rkey = ss.reward_key
+        reward_fn = ss.reward_fn
+
+        def reward_only(frozen_: Any, b: TrainBatch) -> jax.Array:
+            with activation_sharding(mesh, rules), prompt_groups(k):
+                rparams = frozen_.get(rkey) if rkey else None
+                return reward_fn(rcfg, rparams, b).astype(jnp.float32)
+
+        rj = _Lazy(jax.jit(reward_only))
+        announce("reward")
+        first, times = _time(lambda: rj(frozen, dev), warmup, steps)
+        flops, src, xla = _flops_choice(
+            rj.compiled, n_dev, reward_analytic(B, G),
+            "one reward-model forward over [reward prompt | Z]" if reward_uses_model
+            else "the task's reward uses no model")
+        reward_phase = Phase("reward", first, times, real_tokens(batch, G, "reward_prompt_mask"),
+                             flops, src, xla,
+                             note="task reward, adapters off" + (
+                                 "" if reward_uses_model else " (no model: a lookup)"))
+        phases.append(reward_phase)
+        report(reward_phase)
+
+    # --- prepare (PPO): once per rollout, then the minibatch the first step call sees --
+    tr._build()
+    state = tr.state
+    step_batch = batch
+    if tr.objective.prepare is not None:
+        pj = _Lazy(tr._prepare_fn)
+        announce("prepare")
+        first, times = _time(lambda: pj(state, frozen, dev, hyper), warmup, steps)
+        extras, _ = pj(state, frozen, dev, hyper)
+        extras = _to_host(extras)
+        step_batch = batch.with_extras({kk: np.asarray(v) for kk, v in extras.items()})
+        a = forward_flops(cfg, scoring_shape(B, P, T, G), lora_p)
+        if prep_needs.reward:
+            a += reward_analytic(B, G)
+        if prep_needs.reference:
+            a += forward_flops(cfg, scoring_shape(B, P, T, G))
+        parts = ["policy forward"]
+        if prep_needs.reward:
+            parts.append("reward-model forward" if reward_uses_model else "reward (no model)")
+        if prep_needs.reference:
+            parts.append("reference forward")
+        flops, src, xla = _flops_choice(pj.compiled, n_dev, a, ", ".join(parts))
+        p = Phase("prepare", first, times, real_tokens(batch, G), flops, src, xla,
+                  note="the objective's once-per-rollout pass")
+        phases.append(p)
+        report(p)
+    M = tr.minibatches
+    if M > 1:
+        order = np.random.default_rng([int(config.seed), 0, 7, 0]).permutation(B)
+        step_batch = step_batch.take(order[:B // M])
+        notes.append(f"the train step runs on minibatches of {B // M} rows: "
+                     f"{tr.calls_per_rollout} calls per rollout ({tr.epochs} epochs x {M})")
+    sb_rows = step_batch.size
+    sk = int(step_batch.group_size) if cfg.share_prompt else 1
+    SG = groups_of(sb_rows, sk)
+    sdev = step_batch.to_device(mesh, rules)
+
+    # --- the jitted train step: scoring, (reward), loss, backward, update ---------------
+    sj = _Lazy(tr._step_fn)
+    holder = {"state": state}
+
+    def step_call() -> Any:
+        holder["state"], metrics, lrf = sj(holder["state"], frozen, sdev, hyper)
+        return metrics, lrf
+
+    announce("train step")
+    first, times = _time(step_call, warmup, steps)
+    tr.state = holder["state"]
+    a = train_flops(cfg, scoring_shape(sb_rows, P, T, SG), lora_p)
+    parts = ["policy forward + backward (3x forward)"]
+    reward_inside = bool(needs.reward)
+    if reward_inside:
+        a += reward_analytic(sb_rows, SG)
+        parts.append("reward-model forward" if reward_uses_model else "reward (no model: 0)")
+    if needs.reference:
+        a += forward_flops(cfg, scoring_shape(sb_rows, P, T, SG))
+        parts.append("reference forward")
+    flops, src, xla = _flops_choice(sj.compiled, n_dev, a, ", ".join(parts))
+    step_phase = Phase("train step", first, times, real_tokens(step_batch, SG), flops, src, xla,
+                       note="policy scoring + backward + update" +
+                            (" + reward (computed inside the step)" if reward_inside else ""))
+    phases.append(step_phase)
+    report(step_phase)
+    if reward_inside and reward_phase is not None:
+        scale = sb_rows / B  # the reward phase ran on the whole batch
+        d = Phase("policy+update", None,
+                  [step_phase.median_s - reward_phase.median_s * scale],
+                  step_phase.tokens, step_phase.flops - reward_phase.flops * scale,
+                  "train step - reward", note="train step - reward (the step computes the "
+                                              "reward inside)")
+        phases.append(d)
+        notes.append("policy+update = train step - reward: the step computes the reward "
+                     "inside, so it is the step's time and FLOPs less the reward phase's")
+
+    # --- memory --------------------------------------------------------------------------
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        memory = {"bytes": int(stats["peak_bytes_in_use"]),
+                  "source": "device.memory_stats()['peak_bytes_in_use'] (process peak, every "
+                            "phase, one device)"}
+    else:
+        ma = sj.compiled.memory_analysis()
+        memory = {"bytes": int(ma.temp_size_in_bytes + ma.argument_size_in_bytes),
+                  "source": "the compiled train step's memory_analysis(): temp + argument "
+                            "bytes per device (the device reports no memory stats)"}
+
+    pk = peak.flops_per_s * n_dev if peak.flops_per_s else None
+    out_phases = {}
+    for p in phases:
+        med = p.median_s
+        fps = p.flops / med if med > 0 else None
+        out_phases[p.name] = {
+            "first_call_s": p.first_s, "median_s": med, "times_s": p.times_s,
+            "ms": med * 1e3, "tokens": p.tokens,
+            "tokens_per_s": p.tokens / med if med > 0 else None,
+            "flops": p.flops, "gflop": p.flops / 1e9, "flop_source": p.flop_source,
+            "xla_flops": p.xla_flops, "flops_per_s": fps,
+            "gflops_per_s": None if fps is None else fps / 1e9,
+            "mfu": None if (fps is None or pk is None) else fps / pk, "note": p.note}
+    return {
+        "command": command, "config": config_name,
+        "device": {"platform": device.platform, "kind": str(device.device_kind),
+                   "count": n_dev},
+        "peak": {"flops_per_s": peak.flops_per_s, "name": peak.name, "source": peak.source,
+                 "dtype": dtype, "total_flops_per_s": pk},
+        "jax_version": jax.__version__,
+        "batch": {"rows": B, "prompts": int(tc.prompts_per_batch), "samples_per_prompt": K,
+                  "prompt_len": P, "reward_prompt_len": Pr, "max_len": T,
+                  "mean_len": float(lengths.mean()), "shared_prompt_groups": G,
+                  "step_rows": sb_rows},
+        "model": {"family": cfg.family, "layers": cfg.n_layers, "d_model": cfg.d_model,
+                  "vocab": cfg.vocab_size, "matmul_params": matmul_params(cfg),
+                  "lora_params": lora_p, "dtype": dtype},
+        "objective": str(config.objective.name), "steps": steps, "warmup": warmup,
+        "phases": out_phases, "memory": memory, "notes": notes,
+        "tokens_note": "real (unpadded) prompt + trajectory tokens; a prompt shared by a "
+                       "group of samples counts once (it runs once)",
+        "flops_note": "FLOPs of the shapes the program runs (padding included), summed over "
+                      "devices; MFU = FLOP/s / (peak x devices)",
+    }
+
+
+# ---------------------------------------------------------------------------- printing
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    """The Markdown report of :func:`run_bench`'s result: header, table, notes."""
+    d, pk, b = r["device"], r["peak"], r["batch"]
+    peak = ("unknown" if pk["flops_per_s"] is None
+            else f"{pk['flops_per_s'] / 1e12:.4g} TFLOP/s ({pk['source']})")
+    lines = [
+        f"## gfn-jax bench: {r['config'] or 'config'}",
+        "",
+        f"device: {d['count']} x {d['kind']} ({d['platform']}); peak per device: {peak}; "
+        f"jax {r['jax_version']}",
+        f"batch: {b['rows']} rows = {b['prompts']} prompts x {b['samples_per_prompt']} "
+        f"samples, prompt {b['prompt_len']} positions, trajectories <= {b['max_len']} tokens "
+        f"(mean {b['mean_len']:.3g}); objective {r['objective']}; model {r['model']['family']} "
+        f"{r['model']['layers']} layers, d_model {r['model']['d_model']}, "
+        f"{r['model']['dtype']}" + (f", LoRA {r['model']['lora_params']} params"
+                                     if r["model"]["lora_params"] else ", full fine-tuning"),
+        f"median of {r['steps']} timed calls after {r['warmup']} warm-up call(s)",
+        "",
+        "| phase | ms | tokens/s | GFLOP | GFLOP/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in r["phases"].items():
+        mfu = "n/a" if p["mfu"] is None else f"{100 * p['mfu']:.3g}%"
+        lines.append(f"| {name} | {p['ms']:.4g} | {_fmt(p['tokens_per_s'], ',.0f')} | "
+                     f"{p['gflop']:.4g} | {_fmt(p['gflops_per_s'], '.4g')} | {mfu} |")
+    lines.append("")
+    lines.append("first call (compilation + one run): " + ", ".join(
+        f"{n} {p['first_call_s']:.3g} s" for n, p in r["phases"].items()
+        if n != "policy+update"))
+    lines.append("FLOPs: " + "; ".join(f"{n}: {p['flop_source']}"
+                                       for n, p in r["phases"].items()))
+    m = r["memory"]
+    lines.append(f"peak memory: {m['bytes'] / 2**20:.4g} MiB ({m['source']})")
+    for n in r["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

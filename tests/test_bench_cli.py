@@ -1,0 +1,140 @@
+"""Tests for ``gfn-jax bench`` (gfn_jax/bench.py).
+
+* The command runs end to end on the tiny toy config (configs/toy_exact.py, 8 samples)
+  through the CLI entry point in-process: exit code 0, the Markdown table, and a JSON with
+  every phase, positive times and FLOPs, MFU in (0, 1) against an explicit peak, the train
+  step's FLOPs above the sampler's.
+* A bad config key fails with a non-zero exit and a message naming the key.
+* The FLOP estimate helper against a hand-computed closed form; the device-peak table and
+  its detection; XLA's cost analysis and the loop check that decides when it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gfn_jax import bench, cli
+from gfn_jax.models import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "configs" / "toy_exact.py")
+PHASES = ("sampling", "reward", "train step", "policy+update")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    import contextlib
+    import io
+
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+        rc = cli.main(["gfn-jax", "bench", "--config", TOY,
+                       "--config.train.samples_per_prompt=8", "--steps", "2", "--warmup", "1",
+                       "--device-peak", "1e12", "--json", str(out)])
+    return rc, buf_out.getvalue(), buf_err.getvalue(), out
+
+
+def test_tiny_config_end_to_end(tiny_run):
+    rc, stdout, stderr, out = tiny_run
+    assert rc == 0, stderr
+    assert "| phase | ms | tokens/s | GFLOP | GFLOP/s | MFU |" in stdout
+    assert "jax " + jax.__version__ in stdout
+    for name in ("sampling", "reward", "train step"):
+        assert f"] {name}: median" in stderr  # one progress line per phase
+    r = json.loads(out.read_text())
+    assert r["config"].endswith("toy_exact.py (train.samples_per_prompt=8)")
+    assert r["peak"]["flops_per_s"] == 1e12
+    assert r["batch"]["rows"] == 8 and r["batch"]["max_len"] == 3
+    assert set(PHASES) <= set(r["phases"])
+    for name in PHASES:
+        p = r["phases"][name]
+        assert p["median_s"] > 0 and p["tokens"] > 0 and p["tokens_per_s"] > 0, name
+        assert all(t > 0 for t in p["times_s"]), name
+        assert p["flops"] > 0 and p["flop_source"], name
+        assert 0 < p["mfu"] < 1, name
+    for name in ("sampling", "reward", "train step"):
+        assert r["phases"][name]["first_call_s"] > 0
+    # the step runs the policy forward and backward over every sampled token (and the
+    # prompt), the sampler only forward: the step must cost more
+    assert r["phases"]["train step"]["flops"] > r["phases"]["sampling"]["flops"]
+    # the layer scan is a while loop: the step's figure is the analytic estimate, with
+    # XLA's (loop body counted once) kept for reference
+    assert r["phases"]["train step"]["flop_source"].startswith("analytic")
+    assert r["phases"]["train step"]["xla_flops"] > 0
+    assert r["memory"]["bytes"] > 0 and r["memory"]["source"]
+
+
+def test_bad_config_key_is_a_short_error(capsys):
+    rc = cli.main(["gfn-jax", "bench", "--config", TOY, "--config.nope=1"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "nope" in err and "Traceback" not in err
+
+
+def test_bad_device_peak_is_a_usage_error(capsys):
+    rc = cli.main(["gfn-jax", "bench", "--config", TOY, "--device-peak", "B300"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "B300" in err
+
+
+def test_forward_flops_closed_form():
+    cfg = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=16)
+    # per layer: q 32*32 + k, v 2*32*(2*8) + o 32*32 = 3072; SwiGLU MLP 3*32*64 = 6144
+    assert bench.matmul_params(cfg) == 2 * (3072 + 6144)
+    shape = bench.FlopShape(tokens=10, pairs=50, logits=4)
+    linear = 2 * 18432 * 10  # 2 N tokens
+    attention = 4 * 2 * 4 * 8 * 50  # 4 L H Dh per (query, key) pair
+    head = 2 * 32 * 64 * 4  # 2 D V per logit
+    assert bench.forward_flops(cfg, shape) == linear + attention + head == 397824
+    assert bench.train_flops(cfg, shape) == 3 * 397824
+    assert bench.forward_flops(cfg, shape, lora_params=100) == 397824 + 2 * 100 * 10
+    gpt2 = ModelConfig(family="gpt2", vocab_size=64, d_model=32, n_layers=1, n_heads=4,
+                       d_ff=64, max_seq_len=16)
+    assert bench.matmul_params(gpt2) == 4 * 32 * 32 + 2 * 32 * 64
+    # shapes: 4 rows, prompt 5, 3 tokens; shared prompt (2 groups) or row by row
+    assert bench.scoring_shape(4, 5, 3, 0) == bench.FlopShape(32, 4 * 64, 16)
+    assert bench.scoring_shape(4, 5, 3, 2) == bench.FlopShape(2 * 5 + 12, 2 * 25 + 12 * 8, 16)
+    assert bench.sampling_shape(2, 5, 3, 8, 3) == bench.FlopShape(10 + 24, 80 + 24 * 8, 2 + 24)
+
+
+def test_device_peaks():
+    gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)  # noqa: E731
+    tpu = lambda kind: types.SimpleNamespace(platform="tpu", device_kind=kind)  # noqa: E731
+    assert bench.resolve_peak(None, gpu("NVIDIA H100 80GB HBM3"), "bfloat16").flops_per_s \
+        == 989.4e12
+    assert bench.resolve_peak(None, gpu("NVIDIA H200"), "bfloat16").name == "H200"
+    assert bench.resolve_peak(None, gpu("NVIDIA A100-SXM4-80GB"), "float32").flops_per_s \
+        == 156e12  # float32 matmuls at JAX's default precision: TF32
+    assert bench.resolve_peak(None, gpu("NVIDIA H100 PCIe"), "bfloat16").flops_per_s is None
+    assert bench.resolve_peak(None, tpu("TPU v4"), "bfloat16").flops_per_s == 275e12
+    assert bench.resolve_peak(None, tpu("TPU v5 lite"), "bfloat16").name == "TPU v5e"
+    assert bench.resolve_peak(None, tpu("TPU v5p"), "bfloat16").name == "TPU v5p"
+    assert bench.resolve_peak(None, tpu("TPU v6 lite"), "float32").flops_per_s == 918e12
+    assert bench.resolve_peak("v5e", None, "bfloat16").flops_per_s == 197e12
+    assert bench.resolve_peak("h100 sxm", None, "bfloat16").name == "H100 SXM"
+    assert bench.resolve_peak("2.5e11", None, "float32").flops_per_s == 2.5e11
+    cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+    assert bench.resolve_peak(None, cpu, "float32", measure=lambda: 7e10).flops_per_s == 7e10
+    with pytest.raises(ValueError, match="B300"):
+        bench.resolve_peak("B300", None, "bfloat16")
+    with pytest.raises(ValueError):
+        bench.resolve_peak("-1", None, "bfloat16")
+
+
+def test_xla_flops_and_loop_check():
+    x = jnp.ones((8, 16), jnp.float32)
+    w = jnp.ones((3, 16, 16), jnp.float32)
+    plain = jax.jit(lambda x, w: x @ w[0]).lower(x, w).compile()
+    flops, loop = bench.xla_flops(plain)
+    assert flops == 2 * 8 * 16 * 16 and not loop
+    scan = jax.jit(lambda x, w: jax.lax.scan(lambda h, wi: (h @ wi, None), x, w)[0])
+    flops, loop = bench.xla_flops(scan.lower(x, w).compile())
+    assert loop  # XLA counts the body once (here: 1 of 3 matmuls), so it is not used
