@@ -132,6 +132,7 @@ def import_gfn_jax() -> types.SimpleNamespace:
     from gfn_jax.optim import build_optimizer
     from gfn_jax.policy import Policy
     from gfn_jax.rollout import Rollouts
+    from gfn_jax.sampling import sample
     from gfn_jax.scoring import prompt_groups
     from gfn_jax.step import StepSpec, TrainState, host_hyper, make_train_step
     from gfn_jax.tasks.continuation import penalised_reward_prefixes
@@ -144,7 +145,7 @@ def import_gfn_jax() -> types.SimpleNamespace:
         Rollouts=Rollouts, prompt_groups=prompt_groups, StepSpec=StepSpec,
         TrainState=TrainState, host_hyper=host_hyper, make_train_step=make_train_step,
         penalised_reward_prefixes=penalised_reward_prefixes,
-        infill_log_reward=infill_log_reward, import_note=note)
+        infill_log_reward=infill_log_reward, sample=sample, import_note=note)
 
 
 # ---------------------------------------------------------------------------
@@ -693,6 +694,85 @@ def run_official_next_sentence(official: str, hf_dir: str, setting: Dict[str, An
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
+def sampler_vs_generate(g: Any, model: Any, hf_dir: Optional[str], args: argparse.Namespace,
+                        torch: Any, peak: float) -> Dict[str, Any]:
+    """Sampling alone, setting A's shape (16 samples of one 59-token prompt, exactly 20 new
+    tokens, LoRA r on q/k/v/o with non-zero B on both sides): our jitted ``sample`` against
+    ``transformers`` ``generate(do_sample=True)`` on the official loaders' peft model,
+    alternating, median of ``--steps`` after ``--warmup``. The floor is the decode's FLOPs at
+    the measured matmul rate (prefill once, then 20 steps of 16 rows)."""
+    import jax
+    import jax.numpy as jnp
+
+    s = SETTINGS["A"]
+    K, P, T = s["samples"], s["prompt_len"], s["traj_len"]
+    cfg, params, tok = model.config, model.params, model.tokenizer
+    term = term_ids_of(tok, "infill")
+    rng = np.random.default_rng([args.seed, 7])
+    prompt = make_ids(rng, cfg.vocab_size, P, [term, tok.eos_id, tok.pad_id, tok.bos_id])
+    lcfg = g.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=0.0,
+                        targets=(LORA_PATTERN,))
+    ad = g.init_lora(cfg, params, lcfg, jax.random.PRNGKey(args.seed))
+    # B = 0 at init would let either side skip nothing, but make the adapters non-trivial
+    ad["tree"] = jax.tree_util.tree_map(lambda x: x + 1e-3, ad["tree"])
+    spec = g.PolicySpec(term_ids=(term,), max_len=T, min_len=T)
+    toks = jnp.asarray([prompt], jnp.int32)
+    mask = jnp.ones_like(toks)
+
+    def ours(i: int) -> float:
+        t = time.perf_counter()
+        out = g.sample(cfg, params, jax.random.PRNGKey(i), toks, mask, spec, num_samples=K,
+                       adapters=ad)
+        jax.block_until_ready(out.tokens)
+        return time.perf_counter() - t
+
+    hf_gen = None
+    if hf_dir is not None and torch is not None:
+        pol = hf_policy(hf_dir, args)
+        with torch.no_grad():
+            for mod in pol.modules():
+                if hasattr(mod, "lora_B"):
+                    for lin in mod.lora_B.values():
+                        lin.weight.add_(1e-3)
+        pol.eval()
+        ids = torch.tensor([prompt])
+
+        def hf_gen(i: int) -> float:
+            torch.manual_seed(i)
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = pol.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   do_sample=True, num_return_sequences=K, max_new_tokens=T,
+                                   min_new_tokens=T, top_k=0, top_p=1.0, temperature=1.0,
+                                   pad_token_id=int(tok.pad_id or 0))
+            assert out.shape == (K, P + T), out.shape
+            return time.perf_counter() - t
+
+    times: Dict[str, List[float]] = {"ours": [], "generate": []}
+    for i in range(args.warmup + args.steps):
+        times["ours"].append(ours(i))
+        if hf_gen is not None:
+            times["generate"].append(hf_gen(i))
+    med = {k: float(np.median(v[args.warmup:])) if v[args.warmup:] else None
+           for k, v in times.items()}
+    decode = fwd_flops(cfg, K, T, P, K * T, args.lora_rank)
+    prefill = fwd_flops(cfg, 1, P, 0, 1, args.lora_rank)
+    floor_s = (decode + prefill) / (peak * 1e9)
+    res = {"shape": {"samples": K, "prompt_len": P, "new_tokens": T}, "times_s": times,
+           "median_s": med, "flops": decode + prefill, "floor_s": floor_s,
+           "first_call_s": {k: (v[0] if v else None) for k, v in times.items()}}
+    if med["generate"]:
+        res["speedup"] = med["generate"] / med["ours"]
+    print(f"\n## sampling alone: {K} x {T} new tokens from a {P}-token prompt, LoRA "
+          f"r={args.lora_rank} on q,k,v,o")
+    print(f"ours {med['ours']:.2f} s ({med['ours'] / T * 1e3:.0f} ms per decode step)"
+          + (f"; transformers generate {med['generate']:.2f} s: {res['speedup']:.2f}x"
+             if med["generate"] else "; generate not run (official side skipped)")
+          + f"; floor {floor_s:.2f} s ({(decode + prefill) / 1e9:.1f} GFLOP at {peak:.1f} "
+          f"GFLOP/s; weights are read once per step on top of that)")
+    return res
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -709,6 +789,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--no-fused", action="store_true",
                    help="skip the fused step (ours: phases only)")
+    p.add_argument("--no-sampler", action="store_true",
+                   help="skip sampling alone (ours vs transformers generate)")
     p.add_argument("--matmul-size", type=int, default=1024,
                    help="n of the n x n matmul whose GFLOP/s sets the floor")
     p.add_argument("--seed", type=int, default=0)
@@ -901,6 +983,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   + ", ".join(f"{x:.4g}" for x in ours.losses)
                   + ("; official " + ", ".join(f"{x:.4g}" for x in alt.official_losses)
                      if alt.official_losses else ""))
+        if not args.no_sampler:
+            result["sampler"] = sampler_vs_generate(g, model, hf_dir, args, torch, peak)
     finally:
         tmp.cleanup()
     result["env"]["load_average_end"] = os.getloadavg()
