@@ -371,18 +371,19 @@ def run_local(sweep: Sweep, runs: Sequence[Run], root: str,
     results: Dict[str, Any] = {}
     if not dry_run:
         write_manifest(sweep, runs, root)
-    for run in runs:
+    for pos, run in enumerate(runs):
         argv = train_command(sweep, run, train_cmd, extra)
+        tag = f"[{pos + 1}/{len(runs)}]"  # position among the runs chosen (--only)
         if dry_run:
             print(_quote(argv), file=out)
             continue
         if run_status(run.workdir) == "done":
-            print(f"[{run.index + 1}/{len(runs)}] {run.name}: finished, skipped", file=out)
+            print(f"{tag} {run.name}: finished, skipped", file=out)
             results[run.name] = "skipped"
             continue
         os.makedirs(run.workdir, exist_ok=True)
         log_path = os.path.join(run.workdir, "train.log")
-        print(f"[{run.index + 1}/{len(runs)}] {run.name}: {_quote(argv)}", file=out, flush=True)
+        print(f"{tag} {run.name}: {_quote(argv)}", file=out, flush=True)
         t0 = time.time()
         with open(log_path, "a") as log:
             rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
