@@ -100,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.replay.min_size = 4
     c.replay.always_fill = False
     c.replay.seed_from_data = False  # seed the buffer with the task's target sequences
+    c.replay.seed_lazily = True  # ... each prompt's when a replay batch first needs it
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4

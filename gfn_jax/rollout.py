@@ -12,7 +12,7 @@ multi-host run) makes exactly the same choices. Batches come from
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -57,6 +57,9 @@ class Rollouts:
         self.replay = replay
         self.max_len = max_len
         self.targets = list(targets) if targets is not None else None
+        # called with the prompt rows of every replay batch before it is drawn (the trainer's
+        # lazy seeding of the buffer with the task's targets)
+        self.before_replay: Optional[Callable[[Sequence[int]], Any]] = None
         self.streamed = False
 
     def use_prompts(self, prompt_ids: List[List[int]]) -> None:
@@ -171,6 +174,8 @@ class Rollouts:
     def replay_batch(self, rows: Sequence[int], k: int,
                      temperature: Optional[float]) -> Optional[TrainBatch]:
         """``k`` stored trajectories of each prompt (uniform, or ∝ R^(1/temperature))."""
+        if self.before_replay is not None:
+            self.before_replay(rows)
         entries, prow = [], []
         for r in rows:
             if self.replay.size(str(r)) == 0:

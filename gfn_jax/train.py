@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +197,7 @@ class Trainer:
                                  keep=config.train.keep_checkpoints)
         self.start_step = 0
         self.calls = 0
+        self.replay_seeded: set = set()  # prompts whose data targets are in the buffer (lazy)
         if restore and self.ckpt.latest_step() is not None:
             self._restore()
 
@@ -222,7 +223,14 @@ class Trainer:
                                  self.prompt_len, self.reward_prompt_len,
                                  self.tokenizer.pad_id or 0, self.replay, self.spec.max_len,
                                  targets)
-        if config.replay.seed_from_data and self.start_step == 0 and len(self.replay) == 0:
+        self._targets_by_prompt: Dict[int, List[Any]] = {}
+        if config.replay.seed_from_data and config.replay.seed_lazily:
+            # score a prompt's targets the first time a replay batch needs that prompt: a run
+            # that sees 80 of 1,000 stories scores 80, not 1,000, before its first step
+            for t in targets:
+                self._targets_by_prompt.setdefault(int(t.prompt_index), []).append(t)
+            self.rollouts.before_replay = self._seed_prompts
+        elif config.replay.seed_from_data and self.start_step == 0 and len(self.replay) == 0:
             self.seed_replay(targets)
         # tasks that score evaluation samples under the reward model (continuation, infill)
         if reward_key is not None:
@@ -301,6 +309,7 @@ class Trainer:
         if replay is not None:
             self.replay = ReplayBuffer.from_state_dict(replay)
         self.start_step = int(meta.get("step", int(state.step)))
+        self.replay_seeded = {int(r) for r in meta.get("replay_seeded") or []}
         self.calls = int(jax.device_get(state.step))
         self.hyper.update({k: float(v) for k, v in (meta.get("hyper") or {}).items()})
         if self.prompt_stream is not None:
@@ -318,6 +327,13 @@ class Trainer:
         return reward_temperature(self.config, self.updates_done())
 
     # --------------------------------------------------------------- replay seeding
+    def _seed_prompts(self, rows: Sequence[int]) -> int:
+        """Lazy seeding: add the data targets of the prompts in ``rows`` not seeded yet."""
+        new = [int(r) for r in dict.fromkeys(rows) if int(r) not in self.replay_seeded]
+        targets = [t for r in new for t in self._targets_by_prompt.get(r, [])]
+        self.replay_seeded.update(new)
+        return self.seed_replay(targets, chunk=16) if targets else 0
+
     def seed_replay(self, targets: List[Any], chunk: int = 64) -> int:
         """Add the task's target trajectories, with their untempered log R, to the buffer."""
         ss = self.step_spec
@@ -408,6 +424,8 @@ class Trainer:
                 "reward_temperature": self.temperature(), "updates": self.updates_done()}
         if self.prompt_stream is not None:  # in the same atomic checkpoint as the state
             meta["data_stream"] = self.prompt_stream.state()
+        if self.replay_seeded:
+            meta["replay_seeded"] = sorted(self.replay_seeded)
         self.ckpt.save(step, self.state, meta=_jsonable(meta),
                        replay=self.replay.state_dict(), force=force)
         self._last_saved = step

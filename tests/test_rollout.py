@@ -26,10 +26,25 @@ def toy_config(**overrides):
     return tiny_toy_config(**{"train.samples_per_prompt": 16, **overrides})
 
 
-def test_replay_is_seeded_from_the_task_data_with_true_rewards(tmp_path):
+@pytest.mark.parametrize("lazily", [False, True])
+def test_replay_is_seeded_from_the_task_data_with_true_rewards(tmp_path, lazily):
+    """Eagerly at start-up, or lazily when a replay batch first needs the prompt (then the
+    seeded prompts are in the checkpoint and a resumed run does not seed them twice)."""
     tr = Trainer(toy_config(**{"task.targets_num": 200, "replay.seed_from_data": True,
-                               "replay.capacity": 64, "explore.p_replay": 0.5}),
+                               "replay.capacity": 64, "explore.p_replay": 0.5,
+                               "replay.seed_lazily": lazily}),
                  str(tmp_path), restore=False)
+    assert len(tr.replay) == (0 if lazily else len({tuple(t.tokens) for t in tr.task.targets()}))
+    if lazily:
+        assert tr.rollouts.replay_batch([0], 8, temperature=None) is not None
+        assert tr.replay_seeded == {0}
+        tr.save(1, force=True)
+        tr.ckpt.wait()
+        n = len(tr.replay)
+        again = Trainer(tr.config, str(tmp_path))
+        assert again.replay_seeded == {0} and len(again.replay) == n
+        again.rollouts.replay_batch([0], 8, temperature=None)
+        assert len(again.replay) == n  # not seeded a second time
     entries = tr.replay.entries("0")
     texts = {tr.tokenizer.decode(list(e.tokens)) for e in entries}
     want = {tr.tokenizer.decode(list(t.tokens)) for t in tr.task.targets()}

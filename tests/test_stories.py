@@ -212,7 +212,12 @@ def test_trainer_steps_random_model_no_lora(tmp_path, objective):
     c.eval.num_samples = 0
     c.mesh.data = 1
     tr = Trainer(c, str(tmp_path / "run"), restore=False, devices=jax.devices()[:1])
-    if objective == "subtb":  # replay seeded with the true middles
-        assert len(tr.replay) >= 1
+    if objective == "subtb":  # replay seeded (lazily) with the true middles
+        assert len(tr.replay) == 0
+        tr.rollouts.replay_batch([0, 1], 2, temperature=None)
+        middles = {tr.tokenizer.decode(list(e.tokens)) for r in ("0", "1")
+                   for e in tr.replay.entries(r)}
+        assert middles == {tr.tokenizer.decode(list(t.tokens)) for t in tr.task.targets()
+                           if t.prompt_index in (0, 1)}
     summary = tr.run(progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["final_metrics"]["loss"])
