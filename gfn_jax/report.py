@@ -263,6 +263,16 @@ def collect_rows(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any
                 continue
             rows.append({"task": r["task"], "method": method, "temp_end": t_end,
                          "run": r["dir"], "tag": tag, "metrics": m})
+    for task, rows in out.items():
+        # the base model is evaluated before every run (same model, prompts and seed): once
+        firsts = [x for x in rows if x["tag"] == "before"][:1]
+        rows = [x for x in rows if x["tag"] != "before" or x in firsts]
+        # one label from two runs (e.g. two learning rates): name the runs
+        labels = [x["method"] for x in rows]
+        for row in rows:
+            if labels.count(row["method"]) > 1:
+                row["method"] = f"{row['method']} [{os.path.basename(row['run'])}]"
+        out[task] = rows
     return out
 
 

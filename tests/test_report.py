@@ -149,3 +149,16 @@ def test_experiment_outputs_and_sections(tmp_path):
         report.write_sectioned_report(spec2, out)
     with pytest.raises(ValueError, match="not a results file"):
         report.read_run(_dump(tmp_path / "other.json", {"x": 1}))
+
+
+def test_one_base_row_and_twin_labels_named(tmp_path):
+    """The base model evaluated before each of several runs appears once; two runs with the
+    same label (same objective and T_end, e.g. two learning rates) are told apart."""
+    a = train_run(tmp_path, "lr3e-4", "continuation", 0.8, {"logp_mean": -8.0},
+                  before={"logp_mean": -63.5})
+    b = train_run(tmp_path, "lr1e-4", "continuation", 0.8, {"logp_mean": -40.0},
+                  before={"logp_mean": -63.5})
+    rows = report.collect_rows([report.read_run(a), report.read_run(b)])["continuation"]
+    methods = sorted(r["method"] for r in rows)
+    assert methods == ["GFlowNet (subtb, T_end=0.8) [lr1e-4]",
+                       "GFlowNet (subtb, T_end=0.8) [lr3e-4]", "base model (sampling)"]
