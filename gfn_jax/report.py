@@ -269,9 +269,17 @@ def collect_rows(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any
         rows = [x for x in rows if x["tag"] != "before" or x in firsts]
         # one label from two runs (e.g. two learning rates): name the runs
         labels = [x["method"] for x in rows]
+        runs_of = {m: [x["run"] for x in rows if x["method"] == m] for m in set(labels)}
         for row in rows:
-            if labels.count(row["method"]) > 1:
-                row["method"] = f"{row['method']} [{os.path.basename(row['run'])}]"
+            same = runs_of[row["method"]]
+            if len(same) > 1:
+                parts = os.path.normpath(row["run"]).split(os.sep)
+                # the shortest path tail that tells this run from its twins
+                for n in range(1, len(parts) + 1):
+                    tail = os.sep.join(parts[-n:])
+                    if sum(os.path.normpath(r).endswith(tail) for r in same) == 1:
+                        break
+                row["method"] = f"{row['method']} [{tail}]"
         out[task] = rows
     return out
 

@@ -162,3 +162,8 @@ def test_one_base_row_and_twin_labels_named(tmp_path):
     methods = sorted(r["method"] for r in rows)
     assert methods == ["GFlowNet (subtb, T_end=0.8) [lr1e-4]",
                        "GFlowNet (subtb, T_end=0.8) [lr3e-4]", "base model (sampling)"]
+    c = train_run(tmp_path / "other_sweep", "lr3e-4", "continuation", 0.8, {"logp_mean": -9.0})
+    rows = report.collect_rows([report.read_run(x) for x in (a, b, c)])["continuation"]
+    assert sorted(r["method"] for r in rows)[:3] == [
+        "GFlowNet (subtb, T_end=0.8) [lr1e-4]", "GFlowNet (subtb, T_end=0.8) [other_sweep/lr3e-4]",
+        f"GFlowNet (subtb, T_end=0.8) [{tmp_path.name}/lr3e-4]"]
