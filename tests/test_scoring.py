@@ -221,3 +221,22 @@ def test_bad_inputs_raise_clear_errors():
         score_suffix_prefixes(cfg, params, pt, pm, z, lengths, y[:, 0], ym)
     with pytest.raises(ValueError, match="min_len"):
         PolicySpec(TERM, max_len=2, min_len=3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_final_infill_reward_equals_the_packed_prefix_reward_at_n(family):
+    """The one-forward whole-trajectory infilling reward (evaluation) equals the packed
+    every-prefix reward at each row's length, with and without a penalty bias."""
+    from gfn_jax.tasks.infill import final_infill_log_reward, infill_log_reward
+
+    cfg = _cfg(family)
+    params = tr.init_params(cfg, jax.random.PRNGKey(5), std=0.4)
+    pt, pm, z, lengths, y, ym = _batch()
+    bias = np.zeros(V, np.float32)
+    bias[[3, 6]] = -2.0
+    for b in (None, jnp.asarray(bias)):
+        full = np.asarray(infill_log_reward(cfg, params, pt, pm, z, lengths, y, ym, (7,), b))
+        want = full[np.arange(len(PROMPTS)), lengths]
+        got = np.asarray(final_infill_log_reward(cfg, params, pt, pm, z, lengths, y, ym, (7,), b))
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        assert np.ptp(got) > 1e-2

@@ -307,7 +307,9 @@ def test_e_step_trains_two_steps_with_replay_seeded(data, tmp_path):
 
     c = tiny_config("subj_cot", data, max_len=5, wishful=WISHFUL, eval_batch_size=4)
     tr = Trainer(c, str(tmp_path / "e"), restore=False, devices=jax.devices()[:1])
-    assert len(tr.replay) == sum(len(WISHFUL[l]) for _, l in TRAIN)  # seeded before any step
+    assert len(tr.replay) == 0  # seeded lazily, when a replay batch first needs a prompt
+    tr.rollouts.replay_batch(list(range(len(TRAIN))), 1, temperature=None)
+    assert len(tr.replay) == sum(len(WISHFUL[l]) for _, l in TRAIN)
     s = tr.run(progress=False)
     assert s["steps"] == 2 and math.isfinite(s["final_metrics"]["loss"])
     assert os.path.isdir(tmp_path / "e" / "checkpoints")

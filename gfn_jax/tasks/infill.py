@@ -40,6 +40,7 @@ import numpy as np
 
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
+from gfn_jax.models.transformer import forward
 from gfn_jax.scoring import score_suffix_prefixes
 from gfn_jax.tasks.base import Batch
 from gfn_jax.tasks.continuation import (ContinuationTask, _missing, _report_skipped,
@@ -123,10 +124,39 @@ def infill_log_reward(cfg: ModelConfig, params: Any, prompt_tokens: jax.Array,
     return r.log_pz + y
 
 
+def final_infill_log_reward(cfg: ModelConfig, params: Any, prompt_tokens: jax.Array,
+                            prompt_mask: jax.Array, tokens: jax.Array, lengths: jax.Array,
+                            suffix_tokens: jax.Array, suffix_mask: jax.Array,
+                            term_ids: Sequence[int], bias: Optional[jax.Array] = None
+                            ) -> jax.Array:
+    """:func:`infill_log_reward` of the whole trajectory only, ``[B]``: ``log p(Z | X)`` plus
+    ``log p(Y | X Z)`` from ONE forward over ``[X | Z | Y]`` per row (evaluation, replay
+    seeding), instead of the packed pass that scores Y after each of the T + 1 prefixes."""
+    r = penalised_reward_prefixes(cfg, params, prompt_tokens, prompt_mask, tokens, lengths,
+                                  term_ids, bias)
+    n = lengths.astype(jnp.int32)
+    log_pz = jnp.take_along_axis(r.log_pz, n[:, None], axis=1)[:, 0]
+    B, T = tokens.shape
+    S = suffix_tokens.shape[1]
+    P = prompt_tokens.shape[1]
+    j = jnp.arange(T + S)[None, :]
+    k = j - n[:, None]  # position within Y
+    in_z = j < n[:, None]
+    kc = jnp.clip(k, 0, S - 1)
+    in_y = (k >= 0) & (k < S) & jnp.take_along_axis(suffix_mask.astype(bool), kc, axis=1)
+    z_wide = jnp.pad(tokens, ((0, 0), (0, S)))
+    seq = jnp.where(in_z, z_wide, jnp.where(in_y, jnp.take_along_axis(suffix_tokens, kc, 1), 0))
+    full = jnp.concatenate([prompt_tokens, seq.astype(prompt_tokens.dtype)], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(bool), in_z | in_y], axis=1)
+    logits = forward(cfg, params, full, mask.astype(jnp.int32))
+    logp = jax.nn.log_softmax(logits[:, P - 1:P - 1 + T + S].astype(jnp.float32), axis=-1)
+    tok_lp = jnp.take_along_axis(logp, seq[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_pz + jnp.sum(jnp.where(in_y, tok_lp, 0.0), axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "term_ids"))
 def _final_infill(params, pt, pm, z, n, sfx, sm, bias, *, cfg, term_ids):
-    full = infill_log_reward(cfg, params, pt, pm, z, n, sfx, sm, term_ids, bias)
-    return jnp.take_along_axis(full, n[:, None], axis=1)[:, 0]
+    return final_infill_log_reward(cfg, params, pt, pm, z, n, sfx, sm, term_ids, bias)
 
 
 class InfillTask(ContinuationTask):
