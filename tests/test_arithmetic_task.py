@@ -404,7 +404,10 @@ def test_two_training_steps(data_dir, tmp_path, objective):
     assert isinstance(tr.task, ArithmeticTask) and tr.rollouts.targets is not None
     if objective == "subtb":
         # replay seeded with the 3 x 5 ground-truth rationales; their stored log R is the
-        # task's own reward of the tool-on trajectory under the frozen base
+        # task's own reward of the tool-on trajectory under the frozen base (seeded lazily,
+        # when a replay batch first needs the prompts)
+        assert len(tr.replay) == 0
+        tr.rollouts.replay_batch(sorted({t.prompt_index for t in tr.task.targets()}), 1, None)
         assert len(tr.replay) == 15
         t = tr.task.targets()[0]
         entry = tr.replay.sample(str(t.prompt_index), 1)[0]
