@@ -336,10 +336,17 @@ def scatter_plot(rows: Sequence[Dict[str, Any]], task: str, path: str) -> Option
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    placed: List[Tuple[float, float]] = []
+    xr = (max(p[1] for p in pts) - min(p[1] for p in pts)) or 1.0
+    yr = (max(p[2] for p in pts) - min(p[2] for p in pts)) or 1.0
     for r, x, y in pts:
         gfn = r["temp_end"] is not None
         ax.scatter([x], [y], marker="*" if gfn else "o", s=120 if gfn else 50)
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        # labels of near-coincident points are stacked instead of printed over each other
+        near = sum(abs(x - px) < 0.04 * xr and abs(y - py) < 0.04 * yr for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(r["method"], (x, y), textcoords="offset points",
+                    xytext=(5, 4 + 10 * near), fontsize=7)
     ax.set_xlabel(f"{x_key} (higher = more diverse)")
     ax.set_ylabel(f"{y_key} (higher = more likely)")
     ax.set_title(f"{task}: likelihood vs diversity")
