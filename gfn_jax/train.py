@@ -198,6 +198,7 @@ class Trainer:
         self.start_step = 0
         self.calls = 0
         self.replay_seeded: set = set()  # prompts whose data targets are in the buffer (lazy)
+        self._final_log_r: Any = None  # the jitted seeding reward, built on first use
         if restore and self.ckpt.latest_step() is not None:
             self._restore()
 
@@ -334,19 +335,27 @@ class Trainer:
         self.replay_seeded.update(new)
         return self.seed_replay(targets, chunk=16) if targets else 0
 
+    def _final_log_r_fn(self) -> Any:
+        """The jitted untempered final log R of a batch of trajectories, built once (lazy
+        seeding calls it again for every newly seen prompt: one compilation per shape)."""
+        if self._final_log_r is None:
+            ss = self.step_spec
+            rkey = ss.reward_key
+            rcfg = ss.reward_model_cfg or self.model_cfg
+            reward_fn = self._task_reward
+
+            @jax.jit
+            def final_log_r(frozen, batch):
+                params = frozen.get(rkey) if rkey else None
+                return final_values(reward_fn(rcfg, params, batch).astype(jnp.float32),
+                                    batch.lengths)
+
+            self._final_log_r = final_log_r
+        return self._final_log_r
+
     def seed_replay(self, targets: List[Any], chunk: int = 64) -> int:
         """Add the task's target trajectories, with their untempered log R, to the buffer."""
-        ss = self.step_spec
-        rkey = ss.reward_key
-        rcfg = ss.reward_model_cfg or self.model_cfg
-        reward_fn = self._task_reward
-
-        @jax.jit
-        def final_log_r(frozen, batch):
-            params = frozen.get(rkey) if rkey else None
-            return final_values(reward_fn(rcfg, params, batch).astype(jnp.float32),
-                                batch.lengths)
-
+        final_log_r = self._final_log_r_fn()
         added = 0
         for s in range(0, len(targets), chunk):
             part = list(targets[s:s + chunk])
