@@ -368,6 +368,17 @@ def _runs_table(runs: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _finish(parts: List[str], runs: Sequence[Dict[str, Any]], out: str) -> str:
+    """Append the Runs table and write the report atomically (temp file + rename)."""
+    text = "\n".join(parts + ["## Runs", "", _runs_table(runs), ""])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return text
+
+
 def write_report(run_dirs: Sequence[str], out: str, title: str = "Results",
                  notes: str = "") -> str:
     """Read ``run_dirs``, write the markdown report to ``out`` (plots beside it, in
@@ -383,14 +394,7 @@ def write_report(run_dirs: Sequence[str], out: str, title: str = "Results",
         parts += [notes.rstrip(), ""]
     for task in sorted(by_task):
         parts += _task_block(by_task[task], task, out_dir, plot_dir, f"## {task}")
-    parts += ["## Runs", "", _runs_table(runs), ""]
-    text = "\n".join(parts)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
-    return text
+    return _finish(parts, runs, out)
 
 
 def _task_block(rows: List[Dict[str, Any]], task: str, out_dir: str, plot_dir: str,
@@ -465,14 +469,7 @@ def write_sectioned_report(spec_path: str, out: str) -> str:
             parts += _task_block(by_task[task], task, out_dir, plot_dir, heading)
         if after.strip():
             parts += [after.strip(), ""]
-    parts += ["## Runs", "", _runs_table(all_runs), ""]
-    text = "\n".join(parts)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
-    return text
+    return _finish(parts, all_runs, out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
