@@ -85,7 +85,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -549,20 +549,28 @@ def hf_policy(hf_dir: str, args: argparse.Namespace) -> Any:
     return model
 
 
+def load_official(official: str, subdir: str, names: Sequence[str], hf_dir: str,
+                  args: argparse.Namespace) -> Tuple[List[Any], List[str], Any, Any]:
+    """(the official modules ``names`` imported from ``official/subdir``, the stubbed
+    module names, the peft policy, the exported tokenizer): the start of both drivers."""
+    import transformers
+
+    preimport_torch_stack(subdir == "next_sentence")
+    with official_imports(os.path.join(official, subdir)) as stubbed:
+        mods = [importlib.import_module(n) for n in names]
+    return (mods, stubbed, hf_policy(hf_dir, args),
+            transformers.AutoTokenizer.from_pretrained(hf_dir))
+
+
 def run_official_infill(official: str, hf_dir: str, setting: Dict[str, Any], prompt: List[int],
                         suffix: List[int], args: argparse.Namespace, n: int,
                         alt: Alternator) -> Dict[str, Any]:
     """Setting A through ``infill_subj_arithmetic/main.py``'s ``train()``."""
     import torch
-    import transformers
     from omegaconf import OmegaConf
 
-    preimport_torch_stack(False)
-    with official_imports(os.path.join(official, "infill_subj_arithmetic")) as stubbed:
-        main = importlib.import_module("main")
-        rewards = importlib.import_module("rewards")
-    model = hf_policy(hf_dir, args)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    (main, rewards), stubbed, model, tokenizer = load_official(
+        official, "infill_subj_arithmetic", ("main", "rewards"), hf_dir, args)
     if tokenizer.eos_token_id is None:
         raise ValueError("the exported tokenizer has no EOS token")
     K, T = setting["samples"], setting["traj_len"]
@@ -626,16 +634,10 @@ def run_official_next_sentence(official: str, hf_dir: str, setting: Dict[str, An
                                alt: Alternator) -> Dict[str, Any]:
     """Setting B through ``NextSentenceGFNTask`` under a ``pytorch_lightning.Trainer``."""
     import torch
-    import transformers
 
-    preimport_torch_stack(True)
+    (lm, outils), stubbed, model, tokenizer = load_official(
+        official, "next_sentence", ("lightning_module", "utils"), hf_dir, args)
     import pytorch_lightning as pl
-
-    with official_imports(os.path.join(official, "next_sentence")) as stubbed:
-        lm = importlib.import_module("lightning_module")
-        outils = importlib.import_module("utils")
-    model = hf_policy(hf_dir, args)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     T = setting["traj_len"]
     vocab = model.get_input_embeddings().weight.shape[0]
     illegal = np.zeros(vocab, dtype=bool)  # no penalised tokens (ours: no logit bias)
@@ -726,7 +728,7 @@ def sampler_vs_generate(g: Any, model: Any, hf_dir: Optional[str], args: argpars
         jax.block_until_ready(out.tokens)
         return time.perf_counter() - t
 
-    hf_gen = None
+    hf_gen: Optional[Callable[[int], float]] = None
     if hf_dir is not None and torch is not None:
         pol = hf_policy(hf_dir, args)
         with torch.no_grad():
@@ -737,7 +739,7 @@ def sampler_vs_generate(g: Any, model: Any, hf_dir: Optional[str], args: argpars
         pol.eval()
         ids = torch.tensor([prompt])
 
-        def hf_gen(i: int) -> float:
+        def generate(i: int) -> float:
             torch.manual_seed(i)
             t = time.perf_counter()
             with torch.no_grad():
@@ -747,6 +749,8 @@ def sampler_vs_generate(g: Any, model: Any, hf_dir: Optional[str], args: argpars
                                    pad_token_id=int(tok.pad_id or 0))
             assert out.shape == (K, P + T), out.shape
             return time.perf_counter() - t
+
+        hf_gen = generate
 
     times: Dict[str, List[float]] = {"ours": [], "generate": []}
     for i in range(args.warmup + args.steps):
