@@ -111,8 +111,11 @@ def test_device_peaks():
     assert bench.resolve_peak(None, gpu("NVIDIA H100 80GB HBM3"), "bfloat16").flops_per_s \
         == 989.4e12
     assert bench.resolve_peak(None, gpu("NVIDIA H200"), "bfloat16").name == "H200"
-    assert bench.resolve_peak(None, gpu("NVIDIA A100-SXM4-80GB"), "float32").flops_per_s \
-        == 156e12  # float32 matmuls at JAX's default precision: TF32
+    a100 = gpu("NVIDIA A100-SXM4-80GB")
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert bench.resolve_peak(None, a100, "float32").flops_per_s == 156e12  # TF32
+    with jax.default_matmul_precision("highest"):
+        assert bench.resolve_peak(None, a100, "float32").flops_per_s == 19.5e12  # full fp32
     assert bench.resolve_peak(None, gpu("NVIDIA H100 PCIe"), "bfloat16").flops_per_s is None
     assert bench.resolve_peak(None, tpu("TPU v4"), "bfloat16").flops_per_s == 275e12
     assert bench.resolve_peak(None, tpu("TPU v5 lite"), "bfloat16").name == "TPU v5e"
