@@ -7,7 +7,9 @@ shardings and compiled; XLA's ``memory_analysis()`` gives the bytes per device
 
 * GPT-J 6B with the paper's LoRA settings, batches and lengths (random numbers,
   subjectivity, arithmetic; ``../shared/PAPER-PROTOCOLS.md``), on one device and over 8
-  devices (data / fsdp / fsdp x tensor).
+  devices (data / fsdp / fsdp x tensor). Each step's rows are samples of one prompt, planned
+  as the trainer runs them (``model.share_prompt``: the prompt once per group); one row per
+  setting plans the row-by-row program for comparison.
 * A Llama-3-8B shape (V = 128,256) with the vocabulary log-softmax chunked (auto) and
   unchunked (``logits_chunk=-1``): the temporaries with and without [B, T+1, V] float32
   logits.
@@ -98,7 +100,7 @@ def _config(s):
     return c
 
 
-def _estimate(model_cfg, s, n_dev, mc):
+def _estimate(model_cfg, s, n_dev, mc, shared=True):
     devices = jax.devices()[:n_dev]
     mesh = parallel.make_mesh(mc, devices)
     cfg = _config(s)
@@ -106,7 +108,7 @@ def _estimate(model_cfg, s, n_dev, mc):
     e = memory.estimate_step_memory(
         model_cfg, batch_size=s["rows"], prompt_len=s["P"], traj_len=s["T"], mesh=mesh,
         config=cfg, term_ids=(198,), min_len=s["min_len"], reward_prompt_len=s.get("Pr"),
-        suffix_len=s.get("suffix", 0),
+        suffix_len=s.get("suffix", 0), group_size=s["rows"] if shared else 1,
         knobs={"train.samples_per_prompt": s["rows"], "train.prompts_per_batch": 1,
                "train.grad_accum": s["grad_accum"]})
     return e, time.perf_counter() - t0
@@ -137,13 +139,14 @@ def main() -> None:
         print(HEADER.format(gb=args.device_gb))
         for name, s in GPTJ_SETTINGS.items():
             meshes = MESHES if name.startswith("subjectivity") else {"1 device": MESHES["1 device"]}
-            runs = [("none", m) for m in meshes] + [("full", "1 device")]
-            for remat, mesh_name in runs:
+            runs = ([("none", m, True) for m in meshes] + [("full", "1 device", True),
+                                                           ("none", "1 device", False)])
+            for remat, mesh_name, shared in runs:
                 n_dev, mc = MESHES[mesh_name]
                 if n_dev > n:
                     continue
-                e, secs = _estimate(GPTJ_6B.replace(remat_policy=remat), s, n_dev, mc)
-                label = f"{name}, remat {remat}"
+                e, secs = _estimate(GPTJ_6B.replace(remat_policy=remat), s, n_dev, mc, shared)
+                label = f"{name}, remat {remat}" + ("" if shared else ", prompt row by row")
                 print(_row(label, mesh_name, e, secs, args.device_gb), flush=True)
                 out["rows"].append({"model": "gptj-6b", "setting": label, "mesh": mesh_name,
                                     **s, **e.as_dict(), "compile_s": secs})

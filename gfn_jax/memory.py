@@ -179,8 +179,10 @@ def lm_reward_fn(term_ids: Sequence[int], suffix: bool = False):
 
 
 def abstract_batch(batch_size: int, prompt_len: int, traj_len: int,
-                   reward_prompt_len: Optional[int] = None, suffix_len: int = 0) -> TrainBatch:
-    """A :class:`TrainBatch` of ``jax.ShapeDtypeStruct`` leaves (no data)."""
+                   reward_prompt_len: Optional[int] = None, suffix_len: int = 0,
+                   group_size: int = 1) -> TrainBatch:
+    """A :class:`TrainBatch` of ``jax.ShapeDtypeStruct`` leaves (no data); ``group_size``
+    (static) says the rows come in groups of that many samples of one prompt."""
     B, P, T = int(batch_size), int(prompt_len), int(traj_len)
     Pr = P if reward_prompt_len is None else int(reward_prompt_len)
     i32, f32 = jnp.int32, jnp.float32
@@ -195,7 +197,8 @@ def abstract_batch(batch_size: int, prompt_len: int, traj_len: int,
         tokens=S((B, T), i32), lengths=S((B,), i32), action_mask=S((B, T), jnp.bool_),
         prompt_index=S((B,), i32), beh_log_pf=S((B, T), f32), beh_log_pterm=S((B, T + 1), f32),
         old_log_pf=S((B, T), f32), old_log_pterm=S((B, T + 1), f32),
-        has_behaviour=S((B,), jnp.bool_), weight=S((B,), f32), extras=extras)
+        has_behaviour=S((B,), jnp.bool_), weight=S((B,), f32), extras=extras,
+        group_size=int(group_size))
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -267,6 +270,7 @@ def estimate_step_memory(
     suffix_len: int = 0,
     logit_bias: bool = False,
     num_groups: int = 1,
+    group_size: int = 1,
     knobs: Optional[Mapping[str, Any]] = None,
     compiler_options: Optional[Mapping[str, Any]] = None,
 ) -> MemoryEstimate:
@@ -288,6 +292,9 @@ def estimate_step_memory(
         infilling's suffix reward with a Y of that many tokens.
       logit_bias: whether the policy has a [V] logit bias (one more argument).
       num_groups: number of prompts (group ids for baselines).
+      group_size: the rows come in consecutive groups of this many samples of one prompt
+        (:attr:`TrainBatch.group_size`); with ``model_cfg.share_prompt`` the planned program
+        then runs each prompt once per group, as the trainer's step does.
       knobs: extra knob values recorded in the estimate (for :func:`check_fits`).
       compiler_options: XLA options for the compile; default on CPU
         :data:`FAST_CPU_COMPILE` (LLVM optimisation off: same buffer assignment, about half
@@ -363,8 +370,22 @@ def estimate_step_memory(
         reference_key="base" if "base" in frozen else None)
     bsh = parallel.batch_sharding(mesh, 1, rules)
     step = make_train_step(ss, tx, mesh, state_sh, frozen_sh, bsh)
-    batch = abstract_batch(batch_size, prompt_len, T, reward_prompt_len, suffix_len)
+    if int(group_size) < 1 or int(batch_size) % int(group_size):
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the "
+                         f"{batch_size} rows")
+    batch = abstract_batch(batch_size, prompt_len, T, reward_prompt_len, suffix_len,
+                           group_size=group_size)
     hyper = {"temperature": S((), jnp.float32), "kl_coef": S((), jnp.float32)}
+    if objective.prepare is not None:
+        # what the objective's once-per-rollout function adds to the batch (e.g. PPO's
+        # advantages), as abstract leaves, batch-sharded like the rest of the batch
+        from gfn_jax.step import make_prepare
+
+        prep = make_prepare(ss, mesh, state_sh, frozen_sh, bsh, rules=rules)
+        with activation_sharding(mesh, rules):
+            extras, _ = jax.eval_shape(prep, state, frozen, batch, hyper)
+        batch = batch.replace(extras={**batch.extras, **{
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in extras.items()}})
     with activation_sharding(mesh, rules):
         lowered = step.lower(state, frozen, batch, hyper)
     all_knobs = {
@@ -376,6 +397,7 @@ def estimate_step_memory(
         "mesh.tensor": int(mesh.shape["tensor"]),
         "lora.rank": int(lora.rank) if use_lora else None,
         "train.grad_accum": int(config.train.grad_accum),
+        "model.share_prompt": bool(model_cfg.share_prompt) and int(group_size) > 1,
     }
     all_knobs.update(knobs or {})
     return estimate_compiled(_compile(lowered, mesh, compiler_options), mesh, all_knobs)
@@ -395,7 +417,9 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
 
     t = config.train
     objective = get_objective(config.objective.name)
-    minibatches = objective.minibatches_for(dict(config.objective.to_dict()))
+    options = dict(config.objective.to_dict())
+    minibatches = objective.minibatches_for(options)
+    epochs = objective.epochs_for(options)
     rows = int(t.prompts_per_batch) * int(t.samples_per_prompt)
     if rows % minibatches:
         raise ValueError(f"a batch of {rows} rows does not split into {minibatches} minibatches")
@@ -409,8 +433,13 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
     knobs = {"train.samples_per_prompt": int(t.samples_per_prompt),
              "train.prompts_per_batch": int(t.prompts_per_batch),
              "train.grad_accum": int(t.grad_accum)}
+    # The trainer's first (or only) call per rollout gets the whole batch in groups of
+    # samples_per_prompt; shuffled minibatches and later epochs get ungrouped rows, whose
+    # program holds every row's prompt: plan the larger of the two.
+    k = int(t.samples_per_prompt)
+    group = k if (model_cfg.share_prompt and minibatches == 1 and epochs == 1 and k > 1) else 1
     return estimate_step_memory(
-        model_cfg, batch_size=rows // minibatches, prompt_len=prompt_len, traj_len=T,
+        model_cfg, batch_size=rows // minibatches, group_size=group, prompt_len=prompt_len, traj_len=T,
         mesh=mesh, rules=mesh_rules(config), config=config,
         term_ids=tuple(term_ids) if term_ids is not None else (model_cfg.vocab_size - 1,),
         min_len=int(task.get("min_len", 0) or 0), reward_prompt_len=reward_prompt_len,

@@ -295,3 +295,37 @@ def test_estimate_one_and_eight_devices_and_check_fits():
     for knob in memory.FIT_KNOBS:
         assert knob in msg, knob
     assert "now 4" in msg  # lora.rank's current value
+
+
+def test_estimate_plans_the_shared_prompt_program_the_trainer_runs():
+    """With K samples of one long prompt, the planned step runs the prompt once per group
+    (as the trainer's step does), which needs less temporary memory than row by row; the
+    config-level estimate picks the grouping the trainer will use (none for PPO, whose
+    shuffled minibatches are ungrouped)."""
+    from gfn_jax.defaults import default_config
+
+    cfg = _tiny_lora_cfg().replace(d_model=64, d_ff=128)
+    config = default_config()
+    config.lora.rank = 4
+    mesh = parallel.make_mesh(parallel.MeshConfig(), jax.devices()[:1])
+    kw = dict(batch_size=16, prompt_len=48, traj_len=4, mesh=mesh, config=config,
+              term_ids=(255,))
+    rows = memory.estimate_step_memory(cfg, group_size=1, **kw)
+    shared = memory.estimate_step_memory(cfg, group_size=16, **kw)
+    off = memory.estimate_step_memory(cfg.replace(share_prompt=False), group_size=16, **kw)
+    assert shared.temp_bytes < 0.7 * rows.temp_bytes, (shared.temp_bytes, rows.temp_bytes)
+    assert off.temp_bytes == rows.temp_bytes  # share_prompt off: the row-by-row program
+    assert shared.knobs["model.share_prompt"] and not rows.knobs["model.share_prompt"]
+    with pytest.raises(ValueError, match="group_size=3"):
+        memory.estimate_step_memory(cfg, group_size=3, **kw)
+
+    config.task.max_len = 4
+    config.train.prompts_per_batch, config.train.samples_per_prompt = 2, 8
+    e = memory.estimate_from_config(config, cfg, 48, devices=jax.devices()[:1],
+                                    term_ids=(255,))
+    assert e.knobs["model.share_prompt"] is True
+    assert e.temp_bytes < rows.temp_bytes
+    config.objective.name = "ppo"
+    e = memory.estimate_from_config(config, cfg, 48, devices=jax.devices()[:1],
+                                    term_ids=(255,))
+    assert e.knobs["model.share_prompt"] is False
