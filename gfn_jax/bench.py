@@ -365,7 +365,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
 
     # --- sampling: the sampler call train makes for a batch (on-policy behaviour) -------
     if tr.prompt_stream is not None:
-        tr.rollouts.use_prompts(tr.prompt_stream.next_prompts())
+        tr.take_stream_prompts()
     if tr.source == "data":
         batch = tr.rollouts.data_batch(0)
         notes.append("the objective trains on the task's data: no sampling phase")

@@ -6,7 +6,11 @@ With ``config.data.source`` set (a spec of :func:`gfn_jax.data.open_source`: a `
 
 * records are read with the field names ``data.x_field`` (the prompt text; ignored for text
   files, whose line is the prompt) and, for tasks that read them, ``data.y_field`` /
-  ``data.z_field``; the task turns a record into prompt text (:meth:`Task.stream_prompt`);
+  ``data.z_field``; the task sees each record under both its keys (X, Y, Z) and its source
+  column names, and turns it into prompt text (:meth:`Task.stream_prompt`) and, where it has
+  them, a reward context (:meth:`Task.stream_reward_prompt`, padded like the prompt) and a
+  suffix the reward scores after Z (:meth:`Task.stream_suffix`: infilling's Y, right-padded to
+  :meth:`Task.stream_suffix_len` and carried in the batch's extras);
 * each host reads its own shard (``jax.process_index()`` of ``jax.process_count()``), shuffled
   per epoch with ``config.seed`` (``data.shuffle``); each takes ``prompts_per_batch /
   process_count`` prompts per step and the hosts' prompts are all-gathered (host-major), so
@@ -17,23 +21,26 @@ With ``config.data.source`` set (a spec of :func:`gfn_jax.data.open_source`: a `
 * :meth:`PromptStream.state` (every host's epoch, position and skip counts) is saved in each
   checkpoint's meta and :meth:`PromptStream.restore` continues the identical stream.
 
-Only tasks that declare ``STREAM_FIELDS`` accept a stream (their reward reads the prompt from
-the batch, not per-prompt tables indexed by ``prompt_index``); replay buffers (per prompt) and
+Only tasks that declare ``STREAM_FIELDS`` accept a stream (their reward reads the prompt, the
+reward context and Y from the batch, not per-prompt tables indexed by ``prompt_index``):
+continuation (X) and infilling (X, Y; stories also make their reward context from the record);
+replay buffers (per prompt) and
 SFT on the task's targets need the task's fixed prompt set and are refused with a stream.
 Evaluation keeps using the task's own evaluation prompts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from gfn_jax.data import DataError, ShardedStream, open_source, parse_tfds_spec
 
-__all__ = ["FIELD_KEYS", "PromptStream", "check_data_config", "field_map"]
+__all__ = ["FIELD_KEYS", "PromptStream", "StreamRows", "check_data_config", "field_map"]
 
 #: record key -> the config key naming its column in the source
 FIELD_KEYS = {"X": "data.x_field", "Y": "data.y_field", "Z": "data.z_field"}
@@ -133,6 +140,18 @@ def _jax_gather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamRows:
+    """One step's streamed prompts of every host (host-major), as token ids: the policy's
+    prompts, the reward's contexts (None: the prompts) and the suffixes (None: the task has
+    none); ``records`` are their record indices."""
+
+    prompts: List[List[int]]
+    reward_prompts: Optional[List[List[int]]]
+    suffixes: Optional[List[List[int]]]
+    records: List[int]
+
+
 class PromptStream:
     """The training prompts of every step, from a :class:`ShardedStream` on each host.
 
@@ -141,16 +160,26 @@ class PromptStream:
       make_prompt: record -> prompt text (the task's :meth:`stream_prompt`).
       encode: prompt text -> token ids (the task's ``encode_prompt``).
       per_host: prompts this host reads per step.
-      max_prompt_len: the padded prompt length; longer prompts are bad records.
+      max_prompt_len: the padded prompt length; longer prompts (and reward contexts) are bad
+        records.
       skip_bad: skip (and count) prompts that are too long or encode to nothing.
       spec, fields: the source and field map (saved with the state, to tell a changed source).
       gather: stacks every host's array (default: ``jax`` all-gather; tests pass their own).
+      make_reward_prompt, encode_reward: record -> reward context text or None (the prompt),
+        and its encoder (default ``encode``).
+      make_suffix, encode_suffix, suffix_len: record -> the text the reward scores after Z,
+        its encoder, and its padded length (0: no suffix).
     """
 
     def __init__(self, stream: ShardedStream, make_prompt: Callable[[Mapping[str, Any]], str],
                  encode: Callable[[str], List[int]], per_host: int, max_prompt_len: int,
                  skip_bad: bool, spec: str, fields: Mapping[str, str],
-                 gather: Optional[Gather] = None) -> None:
+                 gather: Optional[Gather] = None,
+                 make_reward_prompt: Optional[Callable[[Mapping[str, Any]], Optional[str]]] = None,
+                 encode_reward: Optional[Callable[[str], List[int]]] = None,
+                 make_suffix: Optional[Callable[[Mapping[str, Any]], Optional[str]]] = None,
+                 encode_suffix: Optional[Callable[[str], List[int]]] = None,
+                 suffix_len: int = 0) -> None:
         self.stream = stream
         self.make_prompt = make_prompt
         self.encode = encode
@@ -160,6 +189,13 @@ class PromptStream:
         self.spec = spec
         self.fields = dict(fields)
         self.gather = gather or _jax_gather
+        self.make_reward_prompt = make_reward_prompt
+        self.encode_reward = encode_reward or encode
+        self.suffix_len = int(suffix_len)
+        self.make_suffix = make_suffix if self.suffix_len > 0 else None
+        self.encode_suffix = encode_suffix or encode
+        if self.make_suffix is not None and encode_suffix is None:
+            raise ValueError("a stream with suffixes needs their encoder (encode_suffix)")
         self.skipped_prompts = 0  # too long / no tokens, skipped (on_bad="skip")
         self.last_records: List[int] = []  # the record indices of the last step, all hosts
 
@@ -167,7 +203,9 @@ class PromptStream:
     def open(cls, config: Any, task: Any, process_index: Optional[int] = None,
              process_count: Optional[int] = None, gather: Optional[Gather] = None
              ) -> "PromptStream":
-        """The stream ``config.data`` describes, for this host (default: the JAX process)."""
+        """The stream ``config.data`` describes, for this host (default: the JAX process),
+        making the ``task``'s prompts (and reward contexts and suffixes, where it has them;
+        the task must be set up)."""
         import jax
 
         pi = jax.process_index() if process_index is None else int(process_index)
@@ -179,6 +217,7 @@ class PromptStream:
             raise ValueError(f"train.prompts_per_batch={P} must be a multiple of the "
                              f"{pc} processes (each reads its share of data.source)")
         fields = field_map(config)
+        task.check_stream_columns(fields)
         kind = _source_kind(spec)
         root = str(d.get("tfds_dir", "") or "") if kind == "tfds" else str(d.root or "")
         try:
@@ -193,45 +232,98 @@ class PromptStream:
         stream = ShardedStream(source, seed=int(config.seed), process_index=pi,
                                process_count=pc, shuffle=bool(d.shuffle), with_index=True)
         return cls(stream, task.stream_prompt, task.encode_prompt, P // pc,
-                   int(d.max_prompt_len), str(d.on_bad) == "skip", spec, fields, gather)
+                   int(d.max_prompt_len), str(d.on_bad) == "skip", spec, fields, gather,
+                   make_reward_prompt=task.stream_reward_prompt,
+                   encode_reward=task.encode_reward_prompt,
+                   make_suffix=task.stream_suffix,
+                   encode_suffix=getattr(task, "encode_suffix", None),
+                   suffix_len=int(task.stream_suffix_len()))
 
     # -- prompts
-    def _local(self) -> Tuple[List[int], List[List[int]]]:
-        """This host's next ``per_host`` (record index, token ids)."""
+    def _why_bad(self, what: str, toks: Sequence[int], limit: int, key: str,
+                 label: str = "") -> str:
+        if not toks:
+            return f"the {what} encodes to no tokens (set data.on_bad=skip to skip it)"
+        if len(toks) > limit:
+            return (f"the {what} has {len(toks)} tokens, more than {label or key}={limit} "
+                    f"(raise {key}, or set data.on_bad=skip)")
+        return ""
+
+    def _record(self, rec: Mapping[str, Any]) -> Tuple[List[int], List[int], List[int], str]:
+        """A record's prompt, reward context ([] = the prompt) and suffix token ids, and why
+        it is a bad record ("" if it is not)."""
+        # the task reads a field by its key (X) or by its source column name (text)
+        rec = {**{self.fields[k]: v for k, v in rec.items() if k in self.fields}, **rec}
+        L = self.max_prompt_len
+        toks = list(self.encode(self.make_prompt(rec)))
+        why = self._why_bad("prompt", toks, L, "data.max_prompt_len")
+        rtoks: List[int] = []
+        if not why and self.make_reward_prompt is not None:
+            text = self.make_reward_prompt(rec)
+            if text is not None:
+                rtoks = list(self.encode_reward(text))
+                why = self._why_bad("reward context", rtoks, L, "data.max_prompt_len")
+        stoks: List[int] = []
+        if not why and self.make_suffix is not None:
+            stoks = list(self.encode_suffix(self.make_suffix(rec) or ""))
+            why = self._why_bad("suffix Y", stoks, self.suffix_len, "task.max_suffix_len",
+                                "the suffix width (task.max_suffix_len or the longest Y of "
+                                "task.data_path)")
+        return toks, rtoks, stoks, why
+
+    def _local(self) -> Tuple[List[int], List[Tuple[List[int], List[int], List[int]]]]:
+        """This host's next ``per_host`` (record index, (prompt, reward context, suffix))."""
         records: List[int] = []
-        ids: List[List[int]] = []
+        rows: List[Tuple[List[int], List[int], List[int]]] = []
         src = self.stream.source
-        while len(ids) < self.per_host:
+        while len(rows) < self.per_host:
             try:
                 i, rec = next(self.stream)
             except DataError as e:  # a bad TFDS record (files are checked when opened)
                 raise DataError(f"data.source={self.spec!r}: {e} (set data.on_bad=skip to "
                                 "skip and count bad records)") from None
-            toks = list(self.encode(self.make_prompt(rec)))
-            why = ("encodes to no tokens" if not toks else
-                   f"has {len(toks)} tokens, more than data.max_prompt_len="
-                   f"{self.max_prompt_len}" if len(toks) > self.max_prompt_len else "")
+            try:
+                toks, rtoks, stoks, why = self._record(rec)
+            except ValueError as e:  # a template naming a field the record lacks
+                raise DataError(f"{src.location(i)}: {e}") from None
             if why:
                 if not self.skip_bad:
-                    raise DataError(f"{src.location(i)}: the prompt {why} (raise "
-                                    "data.max_prompt_len, or set data.on_bad=skip)")
+                    raise DataError(f"{src.location(i)}: {why}")
                 self.skipped_prompts += 1
                 continue
             records.append(int(i))
-            ids.append(toks)
-        return records, ids
+            rows.append((toks, rtoks, stoks))
+        return records, rows
+
+    def next_rows(self) -> StreamRows:
+        """The next step's prompts (and reward contexts and suffixes) of every host,
+        host-major; the same on every host."""
+        records, rows = self._local()
+        L, S = self.max_prompt_len, self.suffix_len
+        W = 4 + 2 * L + S  # [record, |prompt|, |reward|, |suffix|, prompt, reward, suffix]
+        packed = np.zeros((self.per_host, W), np.int64)
+        for r, (i, (t, rt, st)) in enumerate(zip(records, rows)):
+            packed[r, :4] = i, len(t), len(rt), len(st)
+            packed[r, 4:4 + len(t)] = t
+            packed[r, 4 + L:4 + L + len(rt)] = rt
+            packed[r, 4 + 2 * L:4 + 2 * L + len(st)] = st
+        every = self.gather(packed).reshape(-1, W)
+        self.last_records = [int(x) for x in every[:, 0]]
+
+        def ids(row, start, n):
+            return [int(x) for x in row[start:start + int(n)]]
+
+        prompts = [ids(row, 4, row[1]) for row in every]
+        reward = None
+        if (every[:, 2] > 0).any():
+            reward = [ids(row, 4 + L, row[2]) if row[2] else p for row, p in zip(every, prompts)]
+        suffixes = [ids(row, 4 + 2 * L, row[3]) for row in every] if S else None
+        return StreamRows(prompts, reward, suffixes, list(self.last_records))
 
     def next_prompts(self) -> List[List[int]]:
-        """The next step's prompts (token ids) of every host, host-major; the same list on
-        every host. Their record indices are in ``last_records``."""
-        records, ids = self._local()
-        L = self.max_prompt_len
-        packed = np.zeros((self.per_host, L + 2), np.int64)
-        for r, (i, t) in enumerate(zip(records, ids)):
-            packed[r, 0], packed[r, 1], packed[r, 2:2 + len(t)] = i, len(t), t
-        every = self.gather(packed).reshape(-1, L + 2)
-        self.last_records = [int(x) for x in every[:, 0]]
-        return [[int(t) for t in row[2:2 + int(row[1])]] for row in every]
+        """The next step's prompts (token ids) of every host, host-major (see
+        :meth:`next_rows`); their record indices are in ``last_records``."""
+        return self.next_rows().prompts
 
     # -- checkpointing
     def state(self) -> Dict[str, Any]:

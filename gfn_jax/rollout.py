@@ -61,11 +61,29 @@ class Rollouts:
         # lazy seeding of the buffer with the task's targets)
         self.before_replay: Optional[Callable[[Sequence[int]], Any]] = None
         self.streamed = False
+        self.suffix_ids: Optional[List[List[int]]] = None  # streamed Y (see use_prompts)
+        self.suffix_len = 0
 
-    def use_prompts(self, prompt_ids: List[List[int]]) -> None:
-        """Make ``prompt_ids`` (a step's streamed prompts, also the reward's context) the
-        prompt table; every later step takes all of its rows."""
-        self.prompt_ids = self.reward_prompt_ids = list(prompt_ids)
+    def use_prompts(self, prompt_ids: List[List[int]],
+                    reward_prompt_ids: Optional[List[List[int]]] = None,
+                    suffix_ids: Optional[List[List[int]]] = None,
+                    suffix_len: int = 0) -> None:
+        """Make ``prompt_ids`` (a step's streamed prompts) the prompt table, with the reward's
+        contexts (None: the prompts; padded to the prompt length) and the suffixes the reward
+        scores after Z (None: none; right-padded to ``suffix_len`` and put in every batch's
+        ``extras["suffix_tokens"]`` / ``["suffix_mask"]``); every later step takes all rows."""
+        self.prompt_ids = list(prompt_ids)
+        self.reward_prompt_ids = self.prompt_ids if reward_prompt_ids is None else list(
+            reward_prompt_ids)
+        if len(self.reward_prompt_ids) != len(self.prompt_ids):
+            raise ValueError(f"{len(self.reward_prompt_ids)} reward contexts for "
+                             f"{len(self.prompt_ids)} prompts")
+        self.suffix_ids = None
+        if suffix_ids is not None:
+            if len(suffix_ids) != len(self.prompt_ids) or int(suffix_len) < 1:
+                raise ValueError(f"{len(suffix_ids)} suffixes of length {suffix_len} for "
+                                 f"{len(self.prompt_ids)} prompts")
+            self.suffix_ids, self.suffix_len = list(suffix_ids), int(suffix_len)
         self.streamed = True
 
     # ------------------------------------------------------------------ helpers
@@ -77,6 +95,19 @@ class Rollouts:
         rt, rm = self.pad([self.reward_prompt_ids[i] for i in rows], self.reward_prompt_len)
         return {"prompt_tokens": pt, "prompt_mask": pm, "reward_prompt_tokens": rt,
                 "reward_prompt_mask": rm}
+
+    def _row_extras(self, rows: Sequence[int]) -> Dict[str, np.ndarray]:
+        """Per-row batch extras of the prompt table (streamed suffixes), one row per entry
+        of ``rows``."""
+        if self.suffix_ids is None:
+            return {}
+        S = self.suffix_len
+        toks = np.full((len(rows), S), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), S), bool)
+        for r, i in enumerate(rows):
+            y = self.suffix_ids[i]
+            toks[r, :len(y)], mask[r, :len(y)] = y, True
+        return {"suffix_tokens": toks, "suffix_mask": mask}
 
     def trajectories(self, rows: Sequence[int], seqs: Sequence[Sequence[int]],
                      masks: Sequence[Optional[Sequence[bool]]],
@@ -100,7 +131,8 @@ class Rollouts:
                                 np.asarray(rows, np.int32),
                                 reward_prompt_tokens=p["reward_prompt_tokens"],
                                 reward_prompt_mask=p["reward_prompt_mask"],
-                                weight=None if weights is None else np.asarray(weights))
+                                weight=None if weights is None else np.asarray(weights)
+                                ).with_extras(self._row_extras(rows))
 
     # ------------------------------------------------------------------ choice
     def choose_prompts(self, step: int) -> List[int]:
@@ -169,7 +201,8 @@ class Rollouts:
             reward_prompt_tokens=rep(p["reward_prompt_tokens"]),
             reward_prompt_mask=rep(p["reward_prompt_mask"]),
             beh_log_pf=out.beh_log_pf, beh_log_pterm=out.beh_log_pterm,
-            old_log_pf=out.log_pf, old_log_pterm=out.log_pterm, group_size=num_samples)
+            old_log_pf=out.log_pf, old_log_pterm=out.log_pterm, group_size=num_samples
+        ).with_extras(self._row_extras(np.repeat(np.asarray(rows), num_samples)))
 
     def replay_batch(self, rows: Sequence[int], k: int,
                      temperature: Optional[float]) -> Optional[TrainBatch]:
@@ -188,7 +221,8 @@ class Rollouts:
         return TrainBatch.build(p["prompt_tokens"], p["prompt_mask"], c["tokens"], c["lengths"],
                                 amask.astype(bool), np.asarray(prow, np.int32),
                                 reward_prompt_tokens=p["reward_prompt_tokens"],
-                                reward_prompt_mask=p["reward_prompt_mask"], group_size=k)
+                                reward_prompt_mask=p["reward_prompt_mask"], group_size=k
+                                ).with_extras(self._row_extras(prow))
 
     def data_batch(self, step: int) -> TrainBatch:
         """A batch of the task's target trajectories, drawn uniformly (seeded by step)."""

@@ -104,6 +104,14 @@ class Trainer:
         if config.data.source:
             self.prompt_stream = PromptStream.open(config, self.task)
             self.prompt_len = self._padded_len(int(config.data.max_prompt_len))
+            need = self.prompt_len + int(self.spec.max_len) + self.prompt_stream.suffix_len
+            if need > self.model_cfg.max_seq_len:
+                raise ValueError(
+                    f"data.max_prompt_len ({config.data.max_prompt_len}, padded to "
+                    f"{self.prompt_len}) + task.max_len ({self.spec.max_len}) + the streamed "
+                    f"suffix ({self.prompt_stream.suffix_len}) = {need} tokens exceeds the "
+                    f"model's context of {self.model_cfg.max_seq_len}: lower "
+                    f"data.max_prompt_len")
         else:
             self.prompts = list(self.task.train_prompts())
             self.prompt_ids = [self._encode(p, k, "prompt") for k, p in enumerate(self.prompts)]
@@ -238,6 +246,14 @@ class Trainer:
             self.task.bind_reward_params(self.frozen[reward_key])
 
     # ------------------------------------------------------------------ utils
+    def take_stream_prompts(self) -> None:
+        """The next step's streamed prompts (with their reward contexts and suffixes, where
+        the task has them) become the rollouts' prompt table (``data.source`` only)."""
+        assert self.prompt_stream is not None
+        rows = self.prompt_stream.next_rows()
+        self.rollouts.use_prompts(rows.prompts, rows.reward_prompts, rows.suffixes,
+                                  self.prompt_stream.suffix_len)
+
     def _plan_memory(self, devices: Optional[List[Any]]) -> Any:
         """Compile the step ahead of time on abstract shapes and check its per-device memory
         against the device (``memory.estimate``: auto = on accelerators only)."""
@@ -249,7 +265,8 @@ class Trainer:
         est = memory.estimate_from_config(
             self.config, self.model_cfg, self.prompt_len, devices=devices,
             reward_prompt_len=self.reward_prompt_len, term_ids=self.spec.term_ids,
-            logit_bias=self.logit_bias is not None)
+            logit_bias=self.logit_bias is not None,
+            suffix_len=int(getattr(self.task, "suffix_len", 0) or 0))
         if jax.process_index() == 0:
             print(est.summary())
         limit = float(mc.device_gb) * 1e9 or memory.device_memory_bytes(
@@ -443,7 +460,7 @@ class Trainer:
         """The host batch of loop step ``step`` and its behaviour's name."""
         temp = self.temperature() if self.config.replay.sampling == "reward" else None
         if self.prompt_stream is not None:
-            self.rollouts.use_prompts(self.prompt_stream.next_prompts())
+            self.take_stream_prompts()
         return self.rollouts.make_batch(step, self.policy, temp, self.source)
 
     def add_to_replay(self, batch: TrainBatch, log_r_final: np.ndarray) -> None:

@@ -7,6 +7,20 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent XLA compilation cache for the whole test run, shared by the pytest-xdist
+# workers and the subprocesses tests start (it is read from the environment): many tests
+# compile the same small programs (the toy task's step and sampler under several objectives,
+# CLI runs that resume). Set GFN_JAX_TEST_XLA_CACHE=0 to compile everything afresh. A fresh
+# directory per run (keyed by xdist's run id), so a run never reuses another's programs.
+if os.environ.get("GFN_JAX_TEST_XLA_CACHE", "1") != "0" and \
+        "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"gfn-jax-test-xla-cache-{_run}")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import pytest  # noqa: E402
 
 # Global JAX settings some in-process benchmark mains change (float32 on both sides of a

@@ -109,14 +109,14 @@ def own_prompts(tmp_path):
 def consumed(monkeypatch):
     """Every step's (record indices, prompt token ids), as the trainer took them."""
     seen = []
-    orig = PromptStream.next_prompts
+    orig = PromptStream.next_rows
 
     def spy(self):
-        ids = orig(self)
-        seen.append((list(self.last_records), ids))
-        return ids
+        rows = orig(self)
+        seen.append((list(self.last_records), rows.prompts))
+        return rows
 
-    monkeypatch.setattr(PromptStream, "next_prompts", spy)
+    monkeypatch.setattr(PromptStream, "next_rows", spy)
     return seen
 
 

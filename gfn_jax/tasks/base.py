@@ -75,8 +75,26 @@ class Task(abc.ABC):
 
     def stream_prompt(self, record: Mapping[str, Any]) -> str:
         """The training prompt of one streamed record (``data.source``; the fields named in
-        ``STREAM_FIELDS``): its X."""
+        ``STREAM_FIELDS``, also under their source column names): its X."""
         return str(record["X"])
+
+    def stream_reward_prompt(self, record: Mapping[str, Any]) -> Optional[str]:
+        """The reward's context for a streamed record when it differs from the policy's
+        prompt (see :meth:`reward_prompts`); None = the prompt."""
+        return None
+
+    def stream_suffix(self, record: Mapping[str, Any]) -> Optional[str]:
+        """The text the reward scores after Z for a streamed record (infilling's Y), carried
+        in the batch as ``extras["suffix_tokens"]`` / ``["suffix_mask"]``; None = none."""
+        return None
+
+    def stream_suffix_len(self) -> int:
+        """The padded length (tokens) of :meth:`stream_suffix`; a longer one is a bad record."""
+        return 0
+
+    def check_stream_columns(self, fields: Mapping[str, str]) -> None:
+        """Raise ``ValueError`` naming what is missing when records with ``fields`` (record
+        key -> source column) cannot make this task's prompts; called when the stream opens."""
 
     def eval_prompts(self) -> List[str]:
         return self.train_prompts()

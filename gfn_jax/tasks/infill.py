@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +163,9 @@ class InfillTask(ContinuationTask):
     """Infilling: reward ``p_base(Z | X) p_base(Y | X Z)`` with a per-prompt suffix Y."""
 
     name = "infill"
-    STREAM_FIELDS = ()  # Y is a per-prompt table indexed by prompt_index: its own file only
+    # streamed records (data.source) carry X and Y; the templates read them by their source
+    # column names (data.x_field / data.y_field), e.g. {text} and {label_text}
+    STREAM_FIELDS = ("X", "Y")
 
     DEFAULTS = {
         **ContinuationTask.DEFAULTS,
@@ -175,6 +177,9 @@ class InfillTask(ContinuationTask):
         "suffix_template": DEFAULT_SUFFIX_TEMPLATE,  # Y, formatted from a row's fields
         "label_key": "label_text",
         "candidate_labels": (),  # evaluation: accuracy of argmax_y p(y | X Z) if given
+        # streamed Y (data.source) padded to this many tokens; 0 = the longest suffix of the
+        # task's own file (a longer streamed Y is a bad record)
+        "max_suffix_len": 0,
     }
 
     def __init__(self, config: Any) -> None:
@@ -183,6 +188,9 @@ class InfillTask(ContinuationTask):
         self.suffix_template = str(c["suffix_template"])
         self.label_key = str(c["label_key"])
         self.candidate_labels = tuple(str(x) for x in c["candidate_labels"])
+        self.max_suffix_len = int(c["max_suffix_len"])
+        if self.max_suffix_len < 0:
+            raise ValueError(f"task.max_suffix_len must be >= 0, got {self.max_suffix_len}")
         self.rows: List[Dict[str, Any]] = []
         super().__init__(config)
 
@@ -194,14 +202,55 @@ class InfillTask(ContinuationTask):
             raise ValueError(f"row {k} of {self.data_path!r} has no field {e} needed by "
                              f"task.{what} {template!r} (fields: {sorted(row)})") from None
 
-    def _template_fields(self) -> List[str]:
+    def _template_fields(self, templates: Optional[Sequence[str]] = None) -> List[str]:
         import string
 
         names = []
-        for t in (self.prompt_template, self.suffix_template):
+        for t in (self.prompt_template, self.suffix_template) if templates is None else templates:
             names += [f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(t)
                       if f]
         return sorted(set(names))
+
+    # --- streamed records (data.source) -----------------------------------------
+    def _stream_templates(self) -> Dict[str, str]:
+        """config key -> template, for what a streamed record must make."""
+        return {"task.prompt_template": self.prompt_template,
+                "task.suffix_template": self.suffix_template}
+
+    def check_stream_columns(self, fields: Mapping[str, str]) -> None:
+        have = set(fields) | set(fields.values())
+        for key, t in self._stream_templates().items():
+            missing = [f for f in self._template_fields([t]) if f not in have]
+            if missing:
+                raise ValueError(
+                    f"{key} {t!r} needs field(s) {missing} that streamed records do not have "
+                    f"(they have {sorted(have)}): name the columns with data.x_field / "
+                    f"data.y_field, or use {{X}} / {{Y}} in the template")
+
+    def _format_record(self, template: str, record: Mapping[str, Any]) -> str:
+        try:
+            return template.format(**record)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"a streamed record has no field {e} for the template "
+                             f"{template!r} (fields: {sorted(record)})") from None
+
+    def stream_prompt(self, record: Mapping[str, Any]) -> str:
+        """``task.prompt_template`` filled from the record's fields."""
+        return self._format_record(self.prompt_template, record)
+
+    def stream_suffix(self, record: Mapping[str, Any]) -> Optional[str]:
+        """Y: ``task.suffix_template`` filled from the record's fields."""
+        return self._format_record(self.suffix_template, record)
+
+    def encode_suffix(self, text: str) -> List[int]:
+        """Y's token ids (no BOS: it follows Z)."""
+        assert self.tokenizer is not None
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def stream_suffix_len(self) -> int:
+        """The suffix table's width: ``task.max_suffix_len`` or, if longer, the longest
+        suffix of the task's own file."""
+        return int(self.suffix_len)
 
     def _load_prompts(self) -> List[str]:
         # rows missing a field the templates use are reported with file and line
@@ -229,7 +278,7 @@ class InfillTask(ContinuationTask):
         toks = np.full((len(texts), S), pad, np.int32)
         mask = np.zeros((len(texts), S), bool)
         for k, t in enumerate(texts):
-            ids = self.tokenizer.encode(t, add_bos=False)
+            ids = self.encode_suffix(t)
             toks[k, :len(ids)], mask[k, :len(ids)] = ids, True
         return toks, mask
 
@@ -245,7 +294,7 @@ class InfillTask(ContinuationTask):
         if empty:
             raise ValueError(f"the suffix of row(s) {empty[:5]} encodes to no tokens; "
                              f"check task.suffix_template {self.suffix_template!r}")
-        self.suffix_len = max(lens)
+        self.suffix_len = max(max(lens), self.max_suffix_len)
         self._sfx_tokens, self._sfx_mask = self._suffix_table(self.suffixes, self.suffix_len)
         longest = max(len(self.encode_prompt(p)) for p in self._prompts or [])
         need = longest + self.max_len + self.suffix_len
@@ -266,11 +315,21 @@ class InfillTask(ContinuationTask):
         return self._sfx_tokens, self._sfx_mask
 
     # --- reward -------------------------------------------------------------
-    def log_reward(self, model_config: ModelConfig, base_params: Any, batch: Batch) -> jax.Array:
-        """``log p_base(z_<i | X) + log p_base(Y | X z_<i)`` for every prefix, ``[B, T+1]``."""
+    def batch_suffix(self, batch: Batch) -> Tuple[jax.Array, jax.Array]:
+        """Each row's Y, ``[B, S]`` tokens and bool mask: the batch's own
+        (``extras["suffix_tokens"]`` / ``["suffix_mask"]``, streamed prompts) or the task's
+        table row of its prompt (``prompt_index``)."""
+        extras = getattr(batch, "extras", None) or {}
+        if "suffix_tokens" in extras:
+            return extras["suffix_tokens"], extras["suffix_mask"].astype(bool)
         idx = batch["prompt_index"]
-        sfx = jnp.asarray(self._sfx_tokens)[idx]
-        sm = jnp.asarray(self._sfx_mask)[idx]
+        return jnp.asarray(self._sfx_tokens)[idx], jnp.asarray(self._sfx_mask)[idx]
+
+    def log_reward(self, model_config: ModelConfig, base_params: Any, batch: Batch) -> jax.Array:
+        """``log p_base(z_<i | X) + log p_base(Y | X z_<i)`` for every prefix, ``[B, T+1]``.
+        Y is the batch's own (``extras["suffix_tokens"]``, streamed prompts) or the task's
+        table row of each prompt."""
+        sfx, sm = self.batch_suffix(batch)
         return infill_log_reward(model_config, base_params, batch["prompt_tokens"],
                                  batch["prompt_mask"], batch["tokens"], batch["lengths"],
                                  sfx, sm, self.term_ids, self._reward_bias_array())

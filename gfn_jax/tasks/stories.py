@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +188,13 @@ class StoriesTask(InfillTask):
         """The reward LM's context of each training story (``task.reward_template``)."""
         return list(self.reward_texts[: self._num_train()])
 
+    def _stream_templates(self) -> Dict[str, str]:
+        return {**super()._stream_templates(), "task.reward_template": self.reward_template}
+
+    def stream_reward_prompt(self, record: Mapping[str, Any]) -> Optional[str]:
+        """The reward LM's context X_r: ``task.reward_template`` filled from the record."""
+        return self._format_record(self.reward_template, record)
+
     def build_tokenizer(self) -> Optional[Tokenizer]:
         from gfn_jax.models.registry import tiny_tokenizer
 
@@ -221,9 +228,7 @@ class StoriesTask(InfillTask):
     def log_reward(self, model_config: ModelConfig, base_params: Any, batch: Batch) -> jax.Array:
         """``log p(z_<i | X_r) + log p(Y | X_r z_<i)`` for every prefix, ``[B, T+1]``, under
         the reward context ``batch["reward_prompt_tokens"]``."""
-        idx = batch["prompt_index"]
-        sfx = jnp.asarray(self._sfx_tokens)[idx]
-        sm = jnp.asarray(self._sfx_mask)[idx]
+        sfx, sm = self.batch_suffix(batch)
         get = getattr(batch, "get", None)
         rt = get("reward_prompt_tokens") if get is not None else None
         if rt is None:
