@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DEVICE_PEAKS", "Peak", "FlopShape", "matmul_params", "forward_flops",
-           "train_flops", "resolve_peak", "measure_cpu_peak", "run_bench", "format_report"]
+__all__ = ["DEVICE_PEAKS", "DEVICE_BANDWIDTH", "Peak", "FlopShape", "matmul_params",
+           "forward_flops", "train_flops", "resolve_peak", "resolve_bandwidth",
+           "measure_cpu_peak", "measure_cpu_bandwidth", "decode_floor_bytes", "run_bench",
+           "format_report"]
 
 # Dense (no sparsity) peak FLOP/s per chip, from the vendors' published figures:
 # * NVIDIA H100 SXM5 and H200 SXM datasheets / Hopper whitepaper: BF16 tensor core 989.4
@@ -50,6 +52,15 @@ DEVICE_PEAKS: Dict[str, Dict[str, float]] = {
     "TPU v5e": {"bf16": 197e12},
     "TPU v5p": {"bf16": 459e12},
     "TPU v6e": {"bf16": 918e12},
+}
+
+# Memory bandwidth per chip (bytes/s), vendors' published figures: H100 SXM5 3.35 TB/s, H200
+# 4.8 TB/s (HBM3e), A100 80 GB SXM 2.039 TB/s (the 40 GB part: 1.555), TPU v4 1,200 GB/s, v5e
+# 819 GB/s, v5p 2,765 GB/s, v6e 1,640 GB/s. A decode step must read every weight (and the KV
+# cache) once: bytes / bandwidth is its floor (the roofline of a memory-bound step).
+DEVICE_BANDWIDTH: Dict[str, float] = {
+    "H100 SXM": 3.35e12, "H200": 4.8e12, "A100": 2.039e12, "TPU v4": 1.2e12,
+    "TPU v5e": 0.819e12, "TPU v5p": 2.765e12, "TPU v6e": 1.64e12,
 }
 
 _ALIASES = {"h100": "H100 SXM", "h100sxm": "H100 SXM", "h100sxm5": "H100 SXM", "h200": "H200",
@@ -85,6 +96,66 @@ def measure_cpu_peak(n: int = 2048, reps: int = 3) -> float:
         mm(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
+
+
+def measure_cpu_bandwidth(mbytes: int = 512, reps: int = 3) -> float:
+    """Read bandwidth (bytes/s) of the fastest of ``reps`` jitted sums over a ``mbytes`` MB
+    float32 array (after one untimed call): the "CPU measured" bandwidth."""
+    n = int(mbytes) * 2 ** 20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 4.0 * n / best
+
+
+def resolve_bandwidth(spec: Optional[str], device: Any,
+                      measure: Callable[[], float] = measure_cpu_bandwidth) -> Peak:
+    """The memory bandwidth (bytes/s, in :class:`Peak`'s number) of ``device``: ``spec`` is
+    ``--device-bandwidth`` (a name of :data:`DEVICE_BANDWIDTH`, ``cpu`` to measure, or a
+    number of bytes/s), else detected from ``device.device_kind`` (CPU: measured). Raises
+    ValueError for an unknown name."""
+    if spec is not None and str(spec).strip():
+        s = str(spec).strip()
+        try:
+            value = float(s)
+        except ValueError:
+            value = None
+        if value is not None:
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"--device-bandwidth must be > 0 bytes/s, got {s}")
+            return Peak(value, "given", f"--device-bandwidth {s} bytes/s")
+        if _norm(s) == "cpu":
+            return Peak(measure(), "CPU measured", "CPU measured: fastest 512 MB float32 sum")
+        name = ({_norm(k): k for k in DEVICE_BANDWIDTH}.get(_norm(s))
+                or _ALIASES.get(_norm(s)))
+        if name is None:
+            raise ValueError(f"unknown --device-bandwidth {s!r}: give a number of bytes/s "
+                             f"(e.g. 3.35e12) or one of {', '.join(DEVICE_BANDWIDTH)}, cpu")
+        return Peak(DEVICE_BANDWIDTH[name], name, f"{name} memory bandwidth (vendor figure)")
+    if device.platform == "cpu":
+        return Peak(measure(), "CPU measured", "CPU measured: fastest 512 MB float32 sum")
+    name = _detect(str(device.device_kind))
+    if name is None:
+        return Peak(None, str(device.device_kind),
+                    "unknown device: pass --device-bandwidth for the decode roofline")
+    return Peak(DEVICE_BANDWIDTH[name], name, f"{name} memory bandwidth (vendor figure)")
+
+
+def decode_floor_bytes(cfg: Any, weight_bytes: float, prompts: int, prompt_len: int,
+                       rows: int, steps: int, kv_itemsize: int) -> Dict[str, float]:
+    """Bytes one decode step must read at least, averaged over ``steps`` steps of ``rows``
+    rows: every weight once (``weight_bytes``: what the step multiplies by, adapters
+    included) and the keys and values attended to -- each prompt's ``prompt_len`` positions
+    once per prompt (its samples share them) and each row's own tokens so far."""
+    per_pos = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * int(kv_itemsize)
+    mean_own = (steps + 1) / 2.0  # the row's tokens read at step t: t + 1, averaged
+    kv = per_pos * (prompts * prompt_len + rows * mean_own)
+    return {"weights": float(weight_bytes), "kv": float(kv), "total": float(weight_bytes + kv)}
 
 
 def _precision_key(dtype: str) -> str:
@@ -309,7 +380,9 @@ def _log(progress: bool, msg: str) -> None:
 # ---------------------------------------------------------------------------- the bench
 def run_bench(config: Any, *, steps: int = 5, warmup: int = 1, device_peak: Optional[str] = None,
               progress: bool = True, config_name: str = "", command: str = "",
-              measure: Callable[[], float] = measure_cpu_peak) -> Dict[str, Any]:
+              measure: Callable[[], float] = measure_cpu_peak,
+              device_bandwidth: Optional[str] = None,
+              measure_bw: Callable[[], float] = measure_cpu_bandwidth) -> Dict[str, Any]:
     """Build the config's trainer and time its phases; returns every figure as a JSON-able
     dict (see :func:`format_report`)."""
     from gfn_jax.train import Trainer
@@ -319,8 +392,54 @@ def run_bench(config: Any, *, steps: int = 5, warmup: int = 1, device_peak: Opti
     _log(progress, "building what `gfn-jax train` builds (task, model, adapters, mesh, step)")
     with tempfile.TemporaryDirectory(prefix="gfn-jax-bench-") as workdir:
         tr = Trainer(config, workdir, restore=False)  # nothing is saved: no run directory
-        return _run(tr, config, steps, warmup, device_peak, progress, config_name, command,
-                    measure)
+        out = _run(tr, config, steps, warmup, device_peak, progress, config_name, command,
+                   measure)
+        shape = out.pop("_decode_shape", None)
+        if shape is not None:  # a sampling phase ran
+            out["decode"] = _decode_roofline(tr, out, shape, device_bandwidth, measure_bw)
+        return out
+
+
+def _shard_bytes(tree: Any) -> int:
+    """Bytes of one device's shard of every array in ``tree``."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        shards = getattr(x, "addressable_shards", None)
+        total += int(shards[0].data.nbytes) if shards else int(np.asarray(x).nbytes)
+    return total
+
+
+def _decode_roofline(tr: Any, r: Dict[str, Any], d: Dict[str, int], spec: Optional[str],
+                     measure_bw: Callable[[], float]) -> Dict[str, Any]:
+    """The sampler's time per decode step against the time to read what a step must read
+    once (weights and KV cache) at the device's memory bandwidth."""
+    cfg, b = tr.model_cfg, r["batch"]
+    device = tr.mesh.devices.flat[0]
+    n_dev = int(tr.mesh.devices.size)
+    bw = resolve_bandwidth(spec, device, measure_bw)
+    params = {"trainable": tr.state.trainable}
+    if tr.use_lora:
+        params["base"] = tr.frozen["base"]
+    base = params.get("base", tr.state.trainable)
+    weights = _shard_bytes(params)
+    if not cfg.tie_embeddings and isinstance(base, dict) and "embed" in base:
+        weights -= _shard_bytes(base["embed"])  # only the prompt's rows are gathered
+    kv_item = int(jnp.dtype(cfg.dtype).itemsize)
+    fb = decode_floor_bytes(cfg, weights, d["prompts"], b["prompt_len"], b["rows"],
+                            d["steps"], kv_item)
+    per_dev = fb["weights"] + fb["kv"] / n_dev  # weights: one device's shards
+    step_s = r["phases"]["sampling"]["median_s"] / max(1, d["steps"])
+    floor_s = per_dev / bw.flops_per_s if bw.flops_per_s else None
+    return {
+        "steps": d["steps"], "rows": b["rows"], "ms_per_step": step_s * 1e3,
+        "bytes_per_step_per_device": per_dev, "weight_bytes_per_device": fb["weights"],
+        "kv_bytes_per_step": fb["kv"],
+        "bandwidth": {"bytes_per_s": bw.flops_per_s, "name": bw.name, "source": bw.source},
+        "floor_ms": None if floor_s is None else floor_s * 1e3,
+        "roofline_fraction": None if floor_s is None else floor_s / step_s,
+        "note": "ms per step = the sampling phase / decode steps (its prefill included, so "
+                "an upper bound); floor = bytes a step must read once / bandwidth",
+    }
 
 
 def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[str],
@@ -348,6 +467,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
     K = int(tc.samples_per_prompt)
     phases: List[Phase] = []
     notes: List[str] = []
+    decode_shape: Optional[Dict[str, int]] = None
     total = (1 if tr.source != "data" else 0) + int(needs.reward or bool(prep_needs and
                                                                           prep_needs.reward))
     total += 1 + int(tr.objective.prepare is not None)
@@ -388,6 +508,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
         decode_steps = int(min(T, int(lengths.max()) + 1))
         pm = np.asarray(batch.prompt_mask)[::K]  # rows are prompt-major, K per prompt
         shape = sampling_shape(len(rows), P, T, n_rows, decode_steps)
+        decode_shape = {"prompts": len(rows), "steps": decode_steps}
         p = Phase("sampling", first, times, int(pm.sum() + lengths.sum()),
                   forward_flops(cfg, shape, lora_p),
                   "analytic (forward of the prefill and the decode steps run; XLA's cost "
@@ -566,6 +687,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
                   "lora_params": lora_p, "dtype": dtype},
         "objective": str(config.objective.name), "steps": steps, "warmup": warmup,
         "phases": out_phases, "memory": memory, "notes": notes,
+        "_decode_shape": decode_shape,
         "tokens_note": "real (unpadded) prompt + trajectory tokens; a prompt shared by a "
                        "group of samples counts once (it runs once)",
         "flops_note": "FLOPs of the shapes the program runs (padding included), summed over "
@@ -611,6 +733,19 @@ def format_report(r: Dict[str, Any]) -> str:
                                        for n, p in r["phases"].items()))
     m = r["memory"]
     lines.append(f"peak memory: {m['bytes'] / 2**20:.4g} MiB ({m['source']})")
+    dc = r.get("decode")
+    if dc:
+        bw = dc["bandwidth"]
+        floor = ("n/a (unknown bandwidth)" if dc["floor_ms"] is None else
+                 f"{dc['floor_ms']:.3g} ms = {dc['bytes_per_step_per_device'] / 1e6:.4g} MB "
+                 f"per device (weights {dc['weight_bytes_per_device'] / 1e6:.4g} MB + KV "
+                 f"{dc['kv_bytes_per_step'] / 1e6:.3g} MB) at {bw['bytes_per_s'] / 1e9:.4g} "
+                 f"GB/s ({bw['source']})")
+        frac = ("" if dc["roofline_fraction"] is None
+                else f"; {100 * dc['roofline_fraction']:.3g}% of the roofline")
+        lines.append(f"decode: {dc['ms_per_step']:.4g} ms per step for {dc['rows']} rows "
+                     f"(sampling / {dc['steps']} decode steps, prefill included); floor "
+                     f"{floor}{frac}")
     for n in r["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

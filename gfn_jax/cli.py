@@ -115,6 +115,10 @@ def _define_bench(fv: flags.FlagValues, argv: List[str]) -> None:
                         "SXM, H200, A100, TPU v4, TPU v5e, TPU v5p, TPU v6e, cpu = measure) or "
                         "a number (e.g. 989e12); default: detected from the device (CPU: a "
                         "measured float32 matmul)", flag_values=fv)
+    flags.DEFINE_string("device-bandwidth", None, "memory bandwidth of one device in bytes/s "
+                        "for the decode roofline: a name (as --device-peak), cpu = measure, "
+                        "or a number (e.g. 3.35e12); default: detected from the device (CPU: "
+                        "a measured sum over a 512 MB array)", flag_values=fv)
     _common(fv)
 
 
@@ -362,6 +366,12 @@ def cmd_bench(fv: flags.FlagValues) -> int:
             bench.resolve_peak(peak, None, str(config.model.dtype), measure=lambda: 0.0)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    bandwidth = fv["device-bandwidth"].value
+    if bandwidth is not None:
+        try:
+            bench.resolve_bandwidth(bandwidth, None, measure=lambda: 0.0)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if fv.json:
         check_writable(fv.json, flag="--json")
     name = config_flags.get_config_filename(fv["config"])
@@ -369,6 +379,7 @@ def cmd_bench(fv: flags.FlagValues) -> int:
     if overrides:
         name += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
     result = bench.run_bench(config, steps=fv.steps, warmup=fv.warmup, device_peak=peak,
+                             device_bandwidth=bandwidth,
                              config_name=name, command=_COMMAND_LINE or "gfn-jax bench")
     print(bench.format_report(result))
     if fv.json:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gfn_jax import bench, cli
@@ -37,7 +38,8 @@ def tiny_run(tmp_path_factory):
     with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
         rc = cli.main(["gfn-jax", "bench", "--config", TOY,
                        "--config.train.samples_per_prompt=8", "--steps", "2", "--warmup", "1",
-                       "--device-peak", "1e12", "--json", str(out)])
+                       "--device-peak", "1e12", "--device-bandwidth", "1e11",
+                       "--json", str(out)])
     return rc, buf_out.getvalue(), buf_err.getvalue(), out
 
 
@@ -69,6 +71,31 @@ def test_tiny_config_end_to_end(tiny_run):
     assert r["phases"]["train step"]["flop_source"].startswith("analytic")
     assert r["phases"]["train step"]["xla_flops"] > 0
     assert r["memory"]["bytes"] > 0 and r["memory"]["source"]
+    # decode roofline: the weights the sampler reads (toy: full fine-tuning, float32; the
+    # untied input embedding is only gathered) and the KV cache, at the given bandwidth
+    from gfn_jax.models import param_shapes
+    from gfn_jax.policy import load_base_model
+    from gfn_jax.tasks import make_task
+    import runpy
+
+    c = runpy.run_path(TOY)["get_config"]()
+    cfg, _, _ = load_base_model(c, make_task(c.task))
+    shapes = param_shapes(cfg)
+    weights = sum(np.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(shapes))
+    if not cfg.tie_embeddings:
+        weights -= np.prod(shapes["embed"]["embedding"].shape) * 4
+    d = r["decode"]
+    assert d["weight_bytes_per_device"] == weights
+    steps, P = d["steps"], r["batch"]["prompt_len"]
+    kv = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4 * (1 * P + 8 * (steps + 1) / 2)
+    assert d["kv_bytes_per_step"] == pytest.approx(kv)
+    n_dev = r["device"]["count"]  # weights replicated (data parallel), KV split over rows
+    floor_s = (weights + kv / n_dev) / 1e11
+    assert d["floor_ms"] == pytest.approx(floor_s * 1e3)
+    step_s = r["phases"]["sampling"]["median_s"] / steps
+    assert d["roofline_fraction"] == pytest.approx(floor_s / step_s)
+    assert d["bandwidth"]["bytes_per_s"] == 1e11
+    assert "decode: " in stdout and "% of the roofline" in stdout
 
 
 def test_bad_config_key_is_a_short_error(capsys):
@@ -76,6 +103,26 @@ def test_bad_config_key_is_a_short_error(capsys):
     err = capsys.readouterr().err
     assert rc != 0
     assert "nope" in err and "Traceback" not in err
+
+
+def test_device_bandwidths():
+    gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)  # noqa: E731
+    assert bench.resolve_bandwidth(None, gpu("NVIDIA H200")).flops_per_s == 4.8e12
+    assert bench.resolve_bandwidth(None, gpu("NVIDIA H100 80GB HBM3")).flops_per_s == 3.35e12
+    assert bench.resolve_bandwidth("v5e", None).flops_per_s == 0.819e12
+    assert bench.resolve_bandwidth("2e9", None).flops_per_s == 2e9
+    assert bench.resolve_bandwidth(None, gpu("NVIDIA H100 PCIe")).flops_per_s is None
+    cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+    assert bench.resolve_bandwidth(None, cpu, measure=lambda: 5e9).flops_per_s == 5e9
+    with pytest.raises(ValueError, match="unknown --device-bandwidth 'B300'"):
+        bench.resolve_bandwidth("B300", None)
+    # the floor's bytes in closed form: 2 layers x 2 (K, V) x 1 kv head x 4 dims x 2 bytes per
+    # position; 3 prompts of 5 shared, 6 rows of 1..4 own tokens (mean 2.5) over 4 steps
+    cfg = types.SimpleNamespace(n_layers=2, n_kv_heads=1, head_dim=4)
+    fb = bench.decode_floor_bytes(cfg, 1000.0, 3, 5, 6, 4, 2)
+    assert fb == {"weights": 1000.0, "kv": 32.0 * (15 + 6 * 2.5), "total": 1000.0 + 32 * 30}
+    # measured on this CPU: a positive, finite figure
+    assert 0 < bench.measure_cpu_bandwidth(mbytes=16, reps=1) < 1e13
 
 
 def test_bad_device_peak_is_a_usage_error(capsys):
