@@ -262,9 +262,14 @@ def forward_flops(cfg: Any, shape: FlopShape, lora_params: int = 0) -> float:
     return lin + attn + head
 
 
-def train_flops(cfg: Any, shape: FlopShape, lora_params: int = 0) -> float:
-    """Forward + backward: 3x :func:`forward_flops` (the standard 6·N·tokens)."""
-    return 3.0 * forward_flops(cfg, shape, lora_params)
+def train_flops(cfg: Any, shape: FlopShape, lora_params: int = 0,
+                frozen_base: bool = False) -> float:
+    """Forward + backward: 3x :func:`forward_flops` (the standard 6·N·tokens: forward, the
+    gradient of the activations, the gradient of the weights). With ``frozen_base`` (LoRA)
+    the base weights get no gradient: 2x their forward, and 3x the adapters'."""
+    if not frozen_base:
+        return 3.0 * forward_flops(cfg, shape, lora_params)
+    return 2.0 * forward_flops(cfg, shape) + 3.0 * 2.0 * lora_params * shape.tokens
 
 
 def scoring_shape(rows: int, prompt_len: int, traj_len: int, groups: int) -> FlopShape:
@@ -616,8 +621,9 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
     announce("train step")
     first, times = _time(step_call, warmup, steps)
     tr.state = holder["state"]
-    a = train_flops(cfg, scoring_shape(sb_rows, P, T, SG), lora_p)
-    parts = ["policy forward + backward (3x forward)"]
+    a = train_flops(cfg, scoring_shape(sb_rows, P, T, SG), lora_p, frozen_base=tr.use_lora)
+    parts = ["policy forward + backward (" + (
+        "2x the frozen base's forward, 3x the adapters'" if tr.use_lora else "3x forward") + ")"]
     reward_inside = bool(needs.reward)
     if reward_inside:
         a += reward_analytic(sb_rows, SG)

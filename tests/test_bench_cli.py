@@ -142,6 +142,9 @@ def test_forward_flops_closed_form():
     head = 2 * 32 * 64 * 4  # 2 D V per logit
     assert bench.forward_flops(cfg, shape) == linear + attention + head == 397824
     assert bench.train_flops(cfg, shape) == 3 * 397824
+    # LoRA: no gradient for the frozen base (2x its forward), 3x the adapters' 2·n·tokens
+    assert bench.train_flops(cfg, shape, 100, frozen_base=True) == \
+        2 * 397824 + 3 * 2 * 100 * shape.tokens
     assert bench.forward_flops(cfg, shape, lora_params=100) == 397824 + 2 * 100 * 10
     gpt2 = ModelConfig(family="gpt2", vocab_size=64, d_model=32, n_layers=1, n_heads=4,
                        d_ff=64, max_seq_len=16)
