@@ -36,7 +36,6 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gfn_jax.models.config import ModelConfig
