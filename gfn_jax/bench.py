@@ -119,31 +119,13 @@ def resolve_bandwidth(spec: Optional[str], device: Any,
     ``--device-bandwidth`` (a name of :data:`DEVICE_BANDWIDTH`, ``cpu`` to measure, or a
     number of bytes/s), else detected from ``device.device_kind`` (CPU: measured). Raises
     ValueError for an unknown name."""
-    if spec is not None and str(spec).strip():
-        s = str(spec).strip()
-        try:
-            value = float(s)
-        except ValueError:
-            value = None
-        if value is not None:
-            if not value > 0 or not math.isfinite(value):
-                raise ValueError(f"--device-bandwidth must be > 0 bytes/s, got {s}")
-            return Peak(value, "given", f"--device-bandwidth {s} bytes/s")
-        if _norm(s) == "cpu":
-            return Peak(measure(), "CPU measured", "CPU measured: fastest 512 MB float32 sum")
-        name = ({_norm(k): k for k in DEVICE_BANDWIDTH}.get(_norm(s))
-                or _ALIASES.get(_norm(s)))
-        if name is None:
-            raise ValueError(f"unknown --device-bandwidth {s!r}: give a number of bytes/s "
-                             f"(e.g. 3.35e12) or one of {', '.join(DEVICE_BANDWIDTH)}, cpu")
-        return Peak(DEVICE_BANDWIDTH[name], name, f"{name} memory bandwidth (vendor figure)")
-    if device.platform == "cpu":
-        return Peak(measure(), "CPU measured", "CPU measured: fastest 512 MB float32 sum")
-    name = _detect(str(device.device_kind))
-    if name is None:
-        return Peak(None, str(device.device_kind),
-                    "unknown device: pass --device-bandwidth for the decode roofline")
-    return Peak(DEVICE_BANDWIDTH[name], name, f"{name} memory bandwidth (vendor figure)")
+    return _resolve_device_figure(
+        spec, device, flag="--device-bandwidth", unit="bytes/s", example="3.35e12",
+        names=DEVICE_BANDWIDTH, measure=measure,
+        cpu_source="CPU measured: fastest 512 MB float32 sum",
+        from_table=lambda name: Peak(DEVICE_BANDWIDTH[name], name,
+                                     f"{name} memory bandwidth (vendor figure)"),
+        unknown="unknown device: pass --device-bandwidth for the decode roofline")
 
 
 def decode_floor_bytes(cfg: Any, weight_bytes: float, prompts: int, prompt_len: int,
@@ -196,11 +178,14 @@ def _table_peak(name: str, dtype: str) -> Peak:
     return Peak(row[key], name, f"{name} {key} (vendor peak, dense)")
 
 
-def resolve_peak(spec: Optional[str], device: Any, dtype: str,
-                 measure: Callable[[], float] = measure_cpu_peak) -> Peak:
-    """The peak of ``device`` for compute ``dtype``: ``spec`` is ``--device-peak`` (a name of
-    :data:`DEVICE_PEAKS`, ``cpu`` to measure, or a number of FLOP/s), else it is detected from
-    ``device.device_kind`` (CPU: measured). Raises ValueError for an unknown name."""
+def _resolve_device_figure(spec: Optional[str], device: Any, *, flag: str, unit: str,
+                           example: str, names: Any, measure: Callable[[], float],
+                           cpu_source: str, from_table: Callable[[str], Peak],
+                           unknown: str) -> Peak:
+    """A per-device figure (peak FLOP/s, memory bandwidth) from ``flag``'s value ``spec`` (a
+    number of ``unit``, ``cpu`` to measure, or a name of ``names`` / an alias), else detected
+    from ``device.device_kind`` (CPU: measured). ValueError for a bad number or an unknown
+    name."""
     if spec is not None and str(spec).strip():
         s = str(spec).strip()
         try:
@@ -209,22 +194,34 @@ def resolve_peak(spec: Optional[str], device: Any, dtype: str,
             value = None
         if value is not None:
             if not value > 0 or not math.isfinite(value):
-                raise ValueError(f"--device-peak must be > 0 FLOP/s, got {s}")
-            return Peak(value, "given", f"--device-peak {s} FLOP/s")
+                raise ValueError(f"{flag} must be > 0 {unit}, got {s}")
+            return Peak(value, "given", f"{flag} {s} {unit}")
         if _norm(s) == "cpu":
-            return Peak(measure(), "CPU measured", "CPU measured: fastest 2048x2048 float32 "
-                                                   "matmul")
-        name = {_norm(k): k for k in DEVICE_PEAKS}.get(_norm(s)) or _ALIASES.get(_norm(s))
+            return Peak(measure(), "CPU measured", cpu_source)
+        name = {_norm(k): k for k in names}.get(_norm(s)) or _ALIASES.get(_norm(s))
         if name is None:
-            raise ValueError(f"unknown --device-peak {s!r}: give a number of FLOP/s (e.g. "
-                             f"989e12) or one of {', '.join(DEVICE_PEAKS)}, cpu")
-        return _table_peak(name, dtype)
+            raise ValueError(f"unknown {flag} {s!r}: give a number of {unit} (e.g. "
+                             f"{example}) or one of {', '.join(names)}, cpu")
+        return from_table(name)
     if device.platform == "cpu":
-        return Peak(measure(), "CPU measured", "CPU measured: fastest 2048x2048 float32 matmul")
+        return Peak(measure(), "CPU measured", cpu_source)
     name = _detect(str(device.device_kind))
     if name is None:
-        return Peak(None, str(device.device_kind), "unknown device: pass --device-peak for MFU")
-    return _table_peak(name, dtype)
+        return Peak(None, str(device.device_kind), unknown)
+    return from_table(name)
+
+
+def resolve_peak(spec: Optional[str], device: Any, dtype: str,
+                 measure: Callable[[], float] = measure_cpu_peak) -> Peak:
+    """The peak of ``device`` for compute ``dtype``: ``spec`` is ``--device-peak`` (a name of
+    :data:`DEVICE_PEAKS`, ``cpu`` to measure, or a number of FLOP/s), else it is detected from
+    ``device.device_kind`` (CPU: measured). Raises ValueError for an unknown name."""
+    return _resolve_device_figure(
+        spec, device, flag="--device-peak", unit="FLOP/s", example="989e12",
+        names=DEVICE_PEAKS, measure=measure,
+        cpu_source="CPU measured: fastest 2048x2048 float32 matmul",
+        from_table=lambda name: _table_peak(name, dtype),
+        unknown="unknown device: pass --device-peak for MFU")
 
 
 # ---------------------------------------------------------------------------- FLOP estimate

@@ -193,7 +193,7 @@ class PromptStream:
         self.encode_reward = encode_reward or encode
         self.suffix_len = int(suffix_len)
         self.make_suffix = make_suffix if self.suffix_len > 0 else None
-        self.encode_suffix = encode_suffix or encode
+        self.encode_suffix = encode_suffix
         if self.make_suffix is not None and encode_suffix is None:
             raise ValueError("a stream with suffixes needs their encoder (encode_suffix)")
         self.skipped_prompts = 0  # too long / no tokens, skipped (on_bad="skip")

@@ -4,8 +4,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,3 +64,45 @@ def run_workers(argv: Sequence[str], log_prefix: str, num_processes: int, local_
             text = f.read()
         assert p.returncode == 0, f"worker {pid} rc={p.returncode} after {elapsed:.0f}s:\n{text[-4000:]}"
     return elapsed
+
+
+class ThreadGather:
+    """``process_allgather`` for hosts simulated by threads: stacks every host's array."""
+
+    def __init__(self, n: int, timeout_s: float = 60.0) -> None:
+        self.n, self.slots = n, [None] * n
+        self.barrier = threading.Barrier(n, timeout=timeout_s)
+
+    def for_host(self, h: int):
+        def gather(x):
+            self.slots[h] = x
+            self.barrier.wait()
+            out = np.stack(self.slots)
+            self.barrier.wait()
+            return out
+        return gather
+
+
+def run_in_threads(fn: Callable[[int], Any], gather: ThreadGather,
+                   timeout_s: float = 60.0) -> List[Any]:
+    """``[fn(h) for each simulated host h]``, the hosts run in threads sharing ``gather``; a
+    host's exception is raised here (the barrier is broken so the others stop too)."""
+    out: List[Any] = [None] * gather.n
+    errors: List[BaseException] = []
+
+    def host(h: int) -> None:
+        try:
+            out[h] = fn(h)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+            gather.barrier.abort()
+
+    threads = [threading.Thread(target=host, args=(h,), daemon=True) for h in range(gather.n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    if errors:
+        raise errors[0]
+    assert all(o is not None for o in out), "a host thread did not finish"
+    return out

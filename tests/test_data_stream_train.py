@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 
 import jax
 import ml_collections
@@ -30,6 +29,7 @@ from gfn_jax.metrics import read_metrics
 from gfn_jax.models.registry import tiny_tokenizer
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.tasks import make_task
+from multiproc import ThreadGather, run_in_threads
 
 try:
     import tensorflow_datasets as tfds
@@ -210,23 +210,6 @@ def test_jsonl_file_goes_through_the_same_interface(tmp_path, capsys, own_prompt
 # ---------------------------------------------------------------------------
 # Two hosts (threads with an all-gather)
 # ---------------------------------------------------------------------------
-class ThreadGather:
-    """``process_allgather`` for hosts simulated by threads: stacks every host's array."""
-
-    def __init__(self, n):
-        self.n, self.slots = n, [None] * n
-        self.barrier = threading.Barrier(n)
-
-    def for_host(self, h):
-        def gather(x):
-            self.slots[h] = x
-            self.barrier.wait()
-            out = np.stack(self.slots)
-            self.barrier.wait()
-            return out
-        return gather
-
-
 def stream_config(source, **data):
     c = default_config()
     with_task(c, "continuation")
@@ -247,7 +230,6 @@ def run_hosts(config, task, steps, states=None):
     """``steps`` of every host's prompts in threads; returns per host (prompt lists,
     record lists of its own share, final state)."""
     g = ThreadGather(2)
-    out = [None, None]
 
     def host(h):
         ps = PromptStream.open(config, task, process_index=h, process_count=2,
@@ -259,15 +241,9 @@ def run_hosts(config, task, steps, states=None):
             prompts.append(ps.next_prompts())
             mine.append(ps.last_records[h])  # host-major: one prompt per host per step
             assert len(ps.last_records) == P
-        out[h] = (prompts, mine, ps.state())
+        return prompts, mine, ps.state()
 
-    threads = [threading.Thread(target=host, args=(h,)) for h in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert all(o is not None for o in out)
-    return out
+    return run_in_threads(host, g)
 
 
 def test_two_hosts_read_disjoint_shards_and_build_the_same_prompts(tfds_dir, own_prompts):

@@ -16,7 +16,6 @@ import json
 import os
 import runpy
 import sys
-import threading
 import types
 
 import jax
@@ -30,7 +29,7 @@ from gfn_jax.defaults import default_config, with_task
 from gfn_jax.models.registry import tiny_tokenizer
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.tasks.stories import StoriesTask
-from multiproc import run_workers
+from multiproc import ThreadGather, run_in_threads, run_workers
 from test_stories import STORIES, naive_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,46 +78,20 @@ def stream_config(source, P=2, **data):
     return c
 
 
-class ThreadGather:
-    def __init__(self, n):
-        self.slots, self.barrier = [None] * n, threading.Barrier(n, timeout=60)
-
-    def for_host(self, h):
-        def gather(x):
-            self.slots[h] = x
-            self.barrier.wait()
-            out = np.stack(self.slots)
-            self.barrier.wait()
-            return out
-        return gather
-
-
 def test_streamed_rows_are_the_templates_filled_from_each_record_on_two_hosts(tmp_path):
     src = write_jsonl(tmp_path / "stream.jsonl", STREAM)
     task = stories_task(tmp_path)
     tok = task.tokenizer
     config = stream_config(src, P=2)
-    g, out = ThreadGather(2), [None, None]
-
-    errors = []
+    g = ThreadGather(2)
 
     def host(h):
-        try:
-            ps = PromptStream.open(config, task, process_index=h, process_count=2,
-                                   gather=g.for_host(h))
-            out[h] = [ps.next_rows() for _ in range(3)]
-        except Exception as e:  # reported below (a thread's exception is otherwise lost)
-            errors.append(e)
-            g.barrier.abort()
+        ps = PromptStream.open(config, task, process_index=h, process_count=2,
+                               gather=g.for_host(h))
+        return [ps.next_rows() for _ in range(3)]
 
-    threads = [threading.Thread(target=host, args=(h,), daemon=True) for h in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    assert out[0] is not None and out[0] == out[1]  # both hosts hold the same global rows
+    out = run_in_threads(host, g)
+    assert out[0] == out[1]  # both hosts hold the same global rows
     seen = check_rows([dataclasses.asdict(r) for r in out[0]], tok)
     assert sorted(seen) == list(range(len(STREAM)))  # the two shards cover the file once
 
