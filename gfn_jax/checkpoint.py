@@ -474,7 +474,10 @@ class Checkpointer:
         deadline = time.time() + 60.0
         for t in threading.enumerate():
             if type(t).__name__ == "_SignalingThread" and t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.time()))
+                try:
+                    t.join(max(0.0, deadline - time.time()))
+                except Exception:  # noqa: BLE001 - orbax's join re-raises the writer's error,
+                    pass  # which is the save's error, already being reported
         if jax.process_index() != 0 or not os.path.isdir(self.directory):
             return
         for name in os.listdir(self.directory):

@@ -23,7 +23,7 @@ from gfn_jax.tasks.toy import (toy_data_distribution, toy_log_reward_text, toy_o
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs", "toy_exact.py")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 
 def _train_and_sample(tmp_path, name, overrides):

@@ -215,6 +215,7 @@ def test_summary_of_run_dirs_without_manifest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_real_two_point_sweep_on_the_toy_task(tmp_path):
     """Two real `gfn-jax train` runs (2 steps each), then `summary`; both values reach their
     runs (the reward temperature reaches temp_end after temp_horizon=1 step)."""

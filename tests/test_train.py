@@ -218,6 +218,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 # ---------------------------------------------------------------------------
 # The exactly solvable task: trained samples match the target distribution
 # ---------------------------------------------------------------------------
+@pytest.mark.optimized
 @pytest.mark.parametrize("objective", ["subtb", "tb"])
 def test_toy_exact_reaches_target(tmp_path, objective):
     from gfn_jax.tasks.toy import toy_target, total_variation

@@ -193,16 +193,22 @@ def init_lora(
     to the base. ``params_or_shapes`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves
     (e.g. :func:`~gfn_jax.models.transformer.param_shapes`); only shapes are read.
     """
-    chosen = _targets(cfg, lora_cfg)
-    keys = jax.random.split(rng, max(len(chosen), 1))
-    tree: Dict[str, Any] = {}
-    for key, (path, axes) in zip(keys, sorted(chosen.items())):
+    chosen = sorted(_targets(cfg, lora_cfg).items())
+    shapes = []
+    for path, axes in chosen:
         shape = tuple(_get(params_or_shapes, path).shape)
-        a_shape, b_shape = _adapter_shapes(shape, axes, path, lora_cfg.rank)
-        bound = 1.0 / math.sqrt(a_shape[-2])
-        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound).astype(dtype)
-        _set(tree, path, {"a": a, "b": jnp.zeros(b_shape, dtype)})
-    return {"scale": jnp.asarray(lora_cfg.scale, jnp.float32), "tree": tree}
+        shapes.append(_adapter_shapes(shape, axes, path, lora_cfg.rank))
+
+    def draw(rng: jax.Array) -> Params:  # one program for every adapter
+        keys = jax.random.split(rng, max(len(chosen), 1))
+        tree: Dict[str, Any] = {}
+        for key, (path, _), (a_shape, b_shape) in zip(keys, chosen, shapes):
+            bound = 1.0 / math.sqrt(a_shape[-2])
+            a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound).astype(dtype)
+            _set(tree, path, {"a": a, "b": jnp.zeros(b_shape, dtype)})
+        return {"scale": jnp.asarray(lora_cfg.scale, jnp.float32), "tree": tree}
+
+    return jax.jit(draw)(rng)
 
 
 def lora_axes(cfg: ModelConfig, lora_cfg: LoraConfig) -> Params:

@@ -200,21 +200,28 @@ def param_axes(cfg: ModelConfig) -> Params:
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
-    """Random parameters: N(0, std) kernels/embeddings, unit norm scales, zero biases."""
+    """Random parameters: N(0, std) kernels/embeddings, unit norm scales, zero biases.
+
+    One jitted program draws every leaf (eagerly, each distinct leaf shape would compile a
+    program of its own)."""
     spec = _spec(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)
-    keys = jax.random.split(rng, len(leaves))
-    out = []
-    for (path, (shape, _)), key in zip(leaves, keys):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            x = jnp.ones(shape, cfg.params_dtype)
-        elif "bias" in name:
-            x = jnp.zeros(shape, cfg.params_dtype)
-        else:
-            x = (std * jax.random.normal(key, shape, jnp.float32)).astype(cfg.params_dtype)
-        out.append(x)
-    return jax.tree_util.tree_unflatten(treedef, out)
+
+    def draw(rng: jax.Array) -> Params:
+        keys = jax.random.split(rng, len(leaves))
+        out = []
+        for (path, (shape, _)), key in zip(leaves, keys):
+            name = jax.tree_util.keystr(path)
+            if "scale" in name:
+                x = jnp.ones(shape, cfg.params_dtype)
+            elif "bias" in name:
+                x = jnp.zeros(shape, cfg.params_dtype)
+            else:
+                x = (std * jax.random.normal(key, shape, jnp.float32)).astype(cfg.params_dtype)
+            out.append(x)
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(draw)(rng)
 
 
 # ---------------------------------------------------------------------------
