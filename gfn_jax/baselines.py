@@ -118,12 +118,32 @@ def evaluate_methods(task: Any, samples_by_method: Dict[str, List[Dict[str, Any]
     return table
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU's model name and widest x86 vector extension (``"AMD EPYC, avx2"``),
+    from ``/proc/cpuinfo``; ``platform.processor()`` elsewhere. CPU timings depend on both
+    (XLA's CPU code generation uses AVX-512 where the host has it)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
+    return ", ".join(x for x in (name or platform.machine(), isa) if x)
+
+
 def hardware() -> str:
     """A one-line description of the machine and JAX devices."""
     devs = jax.devices()
     kinds = sorted({d.device_kind for d in devs})
     return (f"{platform.node()}: {len(devs)} x {'/'.join(kinds)} ({jax.default_backend()}), "
-            f"{os.cpu_count()} CPU cores, JAX {jax.__version__}")
+            f"{os.cpu_count()} CPU cores ({cpu_model()}), JAX {jax.__version__}")
 
 
 def _load(config_path: str, overrides: Sequence[str]):

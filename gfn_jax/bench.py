@@ -677,7 +677,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
     return {
         "command": command, "config": config_name,
         "device": {"platform": device.platform, "kind": str(device.device_kind),
-                   "count": n_dev},
+                   "count": n_dev, "host_cpu": _host_cpu()},
         "peak": {"flops_per_s": peak.flops_per_s, "name": peak.name, "source": peak.source,
                  "dtype": dtype, "total_flops_per_s": pk},
         "jax_version": jax.__version__,
@@ -698,6 +698,12 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
     }
 
 
+def _host_cpu() -> str:
+    from gfn_jax.baselines import cpu_model
+
+    return cpu_model()
+
+
 # ---------------------------------------------------------------------------- printing
 def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
@@ -712,7 +718,7 @@ def format_report(r: Dict[str, Any]) -> str:
         f"## gfn-jax bench: {r['config'] or 'config'}",
         "",
         f"device: {d['count']} x {d['kind']} ({d['platform']}); peak per device: {peak}; "
-        f"jax {r['jax_version']}",
+        f"host CPU: {d.get('host_cpu', '?')}; jax {r['jax_version']}",
         f"batch: {b['rows']} rows = {b['prompts']} prompts x {b['samples_per_prompt']} "
         f"samples, prompt {b['prompt_len']} positions, trajectories <= {b['max_len']} tokens "
         f"(mean {b['mean_len']:.3g}); objective {r['objective']}; model {r['model']['family']} "

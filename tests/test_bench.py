@@ -287,3 +287,15 @@ def test_official_bench_both_sides_tiny(tmp_path):
         assert all(math.isfinite(x) for x in r["official_losses"] + r["ours_losses"])
         assert r["official_driver"]["entry"]
         _check_phases(r["phases"], official=True)
+
+
+def test_cpu_model_names_the_widest_vector_extension(tmp_path):
+    from gfn_jax.baselines import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse4_2 avx avx2 "
+                    "avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\nflags\t: avx\n")
+    assert cpu_model(str(info)) == "AMD EPYC 9R14, avx512f"
+    info.write_text("model name\t: Intel Xeon\nflags\t: fpu avx avx2 fma\n")
+    assert cpu_model(str(info)) == "Intel Xeon, avx2"
+    assert cpu_model(str(tmp_path / "missing"))  # falls back to the platform module
