@@ -1,6 +1,7 @@
 """Story infilling: the ROCStories CSV loader (file:line errors), the seeded stand-in builder,
 the reward against a direct per-prefix computation, targets and BLEU/GLEU, and a few Trainer
-steps (GFlowNet and SFT on the true middles) on a random model without LoRA."""
+steps (GFlowNet and SFT on the true middles) on a random model without LoRA, and the story
+reward model recipe (configs/sft_stories.py) trained, exported and served as reward.model."""
 
 import json
 import os
@@ -221,3 +222,54 @@ def test_trainer_steps_random_model_no_lora(tmp_path, objective):
                            if t.prompt_index in (0, 1)}
     summary = tr.run(progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["final_metrics"]["loss"])
+
+
+def test_story_reward_model_recipe_trains_exports_and_serves(tmp_path):
+    """configs/sft_stories.py (SFT of p(middle ending | beginning)) trains, `gfn-jax convert`
+    exports it, and the infilling run given it as reward.model scores with those weights
+    (not the policy's base) and trains."""
+    from gfn_jax import cli
+    from gfn_jax.models import registry
+    from gfn_jax.models.transformer import init_params
+    from gfn_jax.train import Trainer
+
+    data = stories_file(tmp_path)
+    shared = ["--config.model.spec=random", "--config.model.random.max_seq_len=160",
+              f"--config.task.data_path={data}", "--config.task.num_eval=1",
+              "--config.task.diversity_encoder="]
+    sft = str(tmp_path / "sft")
+    assert cli.main(["gfn-jax", "train", "--config", os.path.join(ROOT, "configs",
+                                                                   "sft_stories.py"),
+                     "--workdir", sft, "--noprogress", "--config.train.steps=2",
+                     "--config.train.prompts_per_batch=2", "--config.optim.lr=1e-2",
+                     "--config.optim.warmup_steps=0", "--config.mesh.data=2",
+                     "--config.mesh.tensor=4"] + shared) == 0
+    out = str(tmp_path / "story-reward")
+    assert cli.main(["gfn-jax", "convert", "--workdir", sft, "--out", out]) == 0
+    rm = registry.load(out, dtype="float32")
+
+    c = runpy.run_path(os.path.join(ROOT, "configs", "infill_stories.py"))["get_config"]()
+    c.model.spec = "random"
+    c.model.random.max_seq_len = 160
+    c.lora.enabled = False
+    c.task.data_path = data
+    c.task.num_eval = 1
+    c.task.min_len, c.task.max_len = 1, 14
+    c.task.diversity_encoder = ""
+    c.reward.model = out
+    c.train.steps, c.train.grad_accum, c.train.ckpt_every = 1, 1, 0
+    c.train.prompts_per_batch, c.train.samples_per_prompt = 2, 2
+    c.eval.num_samples = 0
+    c.mesh.data = 1
+    tr = Trainer(c, str(tmp_path / "infill"), restore=False, devices=jax.devices()[:1])
+    base = init_params(tr.model_cfg, jax.random.PRNGKey(c.model.init_seed), std=c.model.init_std)
+    served = jax.tree_util.tree_leaves(jax.device_get(tr.frozen["reward"]))
+    exported = jax.tree_util.tree_leaves(rm.params)
+    assert len(served) == len(exported)
+    for a, b in zip(served, exported):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(exported, jax.tree_util.tree_leaves(base)))
+    assert moved > 1e-3  # the SFT steps changed the weights the reward uses
+    summary = tr.run(progress=False)
+    assert summary["steps"] == 1 and np.isfinite(summary["final_metrics"]["loss"])
