@@ -850,7 +850,8 @@ class PreemptionHandler:
     process as soon as any process was signalled (flag all-gathered), or when JAX's
     preemption service reports a sync point (``reached_preemption_sync_point``, available
     when ``jax.distributed`` was initialised). All processes must call it at every step.
-    A second SIGINT falls through to the previous handler (KeyboardInterrupt by default).
+    A second SIGINT falls through to the previous handler (KeyboardInterrupt by default;
+    nothing where SIGINT was ignored).
     Handlers can only be installed from the main thread; the previous ones are restored
     on exit.
     """
@@ -879,6 +880,8 @@ class PreemptionHandler:
             prev = self._previous.get(signum)
             if callable(prev):
                 prev(signum, frame)
+                return
+            if prev == signal.SIG_IGN:  # the process was started ignoring Ctrl-C
                 return
             raise KeyboardInterrupt
         self.received = signum

@@ -531,20 +531,33 @@ def test_sharded_restore(tmp_path):
 
 def test_preemption_handler_in_process():
     before = signal.getsignal(signal.SIGTERM)
-    with PreemptionHandler(catch_sigint=True) as pre:
-        assert not pre.requested and not pre.should_stop(0)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
-        assert pre.requested and pre.should_stop(1) and pre.received == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before
-    with PreemptionHandler(catch_sigint=True) as pre:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert pre.requested
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C really interrupts
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with PreemptionHandler(catch_sigint=True) as pre:
+            assert not pre.requested and not pre.should_stop(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert pre.requested and pre.should_stop(1) and pre.received == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before
+        with PreemptionHandler(catch_sigint=True) as pre:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(0.05)
+            assert pre.requested
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C really interrupts
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # a process started with Ctrl-C ignored (nohup, some job runners) keeps ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with PreemptionHandler(catch_sigint=True) as pre:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert pre.requested
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before_int)
 
 
 def _spawn(script: str, tmp_path):
