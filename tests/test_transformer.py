@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gfn_jax.models import ModelConfig, decode_step, forward, init_params, prefill
+from gfn_jax.models import (
+    ModelConfig,
+    decode_layout,
+    decode_step,
+    forward,
+    init_params,
+    prefill,
+)
 from gfn_jax.models.lora import merge_tree
 
 V = 61
@@ -136,6 +143,45 @@ def test_adapters_equal_merged(models, name):
         _real(with_adapters, FULL_MASK), _real(on_merged, FULL_MASK), atol=1e-5, rtol=0
     )
     assert np.abs(_real(on_merged, FULL_MASK) - _real(full, FULL_MASK)).max() > 0.1
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_layout_matches_forward_and_stacked_cache(models, name):
+    """One array per layer (the decoders' layout): unrolled decode steps give the full
+    forward's logits, with and without LoRA adapters, and the same cache as the stacked
+    (scanned) layout."""
+    cfg, params, full = models[name]
+    adapters = _adapters(cfg, seed=5)
+    with_adapters = _forward(cfg, merge_tree(params, adapters["tree"], adapters["scale"]),
+                             FULL, FULL_MASK)
+
+    @jax.jit
+    def run(params, adapters):
+        _, cache = prefill(cfg, params, PROMPT, PROMPT_MASK, P + N, adapters=adapters)
+        stacked = cache
+        lp, cache, la = decode_layout(params, cache, adapters)
+        assert cache.per_layer and len(cache.k) == cfg.n_layers
+        assert isinstance(lp["layers"], tuple)
+        out_s, out_l = [], []
+        for j in range(N):
+            lg, cache = decode_step(cfg, lp, cache, GEN[:, j], adapters=la)
+            out_l.append(lg)
+            lg, stacked = decode_step(cfg, params, stacked, GEN[:, j], adapters=adapters)
+            out_s.append(lg)
+        return jnp.stack(out_l, 1), jnp.stack(out_s, 1), cache, stacked
+
+    for ad, ref in ((None, full), (adapters, with_adapters)):
+        per_layer, scanned, cache, stacked = run(params, ad)
+        np.testing.assert_allclose(per_layer, ref[:, P:], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(per_layer, scanned, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(jnp.stack(cache.k), stacked.k, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(jnp.stack(cache.v), stacked.v, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(cache.valid, stacked.valid)
+        assert int(cache.index) == int(stacked.index) == P + N
+    # a second conversion is refused rather than silently mis-sliced
+    lp, c, _ = decode_layout(params, _prefill(cfg, params, PROMPT, PROMPT_MASK, P + N)[1])
+    with pytest.raises(ValueError, match="already in the decode layout"):
+        decode_layout(lp, c)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -8,6 +8,7 @@ from gfn_jax.models.transformer import (
     causal_mask,
     continuation_forward,
     continuation_mask,
+    decode_layout,
     decode_step,
     forward,
     init_cache,
@@ -25,7 +26,7 @@ from gfn_jax.models.registry import Model, load
 
 __all__ = [
     "ModelConfig", "KVCache", "PromptKV", "apply", "causal_mask", "continuation_forward",
-    "continuation_mask", "decode_step", "forward", "init_cache", "init_params", "param_axes",
+    "continuation_mask", "decode_layout", "decode_step", "forward", "init_cache", "init_params", "param_axes",
     "param_shapes", "positions_from_mask", "prefill", "prompt_forward", "unembed",
     "load_hf", "save_hf", "load_gguf", "Model", "load",
 ]

@@ -7,7 +7,8 @@ Entry points:
 * :func:`apply` -- the general form: explicit positions, an explicit ``[B, T, S]``
   attention mask (used by one-pass suffix scoring) and an optional KV cache.
 * :func:`init_cache`, :func:`prefill`, :func:`decode_step` -- static-shape KV-cache
-  decoding, equal to the full forward.
+  decoding, equal to the full forward; :func:`decode_layout` puts the weights and the cache
+  into one array per layer for a decode loop (the layers then run unrolled).
 * :func:`prompt_forward`, :func:`continuation_forward` -- run each distinct prompt once
   (every layer's keys/values, :class:`PromptKV`) and its continuations against it, equal
   to the full forward over ``[prompt | continuation]`` (the scorers' shared-prompt path).
@@ -416,7 +417,8 @@ def _block(cfg, p, x, positions, mask, kv, index, lora=None, prefix=None, collec
 # ---------------------------------------------------------------------------
 @flax.struct.dataclass
 class KVCache:
-    """Static-shape cache. ``k``/``v``: [L, B, S, K, Dh]; ``valid``: [B, S] key mask;
+    """Static-shape cache. ``k``/``v``: [L, B, S, K, Dh], or in the decode layout (see
+    :func:`decode_layout`) tuples of L arrays [B, S, K, Dh]; ``valid``: [B, S] key mask;
     ``index``: next slot to write (shared by all rows); ``next_pos``: [B] next position id."""
 
     k: jax.Array
@@ -427,7 +429,48 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
+
+    @property
+    def per_layer(self) -> bool:
+        """True in the decode layout (one k/v array per layer)."""
+        return isinstance(self.k, (tuple, list))
+
+    def map_rows(self, fn) -> "KVCache":
+        """Apply ``fn(array, axis)`` to every per-row array (k/v on their batch axis, ``valid``
+        and ``next_pos`` on axis 0), in either layout: repeat or gather rows."""
+        kv_axis = 0 if self.per_layer else 1
+        k = jax.tree.map(lambda a: fn(a, kv_axis), self.k)
+        v = jax.tree.map(lambda a: fn(a, kv_axis), self.v)
+        return self.replace(k=k, v=v, valid=fn(self.valid, 0), next_pos=fn(self.next_pos, 0))
+
+
+def _unstack(tree: Any, n: int) -> Tuple[Any, ...]:
+    return tuple(jax.tree.map(lambda a: a[i], tree) for i in range(n))
+
+
+def decode_layout(
+    params: Params, cache: KVCache, adapters: Optional[Params] = None
+) -> Tuple[Params, KVCache, Optional[Params]]:
+    """Params, cache and adapters with every per-layer stack split into one array per layer.
+
+    ``params["layers"]`` (and the adapters' ``"layers"`` tree) become tuples of L layer
+    dicts and the cache's k/v tuples of L arrays; :func:`apply` / :func:`decode_step` then
+    run the layers unrolled instead of under ``lax.scan``. Call it once before a decode
+    loop (inside the same jitted program): a scanned decode step slices every layer's weights
+    out of the stacks at each step and writes back the whole stacked cache, which on CPU
+    costs as much as the step's matmuls; unrolled, each weight is read in place and each
+    layer's cache is updated in place. Results are identical to the stacked layout."""
+    if isinstance(params["layers"], (tuple, list)):
+        raise ValueError("params are already in the decode layout")
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    params = dict(params, layers=_unstack(params["layers"], n))
+    if not cache.per_layer:
+        cache = cache.replace(k=_unstack(cache.k, n), v=_unstack(cache.v, n))
+    a = as_adapters(adapters)
+    if a is not None and "layers" in a.tree:
+        adapters = a.replace(tree=dict(a.tree, layers=_unstack(a.tree["layers"], n)))
+    return params, cache, adapters
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -611,7 +654,27 @@ def _layers(
     policy_name = cfg.effective_remat_policy
     if policy_name != "none":
         body = jax.checkpoint(body, policy=remat_policy(policy_name), prevent_cse=False)
-    x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, cache_kv, prefix_kv, layer_rngs))
+    if not isinstance(layers, (tuple, list)):
+        x, new_kv = jax.lax.scan(body, x,
+                                 (layers, layer_adapters, cache_kv, prefix_kv, layer_rngs))
+    else:  # the decode layout (decode_layout): one weight array per layer, unrolled
+        if layer_adapters is not None and not isinstance(layer_adapters, (tuple, list)):
+            layer_adapters = _unstack(layer_adapters, len(layers))
+        per_layer_cache = cache_kv is not None and isinstance(cache_kv[0], (tuple, list))
+        outs = []
+        for i, lp in enumerate(layers):
+            x, out = body(x, (
+                lp,
+                None if layer_adapters is None else layer_adapters[i],
+                None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i]),
+                None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
+                None if layer_rngs is None else layer_rngs[i],
+            ))
+            outs.append(out)
+        new_kv = None
+        if outs and outs[0] is not None:
+            ks, vs = tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+            new_kv = (ks, vs) if per_layer_cache else (jnp.stack(ks), jnp.stack(vs))
     hidden = constrain(_norm(cfg, params["final_norm"], x), act_axes)
     return hidden, new_kv, params
 
