@@ -62,7 +62,7 @@ def main() -> None:
     layout = jax.jit(lambda p, c: tf.decode_layout(p, c)[:2])
     per_layer = jax.jit(lambda p, c, tok: tf.decode_step(cfg, p, c, tok), donate_argnums=1)
 
-    def ms_donated(c):  # the per-layer cache is donated: each call feeds the next its output
+    def ms_donated(lp, c):  # the per-layer cache is donated: each call feeds the next its output
         tok = jnp.full((c.valid.shape[0],), 5, jnp.int32)
         c = per_layer(lp, c, tok)[1]
         times = []
@@ -79,7 +79,7 @@ def main() -> None:
         stacked = ms(step, params, c, tok)
         lp, lc = layout(params, c)
         print(f"decode_step, {rows} rows: stacked layout {stacked:.1f} ms, "
-              f"per-layer layout {ms_donated(lc):.1f} ms")
+              f"per-layer layout {ms_donated(lp, lc):.1f} ms")
         del lp, lc
     K = 16
     h = jnp.ones((K, cfg.d_model), jnp.float32)
