@@ -1,8 +1,10 @@
 """Jitted trajectory sampling from the constrained policy q(Z | X) with a behaviour policy.
 
 :func:`sample` prefills the (left-padded) prompts once, repeats the KV cache ``num_samples``
-times and decodes with ``lax.while_loop`` over :func:`gfn_jax.models.transformer.decode_step`
-(static shapes, early exit once every row has terminated). Tokens are drawn from a
+times, splits weights and cache into one array per layer
+(:func:`~gfn_jax.models.transformer.decode_layout`) and decodes with ``lax.while_loop`` over
+:func:`gfn_jax.models.transformer.decode_step` (static shapes, early exit once every row has
+terminated; each token drawn by exact inverse-CDF sampling, :func:`draw`). Tokens are drawn from a
 *behaviour* distribution (temperature, top-k, top-p, epsilon-uniform mixing, an additive
 behaviour bias), but the returned ``log_pf`` / ``log_pterm`` are always those of the
 untempered policy q (model + ``logit_bias`` + :class:`~gfn_jax.logprobs.PolicySpec`), computed
