@@ -80,6 +80,7 @@ from gfn_jax.decoding import (
 from gfn_jax.text_metrics import bleu4, distinct_n, embedding_diversity, gleu, load_sentence_encoder
 from gfn_jax.data import ShardedStream, open_source
 from gfn_jax.tasks.calculator import CalculatorTool, evaluate_expression
+from gfn_jax.compile_cache import enable_compilation_cache
 
 __all__ = [
     "PolicySpec", "Model", "ModelConfig", "forward", "init_params", "load", "load_gguf",
@@ -93,5 +94,5 @@ __all__ = [
     "make_prepare", "make_train_step", "DecodeOutput", "beam_search", "diverse_beam_search",
     "greedy", "sample_nucleus", "sample_pure", "sample_tempered", "bleu4", "distinct_n",
     "embedding_diversity", "gleu", "load_sentence_encoder", "ShardedStream", "open_source",
-    "CalculatorTool", "evaluate_expression",
+    "CalculatorTool", "evaluate_expression", "enable_compilation_cache",
 ]

@@ -151,7 +151,11 @@ def _load_run(workdir: str):
     if ckpt.latest_step() is None:
         raise UsageError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')!r}; the run "
                          "has not saved one yet")
-    return load_run(workdir)
+    from gfn_jax.compile_cache import enable_compilation_cache
+
+    out = load_run(workdir)
+    enable_compilation_cache(out[0].train.get("compilation_cache", "auto"))  # before sampling
+    return out
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -172,6 +176,9 @@ def cmd_train(fv: flags.FlagValues) -> int:
 
     config = fv.config
     validate_config(config)  # before any model is loaded or compiled
+    from gfn_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache(config.train.get("compilation_cache", "auto"))
     workdir = os.path.abspath(fv.workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = jax.process_index() == 0

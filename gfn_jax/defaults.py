@@ -122,6 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.ckpt_every = 50
     c.train.keep_checkpoints = 3
     c.train.on_nan = "stop"  # stop | skip
+    # persistent XLA compilation cache (gfn_jax/compile_cache.py): auto = $JAX_COMPILATION_
+    # CACHE_DIR or ~/.cache/gfn_jax/xla (4 GiB, least recently used first) | none | a path
+    c.train.compilation_cache = "auto"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000
@@ -250,6 +253,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{key} must be >= 0, got {v}")
     if t.on_nan not in ("stop", "skip"):
         raise ValueError(f"train.on_nan must be 'stop' or 'skip', got {t.on_nan!r}")
+    if not isinstance(t.get("compilation_cache", "auto"), str):
+        raise ValueError(f"train.compilation_cache must be 'auto', 'none' or a directory, "
+                         f"got {t.compilation_cache!r}")
     if not (opt.lr >= 0 and math.isfinite(opt.lr)):
         raise ValueError(f"optim.lr must be a finite number >= 0, got {opt.lr}")
     if opt.warmup_steps < 0:

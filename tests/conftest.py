@@ -29,6 +29,9 @@ if os.environ.get("GFN_JAX_TEST_XLA_CACHE", "1") == "1" and \
     _OWN_CACHE = os.path.join(tempfile.gettempdir(), f"gfn-jax-test-xla-cache-pid{os.getpid()}")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # off: runs the tests start must not fall back to the user's cache (~/.cache/gfn_jax/xla)
+    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import pytest  # noqa: E402
 
