@@ -10,6 +10,7 @@ as device arrays.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import flax.struct
@@ -160,20 +161,45 @@ class TrainBatch:
         return jax.tree_util.tree_map(
             lambda x: parallel.batch_sharding(mesh, np.ndim(x), rules), self)
 
-    def to_device(self, mesh: Mesh, rules: Any = parallel.DEFAULT_RULES) -> "TrainBatch":
-        """Place a host batch on ``mesh``. With several processes, every host built the same
-        global batch (seeded by step) and feeds its own rows of it."""
+    def step_input(self, mesh: Mesh, rules: Any = parallel.DEFAULT_RULES) -> "TrainBatch":
+        """The batch as a jitted step whose batch ``in_shardings`` are set takes it: in one
+        process, numpy leaves that the call itself places (~5x less host time than a
+        ``device_put`` first, which counts when a rollout runs many small minibatch calls);
+        with several processes, global arrays of this host's rows (:meth:`to_device`)."""
+        if jax.process_count() > 1:
+            return self.to_device(mesh, rules)
+        self._check_divisible(mesh)
+        return jax.tree_util.tree_map(np.asarray, self)
+
+    def _check_divisible(self, mesh: Mesh) -> None:
         B = self.size
         n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
         if B % n_dev:
             raise ValueError(f"a batch of {B} rows is not divisible by the mesh's batch axes "
                              f"data*fsdp = {n_dev}; change train.prompts_per_batch, "
                              f"train.samples_per_prompt or mesh.data/mesh.fsdp")
+
+    def to_device(self, mesh: Mesh, rules: Any = parallel.DEFAULT_RULES) -> "TrainBatch":
+        """Place a host batch on ``mesh``. With several processes, every host built the same
+        global batch (seeded by step) and feeds its own rows of it."""
+        B = self.size
+        self._check_divisible(mesh)
         if jax.process_count() > 1:
             rows = parallel.process_batch_slice(mesh, B)
             return parallel.global_batch_from_local(self.map(lambda x: np.asarray(x)[rows]), mesh)
-        sh = self.shardings(mesh, rules)
-        return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), self, sh)
+        leaves, treedef = jax.tree_util.tree_flatten(self)
+        leaves = [np.asarray(x) for x in leaves]
+        try:
+            shards = [_batch_sharding(mesh, x.ndim, rules) for x in leaves]
+        except TypeError:  # unhashable rules: build them uncached
+            shards = [parallel.batch_sharding(mesh, x.ndim, rules) for x in leaves]
+        # one batched transfer for the whole tree (a device_put per leaf costs ~0.4 ms each)
+        return jax.tree_util.tree_unflatten(treedef, jax.device_put(leaves, shards))
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_sharding(mesh: Mesh, ndim: int, rules: Any) -> jax.sharding.NamedSharding:
+    return parallel.batch_sharding(mesh, ndim, rules)
 
 
 def concat_batches(batches: Sequence[TrainBatch]) -> TrainBatch:

@@ -411,8 +411,9 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
     """:func:`estimate_step_memory` for a run config: rows per call =
     ``train.prompts_per_batch * train.samples_per_prompt`` / the objective's minibatches;
     T = ``task.max_len``; the mesh from ``mesh.*`` and ``mesh.rules`` over ``devices``
-    (default all); ``model_cfg`` should carry ``model.dtype`` / ``model.remat_policy``."""
-    from gfn_jax.defaults import mesh_rules
+    (default: ``mesh.devices``); ``model_cfg`` should carry ``model.dtype`` /
+    ``model.remat_policy``."""
+    from gfn_jax.defaults import mesh_devices, mesh_rules
     from gfn_jax.objective_registry import get_objective
 
     t = config.train
@@ -425,7 +426,7 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
         raise ValueError(f"a batch of {rows} rows does not split into {minibatches} minibatches")
     mc = config.mesh
     mesh = parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
-                              devices)
+                              mesh_devices(config, devices))
     task = config.task
     T = int(task.get("max_len", 0) or 0)
     if T < 1:

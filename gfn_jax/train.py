@@ -77,10 +77,12 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         parallel.initialize_distributed()
+        from gfn_jax.defaults import mesh_devices, mesh_rules
+
         mc = config.mesh
         self.mesh = parallel.make_mesh(
-            parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor), devices)
-        from gfn_jax.defaults import mesh_rules
+            parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
+            mesh_devices(config, devices))
 
         self.rules = mesh_rules(config)
         self.objective = get_objective(config.objective.name)
@@ -408,7 +410,7 @@ class Trainer:
         log_r_final = None
         if self._prepare_fn is not None:
             extras, pm = self._prepare_fn(self.state, self.frozen,
-                                          batch.to_device(self.mesh, self.rules), hyper)
+                                          batch.step_input(self.mesh, self.rules), hyper)
             extras = _to_host(extras)
             batch = batch.with_extras({k: np.asarray(v) for k, v in extras.items()})
             pre_metrics = {k: float(v) for k, v in _to_host(pm).items()}
@@ -425,11 +427,14 @@ class Trainer:
             for m in range(M):
                 mb = batch if M == 1 and e == 0 else batch.take(order[m * B // M:(m + 1) * B // M])
                 self.state, met, lrf = self._step_fn(self.state, self.frozen,
-                                                     mb.to_device(self.mesh, self.rules), hyper)
+                                                     mb.step_input(self.mesh, self.rules), hyper)
                 self.calls += 1
-                calls.append({k: float(v) for k, v in _to_host(met).items()})
+                calls.append(met)  # fetched once below: the calls stay queued back to back
                 if e == 0 and M == 1:
-                    lrf_parts.append(np.asarray(_to_host(lrf)))
+                    lrf_parts.append(lrf)
+        calls, lrf_parts = _to_host((calls, lrf_parts))
+        calls = [{k: float(v) for k, v in c.items()} for c in calls]
+        lrf_parts = [np.asarray(x) for x in lrf_parts]
         metrics = {k: float(np.mean([c[k] for c in calls])) for k in calls[0]}
         metrics["finite"] = float(min(c["finite"] for c in calls))
         metrics["loss"] = float(np.mean([c["loss"] for c in calls]))

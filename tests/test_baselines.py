@@ -30,7 +30,10 @@ def _train_and_sample(tmp_path, name, overrides):
     wd = str(tmp_path / name)
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     assert cli.main(["gfn-jax", "train", "--config", TOY, "--workdir", wd, "--noprogress",
-                     "--config.eval.num_samples=0"] + flags) == 0
+                     "--config.eval.num_samples=0",
+                     # one device: a convergence test, not a sharding one (the 8 virtual CPU
+                     # devices triple a tiny model's step time)
+                     "--config.mesh.devices=1"] + flags) == 0
     out = str(tmp_path / f"{name}.jsonl")
     assert cli.main(["gfn-jax", "sample", "--workdir", wd, "--num", "10000", "--output", out,
                      "--seed", "11"]) == 0

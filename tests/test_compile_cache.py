@@ -26,7 +26,7 @@ def _env(home):
 def _train(tmp_path, name, home, *extra):
     cmd = [sys.executable, "-m", "gfn_jax.cli", "train", "--config", TOY, "--noprogress",
            "--workdir", str(tmp_path / name), "--config.train.steps=1",
-           "--config.eval.num_samples=0", *extra]
+           "--config.eval.num_samples=0", "--config.mesh.devices=1", *extra]
     out = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 

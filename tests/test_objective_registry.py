@@ -134,15 +134,18 @@ def test_every_objective_runs_resumes_exactly_and_shards(tmp_path, objective):
     over = {"objective.name": objective, **OBJECTIVE_OVERRIDES[objective],
             "train.ckpt_every": 1, "eval.num_samples": 0, "model.init_std": 0.1,
             "train.samples_per_prompt": 16}
+    # the resume check on one device (a convergence-free exactness check; the 8 virtual CPU
+    # devices would triple its step time), the sharding check below on 8
+    res = {**over, "mesh.devices": 1}
     base = ["gfn-jax", "train", "--config", TOY, "--noprogress"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     # two steps straight through the CLI
-    assert cli.main(base + ["--workdir", a, "--config.train.steps=2"] + _flags(over)) == 0
+    assert cli.main(base + ["--workdir", a, "--config.train.steps=2"] + _flags(res)) == 0
     # the same run stopped after one step (as a preemption would), then the same command
     # resumes it to two steps
-    Trainer(toy_config(**over, **{"train.steps": 2}), b).run(progress=False, until=1)
+    Trainer(toy_config(**res, **{"train.steps": 2}), b).run(progress=False, until=1)
     assert Checkpointer(os.path.join(b, "checkpoints")).latest_step() == 1
-    assert cli.main(base + ["--workdir", b, "--config.train.steps=2"] + _flags(over)) == 0
+    assert cli.main(base + ["--workdir", b, "--config.train.steps=2"] + _flags(res)) == 0
     sa, ta, ma = _trainable(a)
     sb, tb_, mb = _trainable(b)
     assert sa == sb == 2

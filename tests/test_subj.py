@@ -365,7 +365,7 @@ def test_driver_plumbing_one_round(data, tmp_path):
     sets = ["model.spec=random", "lora.rank=2", "train.prompts_per_batch=2",
             "train.samples_per_prompt=4", "train.ckpt_every=0", "model.random.d_model=32",
             "model.random.n_layers=1", "model.random.n_heads=2", "model.random.n_kv_heads=1",
-            "model.random.d_ff=64", "model.random.max_seq_len=128"]
+            "model.random.d_ff=64", "model.random.max_seq_len=128", "mesh.devices=1"]
     sets += [f"task.{k}={json.dumps(v)}" for k, v in TEMPLATES.items()]
     out = str(tmp_path / "run")
     argv = ["--k", "4", "--out", out, "--data_dir", d, "--rounds", "1", "--e_steps", "2",

@@ -226,7 +226,7 @@ def test_toy_exact_reaches_target(tmp_path, objective):
     wd = str(tmp_path / objective)
     cfg = os.path.join(ROOT, "configs/toy_exact.py")
     assert cli.main(["gfn-jax", "train", "--config", cfg, "--workdir", wd, "--noprogress",
-                     f"--config.objective.name={objective}",
+                     f"--config.objective.name={objective}", "--config.mesh.devices=1",
                      "--config.eval.num_samples=0"]) == 0
     out = str(tmp_path / "samples.jsonl")
     assert cli.main(["gfn-jax", "sample", "--workdir", wd, "--num", "10000", "--output", out,
