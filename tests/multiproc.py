@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+from tiny import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,7 @@ def run_workers(argv: Sequence[str], log_prefix: str, num_processes: int, local_
             for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
                 env.pop(k, None)
             env.update(
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+                XLA_FLAGS=xla_flags(local_devices),
                 JAX_PLATFORMS="cpu",
                 PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
                 GFN_JAX_COORDINATOR=f"localhost:{port}",

@@ -29,6 +29,7 @@ from gfn_jax.checkpoint import (
     decode_replay,
     encode_replay,
 )
+from tiny import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -563,7 +564,7 @@ def test_preemption_handler_in_process():
 def _spawn(script: str, tmp_path):
     path = tmp_path / "child.py"
     path.write_text(textwrap.dedent(script))
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     return subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 
@@ -710,7 +711,7 @@ def test_two_process_preemption_and_save(tmp_path):
     for pid in range(2):
         env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", COORD=f"localhost:{port}",
                    PID=str(pid), CKDIR=str(tmp_path / "ck"),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                   XLA_FLAGS=xla_flags(2))
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outs = []

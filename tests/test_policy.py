@@ -14,6 +14,7 @@ import gfn_jax
 from gfn_jax import cli
 from gfn_jax.tasks.continuation import resolve_data_path
 from gfn_jax.tasks.toy import toy_outcomes
+from tiny import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs", "toy_exact.py")
@@ -102,7 +103,7 @@ def test_runs_from_a_non_editable_install(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--no-build-isolation", "--target", str(target), ROOT], check=True,
                    capture_output=True, timeout=600)
-    env = dict(os.environ, PYTHONPATH=str(target), XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=str(target), XLA_FLAGS=xla_flags())
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = subprocess.run([sys.executable, "-c", "import gfn_jax; print(gfn_jax.__file__)"],

@@ -109,7 +109,8 @@ def test_separate_reward_model_and_reward_context(tmp_path):
     save_hf(reward.config, reward.params, rdir, tokenizer=reward.tokenizer)
     c = toy_config(**{"model.spec": "tiny-llama", "lora.enabled": True, "lora.rank": 2,
                       "reward.model": rdir, "train.prompts_per_batch": 2,
-                      "train.samples_per_prompt": 4, "objective.name": "subtb"})
+                      "train.samples_per_prompt": 4, "objective.name": "subtb",
+                      "mesh.devices": 1})
     with c.unlocked():
         c.task = {"name": "ctx_test", "max_len": 4}
     tr = Trainer(c, str(tmp_path / "run"), restore=False)
@@ -117,13 +118,22 @@ def test_separate_reward_model_and_reward_context(tmp_path):
     _, log_r_final = tr.train_step(batch, 1.0, step=0)
     tok = reward.tokenizer
     eos = tok.eos_id
+    seqs = []
     for r in range(batch.size):
         ctx = tr.task.reward_prompts()[int(batch.prompt_index[r])]
         n = int(batch.lengths[r])
-        seq = tok.encode(ctx, add_bos=False) + list(np.asarray(batch.tokens[r, :n]))
-        ids = jnp.asarray([seq], jnp.int32)
-        logits = forward(reward.config, reward.params, ids, jnp.ones_like(ids))
-        lp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), -1)
+        seqs.append(tok.encode(ctx, add_bos=False) + list(np.asarray(batch.tokens[r, :n])))
+    # one causal forward over the right-padded sequences: a row's logits before its padding
+    # are those of the row alone
+    L = max(map(len, seqs))
+    ids = np.zeros((len(seqs), L), np.int32)
+    for r, seq in enumerate(seqs):
+        ids[r, :len(seq)] = seq
+    logits_all = np.asarray(forward(reward.config, reward.params, jnp.asarray(ids),
+                                    jnp.asarray(ids != -1, jnp.int32)), np.float64)
+    for r, seq in enumerate(seqs):
+        n = int(batch.lengths[r])
+        lp = jax.nn.log_softmax(logits_all[r, :len(seq)], -1)
         P = len(seq) - n
         want = sum(lp[P - 1 + t, seq[P + t]] for t in range(n)) + lp[len(seq) - 1, eos]
         assert log_r_final[r] == pytest.approx(float(want), abs=2e-4), r

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from gfn_jax import sweep as sw
+from tiny import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "configs", "sweeps", "continuation_temperature.py")
@@ -225,7 +226,7 @@ def test_real_two_point_sweep_on_the_toy_task(tmp_path):
         "fixed": {"train.steps": 2, "eval.num_samples": 0, "train.ckpt_every": 0,
                   "reward.temp_horizon": 1, "train.samples_per_prompt": 4}}))
     root = tmp_path / "root"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one CPU device
     cmd = [sys.executable, "-m", "gfn_jax.sweep"]
     out = subprocess.run(cmd + ["run", str(spec), "--root", str(root)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)

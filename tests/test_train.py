@@ -16,13 +16,14 @@ import pytest
 
 from gfn_jax import cli
 from gfn_jax.checkpoint import Checkpointer
+from gfn_jax.defaults import validate_config
 from gfn_jax.metrics import read_metrics
 from gfn_jax.models.registry import char_tokenizer
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.tasks.rng import RandomNumberTask, parse_valid_integer
 from gfn_jax.tasks.toy import ToyTask, toy_log_reward_text
 from gfn_jax.train import NonFiniteLossError, Trainer, state_mask_from
-from tiny import toy_config as tiny_toy_config
+from tiny import xla_flags, toy_config as tiny_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,6 +111,31 @@ def test_params_are_sharded_by_the_rules(tmp_path):
     assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
 
 
+def test_mesh_devices_picks_the_first_devices_and_names_the_key():
+    from gfn_jax.defaults import mesh_devices
+
+    assert len(jax.devices()) == 8
+    assert mesh_devices(toy_config()) is None  # 0: every device
+    assert mesh_devices(toy_config(**{"mesh.devices": 3})) == jax.local_devices()[:3]
+    assert mesh_devices(toy_config(**{"mesh.devices": 3}), jax.devices()[5:]) == \
+        jax.devices()[5:]  # explicit devices win
+    with pytest.raises(ValueError, match=r"mesh.devices=9 but this host has 8 device"):
+        mesh_devices(toy_config(**{"mesh.devices": 9}))
+    with pytest.raises(ValueError, match=r"mesh.devices must be an int >= 0"):
+        validate_config(toy_config(**{"mesh.devices": -1}))
+
+
+def test_one_device_run_from_the_command_line(tmp_path):
+    wd = str(tmp_path / "one")
+    assert cli.main(["gfn-jax", "train", "--config", os.path.join(ROOT, "configs/toy_exact.py"),
+                     "--workdir", wd, "--noprogress", "--config.train.steps=1",
+                     "--config.eval.num_samples=0", "--config.mesh.devices=1"]) == 0
+    tr = Trainer(toy_config(**{"mesh.devices": 2, "train.steps": 1}), wd)
+    assert tr.mesh.devices.size == 2 and tr.start_step == 1  # resumes onto a different mesh
+    q = tr.state.trainable["layers"]["attn"]["q"]["kernel"]
+    assert {d for d in q.sharding.device_set} == set(jax.devices()[:2])
+
+
 # ---------------------------------------------------------------------------
 # Resume, NaN, checkpoints
 # ---------------------------------------------------------------------------
@@ -191,7 +217,7 @@ def test_cli_sample_without_run_is_a_clear_error(tmp_path, capsys):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     wd = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
     proc = subprocess.Popen(
         [sys.executable, "-m", "gfn_jax.cli", "train", "--config",
          os.path.join(ROOT, "configs/toy_exact.py"), "--workdir", wd, "--noprogress",

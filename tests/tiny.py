@@ -49,3 +49,12 @@ def toy_config(**overrides):
             node = node[p]
         node[last] = v
     return c
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a process a test starts: ``devices`` virtual CPU devices and the test
+    run's faster-compiling emitters (see conftest.py)."""
+    flags = "--xla_cpu_use_fusion_emitters=false"
+    if devices > 1:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return flags
