@@ -78,11 +78,15 @@ def test_state_mask_excludes_tool_splices_and_short_prefixes():
 # ---------------------------------------------------------------------------
 # The sharded step equals the single-device step
 # ---------------------------------------------------------------------------
-def _one_step(config, devices, workdir):
+def _one_step(config, devices, workdir, batch=None):
+    """One rollout's update from ``batch`` (default: the trainer's own step-0 batch);
+    returns (loss, trainable, log_z, the batch)."""
     tr = Trainer(config, workdir, restore=False, devices=devices)
-    batch, _ = tr.make_batch(0)
+    if batch is None:
+        batch, _ = tr.make_batch(0)
     metrics, _ = tr.train_step(batch, 1.0)
-    return float(metrics["loss"]), jax.device_get(tr.state.trainable), jax.device_get(tr.state.log_z)
+    return (float(metrics["loss"]), jax.device_get(tr.state.trainable),
+            jax.device_get(tr.state.log_z), batch)
 
 
 @pytest.mark.parametrize("objective,lora", [("subtb", False), ("tb", True)])
@@ -90,11 +94,14 @@ def test_sharded_step_matches_single_device(tmp_path, objective, lora):
     base = dict(**{"objective.name": objective, "lora.enabled": lora,
                    "objective.log_z": "conditional", "model.init_std": 0.1})
     ref_cfg = toy_config(**base, **{"mesh.data": 1})
-    loss0, params0, logz0 = _one_step(ref_cfg, jax.devices()[:1], str(tmp_path / "ref"))
+    loss0, params0, logz0, batch0 = _one_step(ref_cfg, jax.devices()[:1], str(tmp_path / "ref"))
     assert np.isfinite(loss0)
-    for data, fsdp, tensor in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]:
+    # the same host batch into every mesh (the sharded sampler is compared with one device
+    # in test_objective_registry.py); the first mesh also samples its own, which must agree
+    for k, (data, fsdp, tensor) in enumerate([(2, 2, 2), (8, 1, 1), (1, 8, 1), (2, 1, 4)]):
         cfg = toy_config(**base, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
-        loss, params, logz = _one_step(cfg, None, str(tmp_path / f"m{data}{fsdp}{tensor}"))
+        loss, params, logz, _ = _one_step(cfg, None, str(tmp_path / f"m{data}{fsdp}{tensor}"),
+                                          None if k == 0 else batch0)
         assert loss == pytest.approx(loss0, abs=1e-5, rel=1e-5), (data, fsdp, tensor)
         for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params0)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
