@@ -354,6 +354,29 @@ def test_batch_group_size_is_static_and_reset_by_take():
         TrainBatch.build(pt, pm, z, lengths, np.ones_like(z, bool), np.zeros(6), group_size=4)
 
 
+def test_step_input_is_placed_by_the_step_like_to_device():
+    """A host batch passed as numpy leaves to a jitted function with batch in_shardings lands
+    sharded exactly as ``to_device`` places it; an indivisible batch names the knobs."""
+    from gfn_jax import parallel
+
+    pt, pm, z, lengths, _, _ = _batch()
+    b = TrainBatch.build(pt, pm, z, lengths, np.ones_like(z, bool), np.repeat([0, 1], K),
+                         group_size=K)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2), jax.devices()[:2])
+    host = b.step_input(mesh)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(host))
+    bsh = parallel.batch_sharding(mesh, 1)
+    f = jax.jit(lambda x: jax.tree_util.tree_map(lambda a: a * 1, x), in_shardings=(bsh,))
+    got, want = f(host), b.to_device(mesh)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (g.sharding, w.sharding)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    mesh4 = parallel.make_mesh(parallel.MeshConfig(data=4), jax.devices()[:4])
+    for fn in (b.step_input, b.to_device):
+        with pytest.raises(ValueError, match=r"6 rows is not divisible .* data\*fsdp = 4"):
+            fn(mesh4)
+
+
 def _infill_config(tmp_path, **over):
     import json
     import os
