@@ -299,3 +299,24 @@ def test_cpu_model_names_the_widest_vector_extension(tmp_path):
     info.write_text("model name\t: Intel Xeon\nflags\t: fpu avx avx2 fma\n")
     assert cpu_model(str(info)) == "Intel Xeon, avx2"
     assert cpu_model(str(tmp_path / "missing"))  # falls back to the platform module
+
+
+def test_small_m_matmul_runs_and_its_two_step_layouts_agree(tmp_path):
+    """benchmarks/small_m_matmul.py at its smallest: every figure printed, and the
+    feature-major decode step computes the batch-major step's logits."""
+    import re
+
+    from tiny import xla_flags
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "small_m_matmul.py"), "--rows", "2",
+           "--layers", "1", "--reps", "1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for what in ("x @ W, W [K, N] (ours)", "W @ x.T, W [N, K] (feature-major)",
+                 "stream the weights once", "numpy x @ W", "1024^3 float32 matmul"):
+        assert what in out, out
+    m = re.search(r"feature-major [0-9.]+ ms \(max \|logit difference\| ([0-9.e+-]+)\)", out)
+    assert m and float(m.group(1)) < 1e-4, out
