@@ -159,9 +159,7 @@ def mesh_devices(config: ml_collections.ConfigDict,
     (``mesh.devices`` = 0) or the first ``mesh.devices`` of this process's devices."""
     if devices is not None:
         return list(devices)
-    n = config.mesh.get("devices", 0)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"mesh.devices must be an int >= 0 (0: every device), got {n!r}")
+    n = _mesh_devices_setting(config)
     if n == 0:
         return None
     import jax
@@ -174,6 +172,13 @@ def mesh_devices(config: ml_collections.ConfigDict,
         raise ValueError(f"mesh.devices={n} but this host has {len(local)} device(s); set "
                          f"mesh.devices=0 (all) or at most {len(local)}")
     return list(local[:n])
+
+
+def _mesh_devices_setting(config: ml_collections.ConfigDict) -> int:
+    n = config.mesh.get("devices", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"mesh.devices must be an int >= 0 (0: every device), got {n!r}")
+    return n
 
 
 def mesh_rules(config: ml_collections.ConfigDict) -> Any:
@@ -314,9 +319,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.lora.rank} and {config.lora.dropout}")
 
     mesh_rules(config)
-    d = config.mesh.get("devices", 0)
-    if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-        raise ValueError(f"mesh.devices must be an int >= 0 (0: every device), got {d!r}")
+    _mesh_devices_setting(config)
     if config.memory.estimate not in ("auto", "always", "never"):
         raise ValueError(f"memory.estimate must be auto, always or never, got "
                          f"{config.memory.estimate!r}")

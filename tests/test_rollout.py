@@ -129,8 +129,9 @@ def test_separate_reward_model_and_reward_context(tmp_path):
     ids = np.zeros((len(seqs), L), np.int32)
     for r, seq in enumerate(seqs):
         ids[r, :len(seq)] = seq
-    logits_all = np.asarray(forward(reward.config, reward.params, jnp.asarray(ids),
-                                    jnp.asarray(ids != -1, jnp.int32)), np.float64)
+    ids = jnp.asarray(ids)
+    logits_all = np.asarray(forward(reward.config, reward.params, ids, jnp.ones_like(ids)),
+                            np.float64)
     for r, seq in enumerate(seqs):
         n = int(batch.lengths[r])
         lp = jax.nn.log_softmax(logits_all[r, :len(seq)], -1)
