@@ -36,7 +36,7 @@ def run_workers(argv: Sequence[str], log_prefix: str, num_processes: int, local_
             for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
                 env.pop(k, None)
             env.update(
-                XLA_FLAGS=xla_flags(local_devices),
+                XLA_FLAGS=xla_flags(local_devices, num_processes),
                 JAX_PLATFORMS="cpu",
                 PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
                 GFN_JAX_COORDINATOR=f"localhost:{port}",

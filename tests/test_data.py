@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gfn_jax.data import DataError, ShardedStream, Source, open_source, parse_tfds_spec
+from tiny import temporary_files_in
 
 try:
     import tensorflow_datasets as tfds
@@ -62,8 +63,9 @@ if tfds is not None:
 def tfds_dir(tmp_path_factory):
     _need_tfds()
     data_dir = tmp_path_factory.mktemp("tfds")
-    builder = GfnjaxTinyPrompts(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare()
+    with temporary_files_in(tmp_path_factory.mktemp("tfds-scratch")):
+        builder = GfnjaxTinyPrompts(data_dir=str(data_dir), file_format="array_record")
+        builder.download_and_prepare()
     files = os.listdir(data_dir / "gfnjax_tiny_prompts" / "1.0.0")
     assert any(".array_record" in f for f in files), files
     return str(data_dir)

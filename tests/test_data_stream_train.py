@@ -30,6 +30,7 @@ from gfn_jax.models.registry import tiny_tokenizer
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.tasks import make_task
 from multiproc import ThreadGather, run_in_threads
+from tiny import temporary_files_in
 
 try:
     import tensorflow_datasets as tfds
@@ -76,7 +77,8 @@ if tfds is not None:
 def tfds_dir(tmp_path_factory):
     _need_tfds()
     d = tmp_path_factory.mktemp("tfds")
-    GfnjaxStreamPrompts(data_dir=str(d), file_format="array_record").download_and_prepare()
+    with temporary_files_in(tmp_path_factory.mktemp("tfds-scratch")):
+        GfnjaxStreamPrompts(data_dir=str(d), file_format="array_record").download_and_prepare()
     return str(d)
 
 

@@ -1,6 +1,9 @@
 """A tiny Llama config, numpy-initialised parameters and an LM loss shared by the
 parallelism tests (single-process and multi-process)."""
 
+import contextlib
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,10 +54,24 @@ def toy_config(**overrides):
     return c
 
 
-def xla_flags(devices: int = 1) -> str:
-    """XLA_FLAGS for a process a test starts: ``devices`` virtual CPU devices and the test
-    run's faster-compiling emitters (see conftest.py)."""
-    flags = "--xla_cpu_use_fusion_emitters=false"
+def xla_flags(devices: int = 1, processes: int = 1) -> str:
+    """XLA_FLAGS for a process a test starts: ``devices`` virtual CPU devices. A lone process
+    with one device also gets XLA:CPU's faster-compiling elemental emitters, which are safe
+    there (no collectives) and must not be used where programs span several devices, in this
+    process or across ``processes`` (see conftest.py)."""
     if devices > 1:
-        flags += f" --xla_force_host_platform_device_count={devices}"
-    return flags
+        return f"--xla_force_host_platform_device_count={devices}"
+    return "--xla_cpu_use_fusion_emitters=false" if processes == 1 else ""
+
+
+@contextlib.contextmanager
+def temporary_files_in(path):
+    """``tempfile``'s default directory is ``path`` inside the block: TFDS leaves an empty
+    ``mkdtemp`` directory in the system's temporary directory each time it creates the
+    builder of a dataset not yet prepared (its ``initialize_from_bucket``)."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
