@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -136,7 +137,31 @@ def make_mesh(mesh_cfg: Optional[MeshConfig] = None, devices: Optional[Sequence[
     if not devices:
         raise ValueError("make_mesh got an empty device list")
     shape = mesh_cfg.resolve(len(devices))
+    warn_unsafe_cpu_flags(devices)
     return Mesh(_device_array(shape, devices), MESH_AXES)
+
+
+_UNSAFE_CPU_FLAG = re.compile(r"--xla_cpu_use_fusion_emitters=(false|0)\b", re.IGNORECASE)
+_warned_unsafe_cpu_flags = False
+
+
+def warn_unsafe_cpu_flags(devices: Sequence[Any]) -> bool:
+    """Warn once per process (and return True) when ``XLA_FLAGS`` asks XLA:CPU for its older
+    elemental emitters while ``devices`` are several CPU devices: with them a train step's
+    collectives can deadlock (devices join two all-reduces in different orders and XLA
+    aborts after 40 s; see docs/reliability.md)."""
+    global _warned_unsafe_cpu_flags
+    devices = list(devices)
+    if (_warned_unsafe_cpu_flags or len(devices) < 2 or devices[0].platform != "cpu"
+            or not _UNSAFE_CPU_FLAG.search(os.environ.get("XLA_FLAGS", ""))):
+        return False
+    _warned_unsafe_cpu_flags = True
+    logger.warning(
+        "XLA_FLAGS has --xla_cpu_use_fusion_emitters=false and this mesh spans %d CPU "
+        "devices: with those emitters XLA:CPU can deadlock a step in its collectives (the "
+        "process aborts with 'Termination timeout for all reduce'); remove the flag from "
+        "XLA_FLAGS (docs/reliability.md)", len(devices))
+    return True
 
 
 # ---------------------------------------------------------------------------

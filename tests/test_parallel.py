@@ -225,6 +225,23 @@ def test_make_mesh_shapes_and_errors():
     assert par.MeshConfig.from_dict({"tensor": "2"}) == par.MeshConfig(tensor=2)
 
 
+def test_mesh_over_cpu_devices_warns_of_the_deadlocking_emitter_flag(monkeypatch, caplog):
+    # XLA reads XLA_FLAGS once at start-up, so changing it here only exercises the check
+    monkeypatch.setattr(par, "_warned_unsafe_cpu_flags", False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with caplog.at_level("WARNING", logger=par.logger.name):
+        par.make_mesh(par.MeshConfig(data=-1))
+    assert "fusion_emitters" not in caplog.text
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+    assert not par.warn_unsafe_cpu_flags(jax.devices()[:1])  # one device: no collectives
+    with caplog.at_level("WARNING", logger=par.logger.name):
+        par.make_mesh(par.MeshConfig(data=2, fsdp=2), devices=jax.devices()[:4])
+        par.make_mesh(par.MeshConfig(data=-1))
+    assert caplog.text.count("--xla_cpu_use_fusion_emitters=false and this mesh spans 4 CPU") == 1
+    assert "spans 8" not in caplog.text  # once per process
+    assert "docs/reliability.md" in caplog.text
+
+
 def test_with_logical_constraint_and_batch_helpers():
     mesh = par.make_mesh(par.MeshConfig(data=2, fsdp=2, tensor=2))
 
