@@ -198,18 +198,36 @@ def posterior_diagnostics(log_r: jax.Array, log_q_beh: jax.Array, group: jax.Arr
     return {"iw_log_z": jnp.sum(log_z) / k, "iw_ess": jnp.sum(ess) / k}
 
 
-def _base_metrics(x: LossInputs) -> Dict[str, jax.Array]:
+def _base_metrics(x: LossInputs) -> Tuple[Dict[str, jax.Array], Optional[Tuple[jax.Array, ...]]]:
+    """The step's own metrics and the per-row inputs of ``posterior_diagnostics`` (None
+    without rewards), which the caller reduces once the step's loops are done
+    (``_late_diagnostics``)."""
     lengths = x.batch.lengths
     m = {"log_q": jnp.mean(jax.lax.stop_gradient(x.log_q)),
          "length": jnp.mean(lengths.astype(jnp.float32))}
+    diag = None
     if x.log_r_raw is not None:
-        lr = final_values(x.log_r_raw, lengths)
+        lr = jax.lax.stop_gradient(final_values(x.log_r_raw, lengths))
         m["log_r"] = jnp.mean(lr)
         b = x.batch
         lq_beh = obj.sequence_logprob(b.beh_log_pf, b.beh_log_pterm, lengths, b.action_mask)
         valid = jnp.asarray(b.has_behaviour, bool) & jnp.isfinite(lr)
-        m.update(posterior_diagnostics(lr, lq_beh, b.prompt_index, valid, x.num_groups))
-    return m
+        diag = (lr, lq_beh, b.prompt_index, valid)
+    return m, diag
+
+
+def _late_diagnostics(diag: Optional[Tuple[jax.Array, ...]], after: Any,
+                      num_groups: int) -> Dict[str, jax.Array]:
+    """``posterior_diagnostics`` of ``diag``, computed only after ``after`` (the gradients,
+    or ``prepare``'s outputs) exists. Its per-prompt reductions need collectives that
+    depend on nothing else in the step; left free, XLA:CPU's runtime can start them on some
+    devices while others are still inside the layer scan's collectives, and a sharded step
+    on several CPU devices then deadlocks (docs/reliability.md). The barrier puts them after
+    the scan on every device."""
+    if diag is None:
+        return {}
+    diag, _ = jax.lax.optimization_barrier((diag, after))
+    return posterior_diagnostics(*diag, num_groups)
 
 
 def loss_fn(ss: StepSpec, trainable: Params, log_z_params: Params,
@@ -219,13 +237,13 @@ def loss_fn(ss: StepSpec, trainable: Params, log_z_params: Params,
     needs = ss.objective.needs_for(ss.options)
     x = compute_inputs(ss, needs, trainable, log_z_params, frozen, batch, hyper, rng)
     loss, aux = ss.objective.loss(x)
-    metrics = _base_metrics(x)
+    metrics, diag = _base_metrics(x)
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
     if x.log_r_raw is not None:
         log_r_final = final_values(x.log_r_raw, batch.lengths)
     else:
         log_r_final = batch.extras.get("log_r_final", jnp.zeros(batch.lengths.shape, jnp.float32))
-    return loss, (metrics, log_r_final)
+    return loss, (metrics, log_r_final, diag)
 
 
 def make_train_step(ss: StepSpec, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
@@ -247,7 +265,8 @@ def make_train_step(ss: StepSpec, tx: optax.GradientTransformation, mesh: jax.sh
             return loss_fn(ss, tp["trainable"], tp["log_z"], frozen, batch, hyper, rng)
 
         tp = {"trainable": state.trainable, "log_z": state.log_z}
-        (loss, (metrics, log_r_final)), grads = jax.value_and_grad(f, has_aux=True)(tp)
+        (loss, (metrics, log_r_final, diag)), grads = jax.value_and_grad(f, has_aux=True)(tp)
+        metrics = dict(metrics, **_late_diagnostics(diag, grads, ss.num_groups))
         gnorm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state.opt_state, tp)
         new_tp = optax.apply_updates(tp, updates)
@@ -289,7 +308,8 @@ def make_prepare(ss: StepSpec, mesh: jax.sharding.Mesh, state_shardings: Any,
     def _prepare(state: TrainState, frozen, batch: TrainBatch, hyper):
         x = compute_inputs(ss, needs, state.trainable, state.log_z, frozen, batch, hyper, None)
         extras, aux = ss.objective.prepare(x)
-        metrics = _base_metrics(x)
+        metrics, diag = _base_metrics(x)
+        metrics.update(_late_diagnostics(diag, extras, ss.num_groups))
         metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
         return extras, metrics
 
