@@ -299,6 +299,11 @@ def _shared_prefix_hidden(
     the prompt's last hidden state [B, D]; the grouping check)."""
     B = tokens.shape[0]
     heads, head_mask, ok = _group_heads(prompt_tokens, prompt_mask, groups)
+    # The forward reads ``ok`` (a failed check poisons every output anyway): the check's
+    # collective then runs before the layer scans on every device. Left independent of
+    # them, XLA:CPU's runtime may start it inside the scans on some devices only, and a
+    # sharded step on several CPU devices deadlocks (docs/reliability.md).
+    heads = jnp.where(ok, heads, 0)
     prompt = prompt_forward(cfg, params, heads, head_mask, adapters=_prompt_dropout(adapters))
     cont = continuation_forward(cfg, params, prompt, tokens, positions, mask, adapters=adapters)
     last = constrain(jnp.repeat(prompt.last_hidden, B // groups, axis=0), ("batch", None))

@@ -216,18 +216,27 @@ def _base_metrics(x: LossInputs) -> Tuple[Dict[str, jax.Array], Optional[Tuple[j
     return m, diag
 
 
-def _late_diagnostics(diag: Optional[Tuple[jax.Array, ...]], after: Any,
+def _late_diagnostics(diag: Optional[Tuple[jax.Array, ...]], ready: jax.Array,
                       num_groups: int) -> Dict[str, jax.Array]:
-    """``posterior_diagnostics`` of ``diag``, computed only after ``after`` (the gradients,
-    or ``prepare``'s outputs) exists. Its per-prompt reductions need collectives that
-    depend on nothing else in the step; left free, XLA:CPU's runtime can start them on some
-    devices while others are still inside the layer scan's collectives, and a sharded step
-    on several CPU devices then deadlocks (docs/reliability.md). The barrier puts them after
-    the scan on every device."""
+    """``posterior_diagnostics`` of ``diag`` over the rows that are valid while ``ready`` (a
+    scalar bool computed from the step's results: its loss and gradients are finite) holds.
+    Its per-prompt reductions need collectives that would otherwise depend on nothing the
+    layer scans compute; XLA:CPU's runtime may then start them inside the scans on some
+    devices only, and a sharded step on several CPU devices deadlocks
+    (docs/reliability.md). Reading ``ready`` puts them after the scans on every device; an
+    ``optimization_barrier`` did not (XLA removes it before the runtime orders anything).
+    A step that is not ``ready`` is discarded anyway (its diagnostics read 0)."""
     if diag is None:
         return {}
-    diag, _ = jax.lax.optimization_barrier((diag, after))
-    return posterior_diagnostics(*diag, num_groups)
+    lr, lq_beh, group, valid = diag
+    return posterior_diagnostics(lr, lq_beh, group, valid & ready, num_groups)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """One scalar bool: every floating-point leaf of ``tree`` is finite."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def loss_fn(ss: StepSpec, trainable: Params, log_z_params: Params,
@@ -266,11 +275,11 @@ def make_train_step(ss: StepSpec, tx: optax.GradientTransformation, mesh: jax.sh
 
         tp = {"trainable": state.trainable, "log_z": state.log_z}
         (loss, (metrics, log_r_final, diag)), grads = jax.value_and_grad(f, has_aux=True)(tp)
-        metrics = dict(metrics, **_late_diagnostics(diag, grads, ss.num_groups))
         gnorm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state.opt_state, tp)
         new_tp = optax.apply_updates(tp, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        metrics = dict(metrics, **_late_diagnostics(diag, ok, ss.num_groups))
 
         def keep(new, old):  # a non-finite step never touches the state
             return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -309,7 +318,7 @@ def make_prepare(ss: StepSpec, mesh: jax.sharding.Mesh, state_shardings: Any,
         x = compute_inputs(ss, needs, state.trainable, state.log_z, frozen, batch, hyper, None)
         extras, aux = ss.objective.prepare(x)
         metrics, diag = _base_metrics(x)
-        metrics.update(_late_diagnostics(diag, extras, ss.num_groups))
+        metrics.update(_late_diagnostics(diag, _all_finite(extras), ss.num_groups))
         metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
         return extras, metrics
 
