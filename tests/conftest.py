@@ -7,10 +7,11 @@ if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
 # XLA:CPU's older elemental emitters (``xla_cpu_use_fusion_emitters=False``) compile the tiny
 # models' programs 2-3x faster than its default fusion emitters (a toy train step at -O0:
-# 1.4 vs 4.4 s; the whole suite: about 14 vs 25 min), but a program with collectives can
-# deadlock with them: the toy train step on the fsdp=8 mesh of 8 virtual devices aborted on
-# its first step in 5 of 5 runs (devices meet two all-reduces in different orders; XLA gives
-# up after 40 s), and never in 900 steps over four meshes with the default emitters
+# 1.4 vs 4.4 s; the whole suite: 16.5 min with them for single-device programs, 25.0 min
+# without), but they make XLA:CPU's collective-order deadlock far likelier: the toy train
+# step on the fsdp=8 mesh of 8 virtual devices aborted on its first step in 5 of 5 runs with
+# them (devices meet two all-reduces in different orders; XLA gives up after 40 s), against
+# 0 in 900 steps with the default emitters, which are not immune either
 # (docs/reliability.md). So the tests ask for the older emitters per program, only for
 # programs on one device (no collectives), through the per-compile options jax.jit also
 # takes (``compiler_options``); see _single_device_programs_compile_fast below. Never put
