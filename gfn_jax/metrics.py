@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -119,6 +120,21 @@ def truncate_metrics(path: str, last_step: int) -> int:
     return len(kept)
 
 
+
+def _summary_writer_class() -> Any:
+    """``tensorboardX.SummaryWriter``, imported without PyTorch: tensorboardX imports torch,
+    when installed, only for a type hint, which costs ~2 s per process on a 2-core machine.
+    A torch the process already imported is left alone."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    else:
+        import tensorboardX
+    return tensorboardX.SummaryWriter
+
 class MetricsWriter:
     """Appends scalars to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
 
@@ -143,8 +159,7 @@ class MetricsWriter:
             truncate_metrics(self.path, int(resume_step))
         self._file = open(self.path, "a", buffering=1)
         if use_tensorboard:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             purge = int(resume_step) + 1 if resume_step is not None else None
             self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), purge_step=purge, flush_secs=10)
 

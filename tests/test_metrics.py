@@ -280,3 +280,24 @@ def test_histogram_axis_says_what_it_shows(tmp_path, monkeypatch):
                        "fraction of all samples"]
     bars = [p.get_height() for p in labels[-1].axes[0].patches]
     assert max(bars) == pytest.approx(1.0) and all(0 <= b <= 1 for b in bars)
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch (when installed) for a type hint: ~2 s per process. The
+    writer hides it during that import; the events are the same and torch stays importable."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from gfn_jax.metrics import MetricsWriter\n"
+            f"with MetricsWriter({str(tmp_path)!r}) as w:\n"
+            "    w.write(0, {'loss': 0.25})\n"
+            "print('torch' in sys.modules)\n"
+            "import torch\n"
+            "print(torch.ones(2).sum().item())\n")
+    pytest.importorskip("torch")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "2.0"]
+    files = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    assert scalars_of(read_events(files[0]))["loss"] == [(0, 0.25)]
