@@ -89,8 +89,14 @@ def _one_step(config, devices, workdir, batch=None):
             jax.device_get(tr.state.log_z), batch)
 
 
-@pytest.mark.parametrize("objective,lora", [("subtb", False), ("tb", True)])
-def test_sharded_step_matches_single_device(tmp_path, objective, lora):
+# each mesh once (every mesh with both objectives took twice as long, ~2 min a case here):
+# full fine-tuning on the mesh of all three axes and on FSDP alone, LoRA on pure data
+# parallelism and on the tensor axis
+@pytest.mark.parametrize("objective,lora,meshes", [
+    ("subtb", False, [(2, 2, 2), (1, 8, 1)]),
+    ("tb", True, [(8, 1, 1), (2, 1, 4)]),
+], ids=["subtb-full", "tb-lora"])
+def test_sharded_step_matches_single_device(tmp_path, objective, lora, meshes):
     base = dict(**{"objective.name": objective, "lora.enabled": lora,
                    "objective.log_z": "conditional", "model.init_std": 0.1})
     ref_cfg = toy_config(**base, **{"mesh.data": 1})
@@ -98,7 +104,7 @@ def test_sharded_step_matches_single_device(tmp_path, objective, lora):
     assert np.isfinite(loss0)
     # the same host batch into every mesh (the sharded sampler is compared with one device
     # in test_objective_registry.py); the first mesh also samples its own, which must agree
-    for k, (data, fsdp, tensor) in enumerate([(2, 2, 2), (8, 1, 1), (1, 8, 1), (2, 1, 4)]):
+    for k, (data, fsdp, tensor) in enumerate(meshes):
         cfg = toy_config(**base, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
         loss, params, logz, _ = _one_step(cfg, None, str(tmp_path / f"m{data}{fsdp}{tensor}"),
                                           None if k == 0 else batch0)
