@@ -126,6 +126,31 @@ def _xla_optimisation(request, monkeypatch):
     jax.config.update("jax_disable_most_optimizations", _FAST_COMPILE)
 
 
+# The test files that take longest, longest first (one worker's seconds in a full `-n 2`
+# run with `--durations`, 2026-12-03: test_train.py ~530 s, the objective registry ~360 s,
+# shared prompts ~290 s, ...). pytest-xdist's ``--dist loadfile`` hands files to the
+# workers in queue order, by default the files with the most tests first; a long file with
+# few tests then came last and kept one worker busy for minutes after the other had
+# finished (the last 2% of a CI run took 4 of its 22 min). Longest first balances them.
+_LONG_FILES = (
+    "test_train.py", "test_objective_registry.py", "test_shared_prompt.py",
+    "test_baselines.py", "test_distributed_train.py", "test_bench.py", "test_subj.py",
+    "test_sweep.py", "test_rollout.py", "test_cli_reliability.py", "test_memory.py",
+    "test_lm_tasks.py", "test_compile_cache.py", "test_policy.py", "test_smollm2.py",
+    "test_data_stream_train.py", "test_stories.py", "test_continuation_protocol.py",
+)
+
+
+def pytest_configure(config):
+    if getattr(config.option, "loadscopereorder", None) is not None:
+        config.option.loadscopereorder = False  # keep the collection order set below
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: k for k, name in enumerate(_LONG_FILES)}
+    items[:] = sorted(items, key=lambda it: rank.get(os.path.basename(str(it.path)), len(rank)))
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         import shutil
