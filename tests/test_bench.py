@@ -320,3 +320,26 @@ def test_small_m_matmul_runs_and_its_two_step_layouts_agree(tmp_path):
         assert what in out, out
     m = re.search(r"feature-major [0-9.]+ ms \(max \|logit difference\| ([0-9.e+-]+)\)", out)
     assert m and float(m.group(1)) < 1e-4, out
+
+
+def test_reward_breakdown_runs_and_its_parts_make_the_scorer(tmp_path):
+    """benchmarks/reward_breakdown.py on a tiny random model: every figure printed, and the
+    transformer pass + vocabulary part it times compute the infilling scorer's rewards."""
+    import re
+
+    from tiny import xla_flags
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reward_breakdown.py"), "--model",
+           "tiny-llama", "--rows", "2", "--prompt", "4", "--new", "3", "--suffix", "3",
+           "--reps", "1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for what in ("whole scorer:", "transformer pass", "vocabulary part", "1024^3 matmul",
+                 "@ ["):
+        assert what in out, out
+    m = re.search(r"max \|parts - whole scorer\| over the 2 x 4 prefix rewards: ([0-9.e+-]+)",
+                  out)
+    assert m and float(m.group(1)) < 1e-4, out
