@@ -29,3 +29,20 @@ def test_elemental_emitters_only_for_single_device_programs():
     # processes the tests start: the emitters only for a lone single-device process
     assert xla_flags() == "--xla_cpu_use_fusion_emitters=false"
     assert "emitters" not in xla_flags(2) and "emitters" not in xla_flags(1, processes=2)
+
+
+def test_longest_files_are_collected_first(request):
+    import conftest
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    missing = [f for f in conftest._LONG_FILES if not os.path.isfile(os.path.join(here, f))]
+    assert not missing, f"conftest._LONG_FILES names files that do not exist: {missing}"
+    order = []
+    for item in request.session.items:
+        name = os.path.basename(str(item.path))
+        if not order or order[-1] != name:
+            order.append(name)
+    assert len(order) == len(set(order)), "a file's tests are not contiguous"
+    listed = [f for f in order if f in conftest._LONG_FILES]
+    assert listed == [f for f in conftest._LONG_FILES if f in listed]
+    assert order[:len(listed)] == listed  # the listed files before every other file
