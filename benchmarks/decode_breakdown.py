@@ -21,6 +21,7 @@ import statistics
 import time
 
 import numpy as np
+from timing import median_ms
 
 
 def main() -> None:
@@ -46,13 +47,7 @@ def main() -> None:
     print(f"# {hardware()}; SmolLM2-135M float32, prompt {P}, cache {P + T} slots")
 
     def ms(f, *a) -> float:
-        jax.block_until_ready(f(*a))
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3
+        return median_ms(args.reps, f, *a)
 
     toks = jnp.asarray(np.random.default_rng(0).integers(100, 1000, (1, P)), jnp.int32)
     pf = jax.jit(lambda p, t: tf.prefill(cfg, p, t, jnp.ones_like(t), P + T, last_only=True))
@@ -64,7 +59,7 @@ def main() -> None:
 
     def ms_donated(lp, c):  # the per-layer cache is donated: each call feeds the next its output
         tok = jnp.full((c.valid.shape[0],), 5, jnp.int32)
-        c = per_layer(lp, c, tok)[1]
+        c = jax.block_until_ready(per_layer(lp, c, tok)[1])  # compile + warm-up, waited for
         times = []
         for _ in range(args.reps):
             t = time.perf_counter()

@@ -21,10 +21,9 @@ float32 matmul and one MLP projection of the pass's own shape ([rows x positions
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+from timing import median_ms
 
 
 def main() -> None:
@@ -54,13 +53,7 @@ def main() -> None:
           f"Z of {T}, Y of {S}")
 
     def ms(f, *a) -> float:
-        jax.block_until_ready(f(*a))
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3
+        return median_ms(args.reps, f, *a)
 
     rng = np.random.default_rng(0)
     hi = min(5000, cfg.vocab_size)
