@@ -142,18 +142,17 @@ STEP = textwrap.dedent("""
 
 
 def test_fsdp_step_with_elemental_emitters_does_not_deadlock(tmp_path):
-    """The toy step on fsdp=8, compiled with XLA:CPU's elemental emitters, aborted on its
-    first step in every run before the step ordered its diagnostics' and the prompt-group
-    check's collectives (``Termination timeout for all reduce``): on the commit before,
-    this test failed 2 runs of 2 and the same step in a script 7 of 7. Those emitters make the deadlock near certain, so this run would
-    catch such a collective coming back."""
+    """The toy step on fsdp=8, compiled with XLA:CPU's elemental emitters, deadlocked
+    (``Termination timeout for all reduce``) before the step ordered its diagnostics' and
+    the prompt-group check's collectives: on the commit before, this test failed 3 runs of 4
+    (2 of 2 compiled afresh, as here) and the same step in a script 9 runs of 9. So this run
+    is likely, not certain, to catch such a collective coming back."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
                         "--xla_cpu_use_fusion_emitters=false "
                         "--xla_cpu_collective_call_terminate_timeout_seconds=30")
     env["JAX_PLATFORMS"] = "cpu"
-    # compiled afresh: with the suite's persistent compilation cache on, the commit before
-    # the fix passed this run, without it the run deadlocked (2 of 2)
+    # compiled afresh, as in the runs counted above
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     code = STEP.format(tests=os.path.join(ROOT, "tests"), workdir=str(tmp_path / "run"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
