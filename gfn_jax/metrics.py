@@ -120,7 +120,6 @@ def truncate_metrics(path: str, last_step: int) -> int:
     return len(kept)
 
 
-
 def _summary_writer_class() -> Any:
     """``tensorboardX.SummaryWriter``, imported without PyTorch: tensorboardX imports torch,
     when installed, only for a type hint, which costs ~2 s per process on a 2-core machine.
@@ -134,6 +133,7 @@ def _summary_writer_class() -> Any:
     else:
         import tensorboardX
     return tensorboardX.SummaryWriter
+
 
 class MetricsWriter:
     """Appends scalars to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
