@@ -12,7 +12,8 @@ sign elsewhere. See ``docs/reliability.md`` ("Several devices on one CPU").
 :func:`unordered_collectives` reads the optimized HLO text of a compiled program
 (``jax.jit(f).lower(...).compile().as_text()``) and lists every such pair, in every
 computation (the entry, loop bodies, called computations). It is a static check: it needs
-no run, and a program it passes cannot hit this deadlock whatever order the runtime picks.
+no run. It is conservative (it ignores control edges and the orderings the runtime adds on
+its own), so a listed pair is a place to look, not a proven deadlock.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ _COLLECTIVES = (
 _CALL_ATTRS = re.compile(
     r"\b(?:to_apply|body|condition|calls|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_CONTROL = re.compile(r"\bcontrol-predecessors=\{([^}]*)\}")
 _NAME = re.compile(r"%?([\w.\-]+)")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -66,7 +66,6 @@ class _Instr:
     opcode: str
     operands: List[str]
     calls: List[str]
-    control: List[str]
     source: str
 
 
@@ -106,7 +105,7 @@ def _parse_instr(line: str) -> Optional[_Instr]:
         if depth == 0:
             break
     args, attrs = rest[om.end():i], rest[i + 1:]
-    operands = [n for n in re.findall(r"%([\w.\-]+)", args)]
+    operands = re.findall(r"%([\w.\-]+)", args)
     if not operands and args.strip():
         # HLO printed without '%' sigils: operands are the bare tokens after their types
         operands = [tok.split()[-1] for tok in args.split(",") if tok.strip()
@@ -114,11 +113,8 @@ def _parse_instr(line: str) -> Optional[_Instr]:
     calls = _CALL_ATTRS.findall(attrs)
     for group in _BRANCHES.findall(attrs):
         calls += _NAME.findall(group)
-    control = []
-    for group in _CONTROL.findall(attrs):
-        control += _NAME.findall(group)
     src = _OP_NAME.search(attrs)
-    return _Instr(name, opcode, operands, calls, control, src.group(1) if src else "")
+    return _Instr(name, opcode, operands, calls, src.group(1) if src else "")
 
 
 def _topological(preds: List[List[int]]) -> List[int]:
@@ -144,17 +140,16 @@ def _topological(preds: List[List[int]]) -> List[int]:
     return order
 
 
-def _parse(hlo_text: str) -> Tuple[Dict[str, List[_Instr]], Optional[str]]:
+def _parse(hlo_text: str) -> Dict[str, List[_Instr]]:
+    """Each computation's instructions, by computation name."""
     comps: Dict[str, List[_Instr]] = {}
-    entry, current = None, None
+    current = None
     for line in hlo_text.splitlines():
         if current is None:
             h = _HEADER.match(line)
             if h and not line.startswith("HloModule"):
-                current = h.group(2)
+                current = h.group(1)
                 comps[current] = []
-                if h.group(1):
-                    entry = current
             continue
         if line.strip() == "}":
             current = None
@@ -162,7 +157,7 @@ def _parse(hlo_text: str) -> Tuple[Dict[str, List[_Instr]], Optional[str]]:
         ins = _parse_instr(line)
         if ins is not None:
             comps[current].append(ins)
-    return comps, entry
+    return comps
 
 
 def unordered_collectives(program: Any, *, include_bare: bool = False) -> List[CollectivePair]:
@@ -179,10 +174,10 @@ def unordered_collectives(program: Any, *, include_bare: bool = False) -> List[C
 
     Returns:
       the pairs, in program order; an empty list when every communicating operation of each
-      computation is ordered by data (or control) dependencies.
+      computation is ordered by data dependencies.
     """
     text = program if isinstance(program, str) else program.as_text()
-    comps, _ = _parse(text)
+    comps = _parse(text)
 
     memo: Dict[str, bool] = {}
 
