@@ -15,8 +15,8 @@ here turns (logical names, shape, mesh, rules) into ``PartitionSpec`` /
 * :func:`tree_shardings`, :func:`shard_params`, :func:`batch_sharding`,
   :func:`replicated`, :func:`with_logical_constraint`.
 * :func:`initialize_distributed`, :func:`global_batch_from_local`,
-  :func:`process_batch_slice`, :func:`is_main_process` -- multi-process (multi-host)
-  runs: one process per host (TPU VM worker, SLURM node) or per GPU.
+  :func:`process_batch_slice`, :func:`is_main_process`, :func:`to_host` -- multi-process
+  (multi-host) runs: one process per host (TPU VM worker, SLURM node) or per GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import functools
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -497,3 +498,40 @@ def process_batch_slice(
             "devices by process (make_mesh does)"
         )
     return slice(start, stop)
+
+
+@functools.lru_cache(maxsize=64)
+def _replicate_fn(out_shardings: Tuple[NamedSharding, ...]):
+    return jax.jit(lambda *xs: xs, out_shardings=out_shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """A tree of ``jax.Array``s (e.g. a step's metrics) as numpy, the whole value on every
+    process. In one process this is ``jax.device_get``. With several processes, a
+    replicated leaf (metrics, scalars) is read from this process's own copy, with no
+    communication; every other leaf of a mesh is made replicated by ONE jitted program for
+    the whole tree, so fetching a step's dozens of metrics costs at most one collective
+    (``multihost_utils.process_allgather`` runs one program, and one collective, per leaf).
+    Numpy and fully addressable leaves are returned as they are (as numpy)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    out: list = [None] * len(leaves)
+    by_mesh: Dict[Any, list] = {}
+    for i, x in enumerate(leaves):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            out[i] = np.asarray(x)
+        elif x.sharding.is_fully_replicated:
+            out[i] = np.asarray(x.addressable_data(0))
+        elif isinstance(x.sharding, NamedSharding):
+            by_mesh.setdefault(x.sharding.mesh, []).append(i)
+        else:  # another kind of sharding: JAX's per-leaf gather
+            from jax.experimental import multihost_utils
+
+            out[i] = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    for mesh, idx in by_mesh.items():
+        rep = tuple(NamedSharding(mesh, PartitionSpec()) for _ in idx)
+        gathered = _replicate_fn(rep)(*[leaves[i] for i in idx])
+        for i, g in zip(idx, gathered):
+            out[i] = np.asarray(g.addressable_data(0))
+    return jax.tree_util.tree_unflatten(treedef, out)

@@ -576,11 +576,7 @@ def _base_bind():
 
 def _to_host(tree: Any) -> Any:
     """Fetch a tree of (possibly multi-host sharded) arrays as numpy on every host."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+    return parallel.to_host(tree)
 
 
 def _is_typed_key(k: jax.Array) -> bool:

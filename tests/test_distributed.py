@@ -65,6 +65,11 @@ def _worker(out_path: str) -> None:
     q = sp["layers"]["attn"]["q"]["kernel"]
     q_shards = {s.data.shape for s in q.addressable_shards}
     out = {f"g{k}": v for k, v in _flat(jax.device_get(grads)).items()}
+    # to_host: sharded params and batch rows gathered by one program, the replicated loss
+    # read locally, numpy passed through
+    host = par.to_host({"p": sp, "t": batch["t"], "loss": loss, "np": np.arange(3)})
+    assert par._replicate_fn.cache_info().misses == 1, par._replicate_fn.cache_info()
+    out.update({f"h{k}": v for k, v in _flat(host).items()})
     np.savez(out_path.format(pid=pid), loss=np.asarray(loss), q_shard_shape=np.array(sorted(q_shards)), **out)
     jax.distributed.shutdown()
 
@@ -86,6 +91,13 @@ def test_two_process_sharded_loss_and_grad(tmp_path):
         assert got.keys() == ref.keys()
         for k in ref:
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=f"proc {pid} {k}")
+        # to_host gave every process the whole value of every leaf
+        host = {k[1:]: out[k] for k in out.files if k.startswith("h")}
+        want = {**{"['p']" + k: v for k, v in _flat(params).items()}, "['t']": tokens,
+                "['loss']": out["loss"], "['np']": np.arange(3)}
+        assert host.keys() == want.keys(), (sorted(host), sorted(want))
+        for k, v in want.items():
+            np.testing.assert_array_equal(host[k], v, err_msg=f"to_host, proc {pid} {k}")
     print(f"two-process run took {elapsed:.1f}s")  # ~40 s on a busy 2-core machine
 
 
