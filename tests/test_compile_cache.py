@@ -8,6 +8,7 @@ import sys
 
 import jax
 import pytest
+from tiny import xla_flags
 
 from gfn_jax import cli
 from gfn_jax.compile_cache import DEFAULT_MAX_BYTES, default_dir, enable_compilation_cache
@@ -19,7 +20,8 @@ TOY = os.path.join(ROOT, "configs", "toy_exact.py")
 def _env(home):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("JAX_COMPILATION_CACHE") and k != "JAX_ENABLE_COMPILATION_CACHE"}
-    return dict(env, PYTHONPATH=ROOT, XDG_CACHE_HOME=str(home),
+    # one device, compiled with the faster-compiling emitters (tiny.xla_flags)
+    return dict(env, PYTHONPATH=ROOT, XDG_CACHE_HOME=str(home), XLA_FLAGS=xla_flags(),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 

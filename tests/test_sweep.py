@@ -217,7 +217,7 @@ def test_summary_of_run_dirs_without_manifest(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.optimized
-def test_real_two_point_sweep_on_the_toy_task(tmp_path):
+def test_real_two_point_sweep_on_the_toy_task(tmp_path, monkeypatch, capsys):
     """Two real `gfn-jax train` runs (2 steps each), then `summary`; both values reach their
     runs (the reward temperature reaches temp_end after temp_horizon=1 step)."""
     spec = tmp_path / "toy.json"
@@ -235,13 +235,14 @@ def test_real_two_point_sweep_on_the_toy_task(tmp_path):
         wd = root / f"temp_end-{t}"
         assert sw.run_status(str(wd)) == "done", (wd / "train.log").read_text()[-3000:]
         assert json.loads((wd / "config.json").read_text())["reward"]["temp_end"] == float(t)
-    # a second `run` skips the finished runs
-    again = subprocess.run(cmd + ["run", str(spec), "--root", str(root)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 2, again.stdout
-    out = subprocess.run(cmd + ["summary", str(root), "--metric", "final.reward_temperature"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    # a second `run` skips the finished runs; then `summary` (both in this process: the
+    # entry point was exercised above, and each subprocess costs a JAX import)
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert sw.main(["run", str(spec), "--root", str(root)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished, skipped") == 2, again
+    assert sw.main(["summary", str(root), "--metric", "final.reward_temperature"]) == 0
     with open(root / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["name"] for r in table] == ["temp_end-0.5", "temp_end-0.8"]
