@@ -411,9 +411,9 @@ class Trainer:
         if self._prepare_fn is not None:
             extras, pm = self._prepare_fn(self.state, self.frozen,
                                           batch.step_input(self.mesh, self.rules), hyper)
-            extras = _to_host(extras)
+            extras, pm = _to_host((extras, pm))  # one fetch (one gather across processes)
             batch = batch.with_extras({k: np.asarray(v) for k, v in extras.items()})
-            pre_metrics = {k: float(v) for k, v in _to_host(pm).items()}
+            pre_metrics = {k: float(v) for k, v in pm.items()}
             log_r_final = np.asarray(extras.get("log_r_final"))
         B = batch.size
         M = self.minibatches

@@ -72,8 +72,10 @@ def _load_bench():
 
 @needs_torch
 def test_tiny_end_to_end_json_and_loss_agreement(tmp_path):
+    from tiny import xla_flags
+
     out = tmp_path / "bench.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
     cmd = [sys.executable, "-c", _BLOCKED_RUNNER, str(SCRIPT), "--preset", "tiny",
            "--batch", "3", "--prompt-len", "5", "--traj-len", "4", "--steps", "2",
            "--warmup", "1", "--subtb-lambda", "0.9", "--lora-targets", "q,v,down",
@@ -198,8 +200,10 @@ def _check_phases(rows, official):
 def test_official_bench_ours_only_without_torch_or_snapshot(tmp_path):
     """The JAX side alone, tiny preset, one timed step: no torch, no snapshot needed."""
     out = tmp_path / "official.json"
+    from tiny import xla_flags
+
     env = {k: v for k, v in os.environ.items() if k != "GFN_JAX_OFFICIAL"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
     cmd = [sys.executable, "-c", _NO_TORCH_RUNNER, str(OFFICIAL_SCRIPT), "--preset", "tiny",
            "--setting", "B", "--steps", "1", "--warmup", "1", "--no-fused",
            "--matmul-size", "256", "--json", str(out)]
