@@ -347,3 +347,18 @@ def test_reward_breakdown_runs_and_its_parts_make_the_scorer(tmp_path):
     m = re.search(r"max \|parts - whole scorer\| over the 2 x 4 prefix rewards: ([0-9.e+-]+)",
                   out)
     assert m and float(m.group(1)) < 1e-4, out
+
+
+def test_multihost_fetch_runs_on_two_processes():
+    """benchmarks/multihost_fetch.py at its smallest: both processes report both ways (each
+    worker also checks the fetched values)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multihost_fetch.py"), "--reps", "1",
+           "--metrics", "3", "--devices", "2"]
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| fetch | way | process 0 ms | process 1 ms |" in out, out
+    for way in ("process_allgather", "to_host"):
+        for what in ("metrics", "metrics + per-row array"):
+            assert f"| {what} | {way} | " in out, out
