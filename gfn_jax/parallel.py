@@ -22,10 +22,10 @@ here turns (logical names, shape, mesh, rules) into ``PartitionSpec`` /
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
-import functools
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
