@@ -21,7 +21,7 @@ Public API (see ``docs/architecture.md``):
 * training: :class:`TrainBatch`, :class:`StepSpec`, :func:`make_train_step`,
   :class:`Trainer`, :class:`ReplayBuffer`, :class:`Checkpointer`, tasks (:class:`Task`,
   :class:`Target`, :func:`make_task`, :func:`register_task`), parallelism
-  (:class:`MeshConfig`, :func:`make_mesh`)
+  (:class:`MeshConfig`, :func:`make_mesh`, :func:`to_host`)
 """
 
 __version__ = "0.1.0"
@@ -50,7 +50,7 @@ from gfn_jax.objectives import (
     subtb_loss,
     tb_loss,
 )
-from gfn_jax.parallel import MeshConfig, make_mesh
+from gfn_jax.parallel import MeshConfig, make_mesh, to_host
 from gfn_jax.replay import ReplayBuffer
 from gfn_jax.sampling import SampleOutput, sample
 from gfn_jax.scoring import score_policy, score_reward_prefixes, score_suffix_prefixes
@@ -96,5 +96,5 @@ __all__ = [
     "greedy", "sample_nucleus", "sample_pure", "sample_tempered", "bleu4", "distinct_n",
     "embedding_diversity", "gleu", "load_sentence_encoder", "ShardedStream", "open_source",
     "CalculatorTool", "evaluate_expression", "enable_compilation_cache",
-    "unordered_collectives",
+    "unordered_collectives", "to_host",
 ]

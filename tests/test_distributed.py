@@ -67,6 +67,9 @@ def _worker(out_path: str) -> None:
     out = {f"g{k}": v for k, v in _flat(jax.device_get(grads)).items()}
     # to_host: sharded params and batch rows gathered by one program, the replicated loss
     # read locally, numpy passed through
+    import gfn_jax
+
+    assert gfn_jax.to_host is par.to_host  # public API
     host = par.to_host({"p": sp, "t": batch["t"], "loss": loss, "np": np.arange(3)})
     assert par._replicate_fn.cache_info().misses == 1, par._replicate_fn.cache_info()
     out.update({f"h{k}": v for k, v in _flat(host).items()})
