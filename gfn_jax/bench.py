@@ -449,9 +449,9 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
          ) -> Dict[str, Any]:
     from gfn_jax.batch import TrainBatch
     from gfn_jax.models.transformer import activation_sharding
+    from gfn_jax.parallel import to_host
     from gfn_jax.scoring import _num_groups, prompt_groups
     from gfn_jax.step import host_hyper
-    from gfn_jax.train import _to_host
 
     ss = tr.step_spec
     cfg = tr.model_cfg
@@ -579,7 +579,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
         announce("prepare")
         first, times = _time(lambda: pj(state, frozen, dev, hyper), warmup, steps)
         extras, _ = pj(state, frozen, dev, hyper)
-        extras = _to_host(extras)
+        extras = to_host(extras)
         step_batch = batch.with_extras({kk: np.asarray(v) for kk, v in extras.items()})
         a = forward_flops(cfg, scoring_shape(B, P, T, G), lora_p)
         if prep_needs.reward:

@@ -411,7 +411,7 @@ class Trainer:
         if self._prepare_fn is not None:
             extras, pm = self._prepare_fn(self.state, self.frozen,
                                           batch.step_input(self.mesh, self.rules), hyper)
-            extras, pm = _to_host((extras, pm))  # one fetch (one gather across processes)
+            extras, pm = parallel.to_host((extras, pm))  # one fetch (one gather across processes)
             batch = batch.with_extras({k: np.asarray(v) for k, v in extras.items()})
             pre_metrics = {k: float(v) for k, v in pm.items()}
             log_r_final = np.asarray(extras.get("log_r_final"))
@@ -432,7 +432,7 @@ class Trainer:
                 calls.append(met)  # fetched once below: the calls stay queued back to back
                 if e == 0 and M == 1:
                     lrf_parts.append(lrf)
-        calls, lrf_parts = _to_host((calls, lrf_parts))
+        calls, lrf_parts = parallel.to_host((calls, lrf_parts))
         calls = [{k: float(v) for k, v in c.items()} for c in calls]
         lrf_parts = [np.asarray(x) for x in lrf_parts]
         metrics = {k: float(np.mean([c[k] for c in calls])) for k in calls[0]}
@@ -572,11 +572,6 @@ def _base_bind():
     from gfn_jax.tasks.base import Task
 
     return Task.bind_reward_params
-
-
-def _to_host(tree: Any) -> Any:
-    """Fetch a tree of (possibly multi-host sharded) arrays as numpy on every host."""
-    return parallel.to_host(tree)
 
 
 def _is_typed_key(k: jax.Array) -> bool:

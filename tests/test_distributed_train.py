@@ -56,7 +56,8 @@ def run_trainer(overrides: Dict[str, Any], workdir: str, until: int | None,
     """Build a Trainer (restoring from ``workdir`` if it has a checkpoint), run it and
     return (per-step losses seen by this process, final trainable + log Z params as
     numpy on every process, start step)."""
-    from gfn_jax.train import Trainer, _to_host
+    from gfn_jax.parallel import to_host
+    from gfn_jax.train import Trainer
 
     tr = Trainer(make_config(overrides), workdir)
     assert tr.start_step == expect_start, (tr.start_step, expect_start)
@@ -73,9 +74,9 @@ def run_trainer(overrides: Dict[str, Any], workdir: str, until: int | None,
     import jax
 
     flat = jax.tree_util.tree_flatten_with_path(
-        _to_host({"trainable": tr.state.trainable, "log_z": tr.state.log_z}))[0]
+        to_host({"trainable": tr.state.trainable, "log_z": tr.state.log_z}))[0]
     params = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-    return losses, params, int(_to_host(tr.state.step))
+    return losses, params, int(to_host(tr.state.step))
 
 
 def _worker(spec_path: str) -> None:
