@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_step.py"
@@ -72,8 +73,6 @@ def _load_bench():
 
 @needs_torch
 def test_tiny_end_to_end_json_and_loss_agreement(tmp_path):
-    from tiny import xla_flags
-
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
     cmd = [sys.executable, "-c", _BLOCKED_RUNNER, str(SCRIPT), "--preset", "tiny",
@@ -200,8 +199,6 @@ def _check_phases(rows, official):
 def test_official_bench_ours_only_without_torch_or_snapshot(tmp_path):
     """The JAX side alone, tiny preset, one timed step: no torch, no snapshot needed."""
     out = tmp_path / "official.json"
-    from tiny import xla_flags
-
     env = {k: v for k, v in os.environ.items() if k != "GFN_JAX_OFFICIAL"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
     cmd = [sys.executable, "-c", _NO_TORCH_RUNNER, str(OFFICIAL_SCRIPT), "--preset", "tiny",
@@ -310,8 +307,6 @@ def test_small_m_matmul_runs_and_its_two_step_layouts_agree(tmp_path):
     feature-major decode step computes the batch-major step's logits."""
     import re
 
-    from tiny import xla_flags
-
     cmd = [sys.executable, str(ROOT / "benchmarks" / "small_m_matmul.py"), "--rows", "2",
            "--layers", "1", "--reps", "1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
@@ -330,8 +325,6 @@ def test_reward_breakdown_runs_and_its_parts_make_the_scorer(tmp_path):
     """benchmarks/reward_breakdown.py on a tiny random model: every figure printed, and the
     transformer pass + vocabulary part it times compute the infilling scorer's rewards."""
     import re
-
-    from tiny import xla_flags
 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "reward_breakdown.py"), "--model",
            "tiny-llama", "--rows", "2", "--prompt", "4", "--new", "3", "--suffix", "3",
