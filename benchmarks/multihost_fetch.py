@@ -3,9 +3,9 @@
 leaf) against ``gfn_jax.parallel.to_host`` (replicated leaves read locally, the rest in one
 program).
 
-Starts ``--processes`` localhost processes (``jax.distributed`` over gloo, ``--devices``
-CPU devices each, one ``data x fsdp x tensor`` mesh over all of them) and prints, per
-process, the median time of each way to fetch a dict of ``--metrics`` replicated scalars
+Starts ``--processes`` localhost processes with the multi-process tests' launcher
+(``tests/multiproc.py``: ``jax.distributed`` over gloo, ``--devices`` CPU devices each, one
+``data x fsdp x tensor`` mesh over all of them) and prints, per process, the median time of each way to fetch a dict of ``--metrics`` replicated scalars
 (what a train step returns) and of a ``[rows]`` array sharded over the batch axes (what the
 step's per-row log-rewards are)::
 
@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List
 
@@ -27,7 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, ROOT)
     import numpy as np
 
     from gfn_jax import parallel as par
@@ -71,12 +69,6 @@ def _worker(args: argparse.Namespace) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--processes", type=int, default=2)
@@ -88,23 +80,14 @@ def main(argv: List[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    port = _free_port()
-    procs = []
-    for pid in range(args.processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}",
-                   GFN_JAX_COORDINATOR=f"localhost:{port}",
-                   GFN_JAX_NUM_PROCESSES=str(args.processes), GFN_JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", "--metrics",
-             str(args.metrics), "--reps", str(args.reps)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [pr.communicate(timeout=600)[0] for pr in procs]
-    if any(pr.returncode for pr in procs):
-        for pid, (pr, out) in enumerate(zip(procs, outs)):
-            if pr.returncode:
-                print(f"process {pid} exited {pr.returncode}:\n{out[-3000:]}", file=sys.stderr)
-        return 1
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from multiproc import run_workers  # the launcher the multi-process tests use
+
+    with tempfile.TemporaryDirectory() as logs:
+        prefix = os.path.join(logs, "process")
+        run_workers([os.path.abspath(__file__), "--worker", "--metrics", str(args.metrics),
+                     "--reps", str(args.reps)], prefix, args.processes, args.devices, 600.0)
+        outs = [open(f"{prefix}{pid}.log").read() for pid in range(args.processes)]
     results = [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
                for out in outs]
     print(f"# {args.processes} processes x {args.devices} CPU devices (gloo), "
