@@ -355,3 +355,48 @@ def test_multihost_fetch_runs_on_two_processes():
     for way in ("process_allgather", "to_host"):
         for what in ("metrics", "metrics + per-row array"):
             assert f"| {what} | {way} | " in out, out
+
+
+def _load_kernel_profile():
+    spec = importlib.util.spec_from_file_location(
+        "kernel_profile", ROOT / "benchmarks" / "kernel_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_profile_reads_kernels_and_their_busy_time(tmp_path):
+    """benchmarks/kernel_profile.py: runtime spans are not kernels; busy time is the union of
+    the kernels' intervals (overlaps on two threads count once); a real trace of a jitted
+    function on this JAX yields its kernels."""
+    import gzip
+
+    kp = _load_kernel_profile()
+    events = [
+        {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 100, "tid": 1},
+        {"ph": "X", "name": "$api.py:1 block_until_ready", "ts": 0, "dur": 100, "tid": 9},
+        {"ph": "X", "name": "ynn_fusion.3", "ts": 10, "dur": 20, "tid": 1},
+        {"ph": "X", "name": "ynn_fusion.3", "ts": 15, "dur": 20, "tid": 2},  # overlaps
+        {"ph": "X", "name": "copy_fusion", "ts": 50, "dur": 5, "tid": 1},
+        {"ph": "i", "name": "marker", "ts": 60, "tid": 1},
+    ]
+    d = tmp_path / "synthetic" / "plugins"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    spans = kp.kernel_spans(str(tmp_path / "synthetic"))
+    assert sorted(s[0] for s in spans) == ["copy_fusion", "ynn_fusion.3", "ynn_fusion.3"]
+    assert kp.busy_time(spans) == pytest.approx(25 + 5)  # [10, 35) and [50, 55)
+    assert kp.kind("ynn_fusion.3") == "ynn_fusion" and kp.kind("copy_fusion") == "copy_fusion"
+
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a: jnp.tanh(a @ a) + 1.0)
+    x = jnp.ones((64, 64), jnp.float32)
+    untraced, walls, spans = kp.profile(lambda i: jax.block_until_ready(f(x + i)), 2,
+                                        str(tmp_path / "real"))
+    assert len(untraced) == len(walls) == 2
+    assert spans, "no kernel spans in this JAX's trace"
+    assert not any(s[0].startswith(kp._NOT_KERNELS) for s in spans)
+    assert 0 < kp.busy_time(spans) <= sum(walls) * 1e6
