@@ -61,13 +61,9 @@ def busy_time(spans: List[Tuple[str, float, float, object]]) -> float:
     """Length of the union of the spans' intervals (µs): time with any kernel running."""
     total, end = 0.0, -np.inf
     for _, t0, d, _ in sorted(spans, key=lambda s: s[1]):
-        t1 = t0 + d
-        if t0 >= end:
-            total += d
-            end = t1
-        elif t1 > end:
-            total += t1 - end
-            end = t1
+        if t0 + d > end:  # the part of this span after everything before it
+            total += t0 + d - max(t0, end)
+            end = t0 + d
     return total
 
 
@@ -166,10 +162,7 @@ def main() -> None:
             table((("decode loop, per step", loop, n * T), ("once per call", once, n),
                    ("other (prefill layers), per call", rest, n)), args.top)
         else:
-            import sys
-
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import bench_shared_prompt as bsp
+            import bench_shared_prompt as bsp  # beside this script, on sys.path when run
 
             b = bsp.build(argparse.Namespace(preset="smollm2-135m", lora_rank=64),
                           bsp.SETTINGS[args.setting])

@@ -64,11 +64,16 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 _BLOCKED_RUNNER = _RUNNER.format(blocked=("ml_collections", "gguf", "tensorboardX"))
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step_under_test", SCRIPT)
+def _load_script(path: Path, name: str):
+    """A benchmark script imported as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_bench():
+    return _load_script(SCRIPT, "bench_step_under_test")
 
 
 @needs_torch
@@ -178,10 +183,7 @@ _NO_TORCH_RUNNER = _RUNNER.format(blocked=("torch", "transformers", "peft",
 
 
 def _load_official_bench():
-    spec = importlib.util.spec_from_file_location("bench_official_under_test", OFFICIAL_SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_script(OFFICIAL_SCRIPT, "bench_official_under_test")
 
 
 def _check_phases(rows, official):
@@ -357,21 +359,13 @@ def test_multihost_fetch_runs_on_two_processes():
             assert f"| {what} | {way} | " in out, out
 
 
-def _load_kernel_profile():
-    spec = importlib.util.spec_from_file_location(
-        "kernel_profile", ROOT / "benchmarks" / "kernel_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_kernel_profile_reads_kernels_and_their_busy_time(tmp_path):
     """benchmarks/kernel_profile.py: runtime spans are not kernels; busy time is the union of
     the kernels' intervals (overlaps on two threads count once); a real trace of a jitted
     function on this JAX yields its kernels."""
     import gzip
 
-    kp = _load_kernel_profile()
+    kp = _load_script(ROOT / "benchmarks" / "kernel_profile.py", "kernel_profile")
     events = [
         {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 100, "tid": 1},
         {"ph": "X", "name": "$api.py:1 block_until_ready", "ts": 0, "dur": 100, "tid": 9},
