@@ -24,6 +24,8 @@
 #     OUT=$OUT bash benchmarks/gpu_check.sh            # about 5-8 minutes on an H200
 # CPU smoke of exactly these commands with tiny shapes (about a minute here):
 #     SMOKE=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
+# TRACE=1 adds `--trace-dir $OUT/traces/<run>`: each phase is called once more under the
+# profiler and the report lists its kernels. XLA_FLAGS passes through (A/B of XLA options).
 # Each run writes <run>.json, its report <run>.md and its stderr <run>.log into $OUT; with
 # ARCHIVE=FILE.tar.gz set, $OUT is also packed into that file after each run (a device's
 # return channel takes few files). A failing run is reported and the next one still runs;
@@ -54,9 +56,11 @@ else
             "llama1b_lora64 2048 16 32 8 8192 128256 64 none 4")
 fi
 
-pack() {
+pack() {  # into a temporary file beside nothing it packs, then renamed over ARCHIVE
     if [ -n "${ARCHIVE:-}" ]; then
-        tar -czf "$ARCHIVE.tmp" -C "$OUT" . && mv "$ARCHIVE.tmp" "$ARCHIVE"
+        local tmp
+        tmp=$(mktemp "${TMPDIR:-/tmp}/gpu_check_pack.XXXXXX")
+        tar -czf "$tmp" --exclude="./$(basename "$ARCHIVE")" -C "$OUT" . && mv "$tmp" "$ARCHIVE"
     fi
 }
 
@@ -130,6 +134,10 @@ for spec in "${SHAPES[@]}"; do
     fi
     echo "=== $name: d_model $D, $L layers, $H heads ($KV kv), d_ff $F, vocab $V, LoRA $R," \
          "remat $REMAT, $PPB prompts x 16 samples"
+    trace=()
+    if [ "${TRACE:-0}" = 1 ]; then  # each phase once more under jax.profiler.trace
+        trace=(--trace-dir "$OUT/traces/$name")
+    fi
     start=$(date +%s)
     timeout "$RUN_TIMEOUT" "$PY" -m gfn_jax.cli bench --config configs/continuation.py \
         --steps "$STEPS" --warmup 1 --json "$OUT/$name.json" \
@@ -144,7 +152,7 @@ for spec in "${SHAPES[@]}"; do
         --config.task.num_eval=10 --config.task.max_len=32 --config.task.diversity_encoder= \
         --config.data.max_prompt_len="$PROMPT_LEN" \
         --config.train.prompts_per_batch="$PPB" --config.train.samples_per_prompt=16 \
-        --config.train.grad_accum=1 --config.mesh.data=1 "${lora[@]}" \
+        --config.train.grad_accum=1 --config.mesh.data=1 "${lora[@]}" "${trace[@]}" \
         > "$OUT/$name.md" 2> "$OUT/$name.log"
     rc=$?
     echo "$name: exit $rc, $(( $(date +%s) - start )) s"

@@ -10,7 +10,7 @@ of every prefix (with the suffix scorer in A), or both with the SubTB loss.
 Each is called once to compile, ``--calls`` times untimed, then ``--calls`` times under
 ``jax.profiler.trace``; the script reads the trace's Perfetto JSON, where XLA:CPU records
 every kernel it runs (a loop fusion, a YNNPACK matmul fusion, a copy, ...) as a span on the
-thread that ran it. It prints the share of the wall time with at least one kernel running
+thread that ran it (``gfn_jax.profiling`` reads it). It prints the share of the wall time with at least one kernel running
 ("busy"; the rest is the runtime between kernels) and the span time per kernel kind; for
 the sampler, split into the decode loop's kernels (run once per decode step) and those run
 once per call (prefill, weight layout, heads). A kernel that runs on both cores counts its
@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -36,43 +32,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-# spans of the runtime and of Python, not kernels
-_NOT_KERNELS = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction",
-                "CommonPjRt", "PjRt", "Execute", "TfrtCpu")
+from gfn_jax.profiling import Span, busy_time, kernel_kind, kernel_spans
 
-
-def kernel_spans(trace_dir: str) -> List[Tuple[str, float, float, object]]:
-    """(name, start µs, duration µs, thread) of every kernel span in the trace."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
-        raise SystemExit(f"no *.trace.json.gz under {trace_dir}: this JAX wrote no Perfetto trace")
-    with gzip.open(files[0]) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    out = []
-    for e in events:
-        if e.get("ph") != "X" or e["name"].startswith(_NOT_KERNELS):
-            continue
-        out.append((e["name"], float(e["ts"]), float(e.get("dur", 0.0)), e.get("tid")))
-    return out
-
-
-def busy_time(spans: List[Tuple[str, float, float, object]]) -> float:
-    """Length of the union of the spans' intervals (µs): time with any kernel running."""
-    total, end = 0.0, -np.inf
-    for _, t0, d, _ in sorted(spans, key=lambda s: s[1]):
-        if t0 + d > end:  # the part of this span after everything before it
-            total += t0 + d - max(t0, end)
-            end = t0 + d
-    return total
-
-
-def kind(name: str) -> str:
-    """A kernel's kind: its name without XLA's numeric suffix (``ynn_fusion.23``)."""
-    return re.sub(r"\.\d+$", "", name)
-
-
-def profile(call, calls: int, trace_dir: str) -> Tuple[List[float], List[float], list]:
+def profile(call, calls: int, trace_dir: str) -> Tuple[List[float], List[float], List[Span]]:
     """(untimed walls, traced walls, kernel spans) of ``calls`` calls after a compiling one."""
     call(0)
     untraced = []
@@ -98,8 +60,8 @@ def table(groups, top: int) -> None:
         by: Dict[str, float] = collections.Counter()
         cnt: Dict[str, int] = collections.Counter()
         for name, _, d, _ in group:
-            by[kind(name)] += d
-            cnt[kind(name)] += 1
+            by[kernel_kind(name)] += d
+            cnt[kernel_kind(name)] += 1
         for k, d in by.most_common(top):
             print(f"| {label} | `{k}` | {cnt[k] / per:.0f} | {d / per / 1e3:.1f} |")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import statistics
 import sys
@@ -326,6 +327,7 @@ class Phase:
     flop_source: str
     xla_flops: Optional[float] = None
     note: str = ""
+    profile: Optional[Dict[str, Any]] = None  # gfn_jax.profiling.summarize of a traced call
 
     @property
     def median_s(self) -> float:
@@ -346,6 +348,23 @@ def _time(fn: Callable[[], Any], warmup: int, steps: int) -> Tuple[float, List[f
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return first, times
+
+
+def _trace(fn: Callable[[], Any], trace_dir: Optional[str], name: str) -> Optional[Dict[str, Any]]:
+    """With ``trace_dir``: one more call of ``fn`` under ``jax.profiler.trace`` (into
+    ``trace_dir/<name>``) and its kernel summary (:func:`gfn_jax.profiling.summarize`)."""
+    if not trace_dir:
+        return None
+    from gfn_jax import profiling
+
+    d = os.path.join(trace_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        wall = time.perf_counter() - t0
+    out = profiling.summarize(profiling.kernel_spans(d), wall)
+    out["trace_dir"] = d
+    return out
 
 
 class _Lazy:
@@ -384,9 +403,12 @@ def run_bench(config: Any, *, steps: int = 5, warmup: int = 1, device_peak: Opti
               progress: bool = True, config_name: str = "", command: str = "",
               measure: Callable[[], float] = measure_cpu_peak,
               device_bandwidth: Optional[str] = None,
-              measure_bw: Callable[[], float] = measure_cpu_bandwidth) -> Dict[str, Any]:
+              measure_bw: Callable[[], float] = measure_cpu_bandwidth,
+              trace_dir: Optional[str] = None) -> Dict[str, Any]:
     """Build the config's trainer and time its phases; returns every figure as a JSON-able
-    dict (see :func:`format_report`)."""
+    dict (see :func:`format_report`). With ``trace_dir``, each phase is called once more
+    under ``jax.profiler.trace`` (a Perfetto trace in ``trace_dir/<phase>``) and its kernel
+    summary (:mod:`gfn_jax.profiling`) goes into the phase's ``profile``."""
     from gfn_jax.train import Trainer
 
     if steps < 1 or warmup < 1:
@@ -395,7 +417,7 @@ def run_bench(config: Any, *, steps: int = 5, warmup: int = 1, device_peak: Opti
     with tempfile.TemporaryDirectory(prefix="gfn-jax-bench-") as workdir:
         tr = Trainer(config, workdir, restore=False)  # nothing is saved: no run directory
         out = _run(tr, config, steps, warmup, device_peak, progress, config_name, command,
-                   measure)
+                   measure, trace_dir)
         shape = out.pop("_decode_shape", None)
         if shape is not None:  # a sampling phase ran
             out["decode"] = _decode_roofline(tr, out, shape, device_bandwidth, measure_bw)
@@ -445,8 +467,8 @@ def _decode_roofline(tr: Any, r: Dict[str, Any], d: Dict[str, int], spec: Option
 
 
 def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[str],
-         progress: bool, config_name: str, command: str, measure: Callable[[], float]
-         ) -> Dict[str, Any]:
+         progress: bool, config_name: str, command: str, measure: Callable[[], float],
+         trace_dir: Optional[str] = None) -> Dict[str, Any]:
     from gfn_jax.batch import TrainBatch
     from gfn_jax.models.transformer import activation_sharding
     from gfn_jax.parallel import to_host
@@ -503,6 +525,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
 
         announce("sampling")
         first, times = _time(draw, warmup, steps)
+        prof = _trace(draw, trace_dir, "sampling")
         batch = out["batch"]
         P, T = int(np.shape(batch.prompt_tokens)[1]), batch.max_len
         n_rows = batch.size
@@ -516,7 +539,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
                   "analytic (forward of the prefill and the decode steps run; XLA's cost "
                   "analysis cannot count the data-dependent decode loop)",
                   note=f"on-policy draw of {len(rows)} prompts x {K} samples, "
-                       f"{decode_steps} decode steps")
+                       f"{decode_steps} decode steps", profile=prof)
         phases.append(p)
         report(p)
 
@@ -559,6 +582,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
         rj = _Lazy(jax.jit(reward_only))
         announce("reward")
         first, times = _time(lambda: rj(frozen, dev), warmup, steps)
+        prof = _trace(lambda: rj(frozen, dev), trace_dir, "reward")
         flops, src, xla = _flops_choice(
             rj.compiled, n_dev, reward_analytic(B, G),
             "one reward-model forward over [reward prompt | Z]" if reward_uses_model
@@ -566,7 +590,8 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
         reward_phase = Phase("reward", first, times, real_tokens(batch, G, "reward_prompt_mask"),
                              flops, src, xla,
                              note="task reward, adapters off" + (
-                                 "" if reward_uses_model else " (no model: a lookup)"))
+                                 "" if reward_uses_model else " (no model: a lookup)"),
+                             profile=prof)
         phases.append(reward_phase)
         report(reward_phase)
 
@@ -578,6 +603,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
         pj = _Lazy(tr._prepare_fn)
         announce("prepare")
         first, times = _time(lambda: pj(state, frozen, dev, hyper), warmup, steps)
+        prof = _trace(lambda: pj(state, frozen, dev, hyper), trace_dir, "prepare")
         extras, _ = pj(state, frozen, dev, hyper)
         extras = to_host(extras)
         step_batch = batch.with_extras({kk: np.asarray(v) for kk, v in extras.items()})
@@ -593,7 +619,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
             parts.append("reference forward")
         flops, src, xla = _flops_choice(pj.compiled, n_dev, a, ", ".join(parts))
         p = Phase("prepare", first, times, real_tokens(batch, G), flops, src, xla,
-                  note="the objective's once-per-rollout pass")
+                  note="the objective's once-per-rollout pass", profile=prof)
         phases.append(p)
         report(p)
     M = tr.minibatches
@@ -617,6 +643,7 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
 
     announce("train step")
     first, times = _time(step_call, warmup, steps)
+    prof = _trace(step_call, trace_dir, "train step")
     tr.state = holder["state"]
     a = train_flops(cfg, scoring_shape(sb_rows, P, T, SG), lora_p, frozen_base=tr.use_lora)
     parts = ["policy forward + backward (" + (
@@ -631,7 +658,8 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
     flops, src, xla = _flops_choice(sj.compiled, n_dev, a, ", ".join(parts))
     step_phase = Phase("train step", first, times, real_tokens(step_batch, SG), flops, src, xla,
                        note="policy scoring + backward + update" +
-                            (" + reward (computed inside the step)" if reward_inside else ""))
+                            (" + reward (computed inside the step)" if reward_inside else ""),
+                       profile=prof)
     phases.append(step_phase)
     report(step_phase)
     if reward_inside and reward_phase is not None:
@@ -673,7 +701,8 @@ def _run(tr: Any, config: Any, steps: int, warmup: int, device_peak: Optional[st
             "flops": p.flops, "gflop": p.flops / 1e9, "flop_source": p.flop_source,
             "xla_flops": p.xla_flops, "flops_per_s": fps,
             "gflops_per_s": None if fps is None else fps / 1e9,
-            "mfu": None if (fps is None or pk is None) else fps / pk, "note": p.note}
+            "mfu": None if (fps is None or pk is None) else fps / pk, "note": p.note,
+            "profile": p.profile}
     return {
         "command": command, "config": config_name,
         "device": {"platform": device.platform, "kind": str(device.device_kind),
@@ -755,6 +784,14 @@ def format_report(r: Dict[str, Any]) -> str:
         lines.append(f"decode: {dc['ms_per_step']:.4g} ms per step for {dc['rows']} rows "
                      f"(sampling / {dc['steps']} decode steps, prefill included); floor "
                      f"{floor}{frac}")
+    profiled = [(n, p["profile"]) for n, p in r["phases"].items() if p.get("profile")]
+    if profiled:
+        from gfn_jax.profiling import describe
+
+        lines.append("kernels (one more call of each phase under jax.profiler.trace; "
+                     "spans summed over tracks):")
+        for n, prof in profiled:
+            lines.append(f"- {n}: {describe(prof)}; trace in {prof['trace_dir']}")
     for n in r["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -119,6 +119,10 @@ def _define_bench(fv: flags.FlagValues, argv: List[str]) -> None:
                         "for the decode roofline: a name (as --device-peak), cpu = measure, "
                         "or a number (e.g. 3.35e12); default: detected from the device (CPU: "
                         "a measured sum over a 512 MB array)", flag_values=fv)
+    flags.DEFINE_string("trace-dir", None, "also call each phase once under jax.profiler.trace "
+                        "into DIR/<phase> (Perfetto traces) and report its kernels: the share "
+                        "of the wall with a kernel running and the top kernel kinds",
+                        flag_values=fv)
     _common(fv)
 
 
@@ -381,12 +385,19 @@ def cmd_bench(fv: flags.FlagValues) -> int:
             raise UsageError(str(e)) from None
     if fv.json:
         check_writable(fv.json, flag="--json")
+    trace_dir = fv["trace-dir"].value
+    if trace_dir:
+        try:
+            os.makedirs(trace_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--trace-dir={trace_dir}: cannot create it ({e.strerror}); "
+                             "pass a writable directory") from None
     name = config_flags.get_config_filename(fv["config"])
     overrides = config_flags.get_override_values(fv["config"])
     if overrides:
         name += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
     result = bench.run_bench(config, steps=fv.steps, warmup=fv.warmup, device_peak=peak,
-                             device_bandwidth=bandwidth,
+                             device_bandwidth=bandwidth, trace_dir=trace_dir,
                              config_name=name, command=_COMMAND_LINE or "gfn-jax bench")
     print(bench.format_report(result))
     if fv.json:

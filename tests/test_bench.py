@@ -359,38 +359,93 @@ def test_multihost_fetch_runs_on_two_processes():
             assert f"| {what} | {way} | " in out, out
 
 
-def test_kernel_profile_reads_kernels_and_their_busy_time(tmp_path):
-    """benchmarks/kernel_profile.py: runtime spans are not kernels; busy time is the union of
-    the kernels' intervals (overlaps on two threads count once); a real trace of a jitted
-    function on this JAX yields its kernels."""
+def _write_trace(path, events):
     import gzip
 
-    kp = _load_script(ROOT / "benchmarks" / "kernel_profile.py", "kernel_profile")
-    events = [
+    path.mkdir(parents=True)
+    with gzip.open(path / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_profiling_reads_cpu_kernels_and_their_busy_time(tmp_path):
+    """gfn_jax.profiling on an XLA:CPU-style trace: runtime and Python spans are not kernels;
+    busy time is the union of the kernels' intervals (overlaps on two threads count once)."""
+    from gfn_jax import profiling
+
+    _write_trace(tmp_path / "cpu" / "plugins", [
         {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 100, "tid": 1},
         {"ph": "X", "name": "$api.py:1 block_until_ready", "ts": 0, "dur": 100, "tid": 9},
+        {"ph": "X", "name": "np.asarray(jax.Array)", "ts": 0, "dur": 90, "tid": 9},
         {"ph": "X", "name": "ynn_fusion.3", "ts": 10, "dur": 20, "tid": 1},
         {"ph": "X", "name": "ynn_fusion.3", "ts": 15, "dur": 20, "tid": 2},  # overlaps
         {"ph": "X", "name": "copy_fusion", "ts": 50, "dur": 5, "tid": 1},
         {"ph": "i", "name": "marker", "ts": 60, "tid": 1},
-    ]
-    d = tmp_path / "synthetic" / "plugins"
-    d.mkdir(parents=True)
-    with gzip.open(d / "host.trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
-    spans = kp.kernel_spans(str(tmp_path / "synthetic"))
-    assert sorted(s[0] for s in spans) == ["copy_fusion", "ynn_fusion.3", "ynn_fusion.3"]
-    assert kp.busy_time(spans) == pytest.approx(25 + 5)  # [10, 35) and [50, 55)
-    assert kp.kind("ynn_fusion.3") == "ynn_fusion" and kp.kind("copy_fusion") == "copy_fusion"
+    ])
+    spans = profiling.kernel_spans(str(tmp_path / "cpu"))
+    assert sorted(s.name for s in spans) == ["copy_fusion", "ynn_fusion.3", "ynn_fusion.3"]
+    assert profiling.busy_time(spans) == pytest.approx(25 + 5)  # [10, 35) and [50, 55)
+    assert profiling.kernel_kind("ynn_fusion.3") == "ynn_fusion"
+    assert profiling.kernel_kind("input_reduce_fusion_12") == "input_reduce_fusion"
+    assert profiling.kernel_kind("copy_fusion") == "copy_fusion"
+    s = profiling.summarize(spans, wall_s=100e-6)
+    assert s["busy_fraction"] == pytest.approx(0.30) and s["kernels"] == 3
+    assert s["top"][0] == {"kind": "ynn_fusion", "count": 2, "ms": pytest.approx(0.040)}
+    assert "30%" in profiling.describe(s)
 
+
+def test_profiling_reads_only_a_devices_stream_lines(tmp_path):
+    """On an accelerator's trace the kernels are the spans of the device process's stream
+    lines; host spans and the device's derived lines (modules, ops) are not counted."""
+    from gfn_jax import profiling
+
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 7, "tid": 1, "name": "thread_name",
+         "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name",
+         "args": {"name": "Stream #14(MemcpyD2H)"}},
+        {"ph": "M", "pid": 7, "tid": 3, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 7, "tid": 4, "name": "thread_name", "args": {"name": "XLA Modules"}},
+    ]
+    _write_trace(tmp_path / "gpu" / "plugins", meta + [
+        {"ph": "X", "pid": 1, "tid": 5, "name": "ynn_fusion.1", "ts": 0, "dur": 500},  # host
+        {"ph": "X", "pid": 7, "tid": 4, "name": "jit_step", "ts": 0, "dur": 400},
+        {"ph": "X", "pid": 7, "tid": 3, "name": "fusion.2", "ts": 10, "dur": 30},
+        {"ph": "X", "pid": 7, "tid": 1, "name": "gemm_fusion_dot.4", "ts": 10, "dur": 30},
+        {"ph": "X", "pid": 7, "tid": 1, "name": "loop_fusion_7", "ts": 100, "dur": 10},
+        {"ph": "X", "pid": 7, "tid": 2, "name": "MemcpyD2H", "ts": 105, "dur": 10},
+    ])
+    spans = profiling.kernel_spans(str(tmp_path / "gpu"))
+    assert sorted(s.name for s in spans) == ["MemcpyD2H", "gemm_fusion_dot.4", "loop_fusion_7"]
+    assert {s.track for s in spans} == {"Stream #13(Compute)", "Stream #14(MemcpyD2H)"}
+    assert profiling.busy_time(spans) == pytest.approx(30 + 15)  # [10, 40) and [100, 115)
+    # a device with no stream lines: all of its lines count, the host's still do not
+    _write_trace(tmp_path / "tpu" / "plugins", [
+        {"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/device:TPU:0"}},
+        {"ph": "M", "pid": 3, "tid": 1, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 3, "tid": 1, "name": "fusion.1", "ts": 0, "dur": 8},
+        {"ph": "X", "pid": 9, "tid": 1, "name": "host_op", "ts": 0, "dur": 80},
+    ])
+    assert [s.name for s in profiling.kernel_spans(str(tmp_path / "tpu"))] == ["fusion.1"]
+    with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
+        profiling.kernel_spans(str(tmp_path / "nothing"))
+
+
+def test_kernel_profile_traces_a_real_jitted_function(tmp_path):
+    """benchmarks/kernel_profile.py's profile(): a real trace of a jitted function on this
+    JAX yields its kernels, and their busy time lies within the traced wall time."""
     import jax
     import jax.numpy as jnp
 
+    from gfn_jax import profiling
+
+    kp = _load_script(ROOT / "benchmarks" / "kernel_profile.py", "kernel_profile")
     f = jax.jit(lambda a: jnp.tanh(a @ a) + 1.0)
     x = jnp.ones((64, 64), jnp.float32)
     untraced, walls, spans = kp.profile(lambda i: jax.block_until_ready(f(x + i)), 2,
                                         str(tmp_path / "real"))
     assert len(untraced) == len(walls) == 2
     assert spans, "no kernel spans in this JAX's trace"
-    assert not any(s[0].startswith(kp._NOT_KERNELS) for s in spans)
+    assert not any(s.name.startswith(profiling._NOT_KERNELS) for s in spans)
     assert 0 < kp.busy_time(spans) <= sum(walls) * 1e6

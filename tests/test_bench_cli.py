@@ -3,7 +3,7 @@
 * The command runs end to end on the tiny toy config (configs/toy_exact.py, 8 samples)
   through the CLI entry point in-process: exit code 0, the Markdown table, and a JSON with
   every phase, positive times and FLOPs, MFU in (0, 1) against an explicit peak, the train
-  step's FLOPs above the sampler's.
+  step's FLOPs above the sampler's; with --trace-dir, each phase's kernels from its trace.
 * A bad config key fails with a non-zero exit and a message naming the key.
 * The FLOP estimate helper against a hand-computed closed form; the device-peak table and
   its detection; XLA's cost analysis and the loop check that decides when it is used.
@@ -31,6 +31,7 @@ PHASES = ("sampling", "reward", "train step", "policy+update")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
+    trace_dir = out.parent / "traces"
     import contextlib
     import io
 
@@ -39,7 +40,7 @@ def tiny_run(tmp_path_factory):
         rc = cli.main(["gfn-jax", "bench", "--config", TOY,
                        "--config.train.samples_per_prompt=8", "--steps", "2", "--warmup", "1",
                        "--device-peak", "1e12", "--device-bandwidth", "1e11",
-                       "--json", str(out)])
+                       "--json", str(out), "--trace-dir", str(trace_dir)])
     return rc, buf_out.getvalue(), buf_err.getvalue(), out
 
 
@@ -96,6 +97,16 @@ def test_tiny_config_end_to_end(tiny_run):
     assert d["roofline_fraction"] == pytest.approx(floor_s / step_s)
     assert d["bandwidth"]["bytes_per_s"] == 1e11
     assert "decode: " in stdout and "% of the roofline" in stdout
+    # --trace-dir: each measured phase called once more under the profiler, its kernels read
+    # back from the trace (the derived policy+update phase has no call of its own)
+    assert "kernels (one more call of each phase under jax.profiler.trace" in stdout
+    for name in ("sampling", "reward", "train step"):
+        prof = r["phases"][name]["profile"]
+        assert prof["kernels"] > 0 and 0 < prof["busy_fraction"] <= 1, name
+        assert 0 < prof["busy_ms"] <= prof["wall_ms"] * 1.001 and prof["top"], name
+        assert list(Path(prof["trace_dir"]).rglob("*.trace.json.gz")), name
+        assert f"- {name}: " in stdout
+    assert r["phases"]["policy+update"]["profile"] is None
 
 
 def test_bad_config_key_is_a_short_error(capsys):
