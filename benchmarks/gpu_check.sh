@@ -25,7 +25,9 @@
 # CPU smoke of exactly these commands with tiny shapes (about a minute here):
 #     SMOKE=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 # TRACE=1 adds `--trace-dir $OUT/traces/<run>`: each phase is called once more under the
-# profiler and the report lists its kernels. XLA_FLAGS passes through (A/B of XLA options).
+# profiler and the report lists its kernels. XLA_FLAGS passes through (A/B of XLA options);
+# EXTRA adds config overrides to every run and TAG suffixes the runs' names (a variant's
+# files beside the baseline's); benchmarks/gpu_ab.sh runs such a set of variants.
 # Each run writes <run>.json, its report <run>.md and its stderr <run>.log into $OUT; with
 # ARCHIVE=FILE.tar.gz set, $OUT is also packed into that file after each run (a device's
 # return channel takes few files). A failing run is reported and the next one still runs;
@@ -126,6 +128,7 @@ for spec in "${SHAPES[@]}"; do
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
         continue  # ONLY="llama1b_full llama8b_lora8": a subset of the runs
     fi
+    name="$name${TAG:-}"  # TAG=_chunk8: a variant's files beside the baseline's
     lora=(--config.lora.enabled=False)
     if [ "$R" != 0 ]; then
         lora=(--config.lora.enabled=True --config.lora.rank="$R" --config.lora.alpha=16.0
@@ -134,6 +137,7 @@ for spec in "${SHAPES[@]}"; do
     fi
     echo "=== $name: d_model $D, $L layers, $H heads ($KV kv), d_ff $F, vocab $V, LoRA $R," \
          "remat $REMAT, $PPB prompts x 16 samples"
+    read -r -a extra <<<"${EXTRA:-}"  # EXTRA="--config.model.decode_chunk=8": more overrides
     trace=()
     if [ "${TRACE:-0}" = 1 ]; then  # each phase once more under jax.profiler.trace
         trace=(--trace-dir "$OUT/traces/$name")
@@ -153,6 +157,7 @@ for spec in "${SHAPES[@]}"; do
         --config.data.max_prompt_len="$PROMPT_LEN" \
         --config.train.prompts_per_batch="$PPB" --config.train.samples_per_prompt=16 \
         --config.train.grad_accum=1 --config.mesh.data=1 "${lora[@]}" "${trace[@]}" \
+        "${extra[@]}" \
         > "$OUT/$name.md" 2> "$OUT/$name.log"
     rc=$?
     echo "$name: exit $rc, $(( $(date +%s) - start )) s"

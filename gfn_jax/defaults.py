@@ -26,6 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
     # layer's keys/values) and the samples against it, in the policy, reward and reference
     # passes; same scores up to float rounding. False = every row recomputes its prompt.
     c.model.share_prompt = True
+    # the sampler tests "every row done?" once per this many decode steps (1 = every step);
+    # same samples, fewer host round trips of the loop condition on a GPU
+    c.model.decode_chunk = 1
     c.model.init_seed = 0  # spec == "random" only
     c.model.init_std = 0.02
     c.model.random = ml_collections.ConfigDict(

@@ -259,14 +259,16 @@ def load_base_model(config: Any, task: Any) -> Tuple[ModelConfig, Params, Tokeni
         cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                           remat_policy=m.get("remat_policy", ""),
                           logits_chunk=m.get("logits_chunk", 0),
-                          share_prompt=bool(m.get("share_prompt", True)), **kw)
+                          share_prompt=bool(m.get("share_prompt", True)),
+                          decode_chunk=int(m.get("decode_chunk", 1)), **kw)
         params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std)
         return cfg, params, tok
     model = registry.load(m.spec, dtype=m.param_dtype)
     cfg = model.config.replace(dtype=m.dtype, remat=m.remat,
                                remat_policy=m.get("remat_policy", ""),
                                logits_chunk=m.get("logits_chunk", 0),
-                               share_prompt=bool(m.get("share_prompt", True)))
+                               share_prompt=bool(m.get("share_prompt", True)),
+                               decode_chunk=int(m.get("decode_chunk", 1)))
     tok = model.tokenizer or task.build_tokenizer()
     if tok is None:
         raise ValueError(f"model.spec={m.spec!r} has no tokenizer and task "

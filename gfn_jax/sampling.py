@@ -270,6 +270,20 @@ def _sample_jit(
         jnp.zeros((N, T), jnp.float32),
         jnp.zeros((N, T + 1), jnp.float32),
     )
+    k = int(cfg.decode_chunk)
+    if k > 1:
+        # chunks of k steps with one test of the condition each (a fixed-trip inner loop),
+        # while k more steps fit; steps after every row is done change no output (a done row
+        # writes pad, zero log-probs and its old length, and t stays <= T), so the samples
+        # are those of the step-by-step loop below, which runs the remaining steps
+        def chunk_cond(c):
+            t, done = c[0], c[5]
+            return (t + k <= T) & ~jnp.all(done)
+
+        def chunk(c):
+            return jax.lax.fori_loop(0, k, lambda _, c: body(c), c)
+
+        init = jax.lax.while_loop(chunk_cond, chunk, init)
     (t, logits, _, tokens, lengths, done, log_pf, log_pterm, act, b_pf,
      b_pterm) = jax.lax.while_loop(cond, body, init)
     # Rows still running here have T tokens: the prefix of length T must terminate (under

@@ -307,6 +307,42 @@ def test_sampler_log_probs_equal_scorer():
     assert np.max(np.abs(np.asarray(base.log_pf) - np.asarray(sc.log_pf))) > 1e-3
 
 
+@pytest.mark.parametrize("term_bias", [0.0, 8.0], ids=["long", "all-end-early"])
+def test_decode_chunk_gives_the_same_samples(term_bias):
+    """ModelConfig.decode_chunk: the decode loop in chunks of k steps (one test of "all rows
+    done?" per chunk, then step by step) samples exactly what the step-by-step loop samples:
+    T = 6 with k = 4 (a chunk and 2 single steps), 6 (one chunk), 8 (no chunk fits), with a
+    tool, adapters and biases; with a large ⊤ bias every row ends within the first chunk, so
+    the chunk's remaining steps run after all rows are done and must change nothing."""
+    cfg = ModelConfig(family="gpt2", vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                      max_seq_len=16)
+    params = tr.init_params(cfg, jax.random.PRNGKey(1), std=0.5)
+    adapters = _adapters(cfg, jax.random.PRNGKey(2))
+    spec = PolicySpec(TERM, max_len=6, min_len=1)
+    pt = np.array([[0, 0, 3, 4], [5, 6, 7, 1], [0, 0, 0, 2]], np.int32)
+    pm = (np.arange(4)[None] >= np.array([[2], [0], [3]])).astype(np.int32)
+    bias = np.zeros(V, np.float32)
+    bias[list(TERM)] = term_bias
+    kw = dict(num_samples=8, temperature=1.3, epsilon=0.1, logit_bias=bias, adapters=adapters,
+              tool=ForceTwoAfterOne(), pad_id=0)
+    ref = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, **kw)
+    lens = np.asarray(ref.lengths)
+    if term_bias:
+        assert lens.max() <= 3  # a row of length L draws ⊤ at step L: all inside steps 0-3
+    else:
+        assert lens.max() == spec.max_len and lens.min() < spec.max_len
+    for k in (4, 6, 8):
+        out = sample(dataclasses.replace(cfg, decode_chunk=k), params, jax.random.PRNGKey(3),
+                     pt, pm, spec, **kw)
+        for name in ("tokens", "lengths", "action_mask", "prompt_index"):
+            np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
+        for name in ("log_pf", "log_pterm", "beh_log_pf", "beh_log_pterm"):
+            np.testing.assert_allclose(getattr(out, name), getattr(ref, name), atol=1e-6,
+                                       err_msg=f"{name}, decode_chunk={k}")
+    with pytest.raises(ValueError, match="decode_chunk"):
+        dataclasses.replace(cfg, decode_chunk=0)
+
+
 def test_bad_sampler_inputs_raise():
     spec = CASES[0][1]
     with pytest.raises(ValueError, match="temperature"):

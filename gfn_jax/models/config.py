@@ -94,6 +94,11 @@ class ModelConfig:
     # The train step's scorers run the prompt shared by a group of samples once (keys/values
     # of every layer) and the samples against it; False = every row recomputes its prompt.
     share_prompt: bool = True
+    # The sampler's decode loop runs in chunks of this many steps (a fixed-trip inner loop)
+    # and tests "every row done?" once per chunk, then step by step for the last steps. Same
+    # samples; at most decode_chunk - 1 wasted steps once all rows are done. On a GPU each
+    # test of a while loop's condition copies it to the host and waits for the device.
+    decode_chunk: int = 1
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -132,6 +137,9 @@ class ModelConfig:
                 f"logits_chunk must be -1 (never chunk), 0 (auto) or a positive number of "
                 f"positions, got {self.logits_chunk!r}"
             )
+        if int(self.decode_chunk) != self.decode_chunk or self.decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be a positive number of decode steps, got "
+                             f"{self.decode_chunk!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16")
