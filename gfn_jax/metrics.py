@@ -159,7 +159,13 @@ class MetricsWriter:
             truncate_metrics(self.path, int(resume_step))
         self._file = open(self.path, "a", buffering=1)
         if use_tensorboard:
-            SummaryWriter = _summary_writer_class()
+            try:
+                SummaryWriter = _summary_writer_class()
+            except ImportError as e:  # e.g. a locked-down GPU image running from source
+                log.warning("TensorBoard event files are not written: tensorboardX cannot be "
+                            "imported (%s); %s still is. `pip install tensorboardX` to get "
+                            "them.", e, METRICS_FILE)
+                return
             purge = int(resume_step) + 1 if resume_step is not None else None
             self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), purge_step=purge, flush_secs=10)
 

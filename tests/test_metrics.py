@@ -111,6 +111,23 @@ def test_tensorboard_events(tmp_path):
     np.testing.assert_allclose([v for _, v in sc["reward/mean"]], [0.0, 1.0, 2.0])
 
 
+def test_without_tensorboardx_metrics_still_go_to_jsonl(tmp_path, monkeypatch, caplog):
+    """Without tensorboardX (a locked-down image running from source) the writer warns once,
+    naming the package, and still writes metrics.jsonl; no event files appear."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "tensorboardX", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
+    with caplog.at_level("WARNING", logger="gfn_jax.metrics"):
+        with MetricsWriter(tmp_path) as w:
+            w.write(0, {"loss": 0.5})
+            w.write(1, {"loss": 0.25})
+    assert "pip install tensorboardX" in caplog.text
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(0, 0.5), (1, 0.25)]
+    assert not glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+
+
 def test_resume_truncates(tmp_path):
     with MetricsWriter(tmp_path) as w:
         for s in range(10):
