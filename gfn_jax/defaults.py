@@ -128,6 +128,11 @@ def default_config() -> ml_collections.ConfigDict:
     # persistent XLA compilation cache (gfn_jax/compile_cache.py): auto = $JAX_COMPILATION_
     # CACHE_DIR or ~/.cache/gfn_jax/xla (4 GiB, least recently used first) | none | a path
     c.train.compilation_cache = "auto"
+    # profile train.profile_steps steps from step train.profile_start (0 = no profile):
+    # jax.profiler traces in workdir/profile/process_<i> (TensorBoard's profile plugin or
+    # ui.perfetto.dev), a kernel summary in workdir/profile/summary.json and on stdout
+    c.train.profile_start = 3
+    c.train.profile_steps = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000
@@ -282,6 +287,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.eval.temperature > 0:
         raise ValueError(f"eval.temperature must be > 0, got {config.eval.temperature}")
     for key, v in (("train.ckpt_every", t.ckpt_every),
+                   ("train.profile_start", t.get("profile_start", 0)),
+                   ("train.profile_steps", t.get("profile_steps", 0)),
                    ("eval.num_samples", config.eval.num_samples),
                    ("data.max_prompt_len", config.data.max_prompt_len)):
         if v < 0:

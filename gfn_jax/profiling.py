@@ -14,7 +14,8 @@ spans:
 
 :func:`summarize` turns them into the share of a wall time with at least one kernel running
 (``busy``; the rest is launch overhead, host work and synchronisation) and the span time per
-kernel kind. ``gfn-jax bench --trace-dir DIR`` and ``benchmarks/kernel_profile.py`` use it.
+kernel kind. ``gfn-jax bench --trace-dir DIR``, ``benchmarks/kernel_profile.py`` and the
+training loop's ``train.profile_steps`` (:class:`StepProfiler`) use it.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import gzip
 import json
 import os
 import re
+import time
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-__all__ = ["Span", "kernel_spans", "busy_time", "kernel_kind", "summarize", "describe"]
+__all__ = ["Span", "kernel_spans", "busy_time", "kernel_kind", "summarize", "describe",
+           "start_trace", "StepProfiler"]
 
 # spans of the runtime and of Python on XLA:CPU, not kernels
 _NOT_KERNELS = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction",
@@ -135,9 +138,87 @@ def describe(summary: Optional[Dict[str, Any]], top: int = 5) -> str:
     """One line of :func:`summarize`'s figures: busy share, kernels, the ``top`` kinds."""
     if not summary:
         return "n/a"
+    if "error" in summary:
+        return f"no kernel figures ({summary['error']})"
     frac = summary["busy_fraction"]
     kinds = ", ".join(f"{t['kind']} {t['ms']:.3g} ms ({t['count']:.0f}x)"
                       for t in summary["top"][:top])
     return (f"{summary['wall_ms']:.4g} ms wall, a kernel running "
             f"{'n/a' if frac is None else f'{100 * frac:.0f}%'} of it; "
             f"{summary['kernels']} kernels, {summary['span_ms']:.4g} ms of spans; top: {kinds}")
+
+
+def start_trace(log_dir: str, python: bool = False) -> None:
+    """``jax.profiler.start_trace`` with a Perfetto trace; ``python=False`` leaves out the
+    Python function tracer, which records every Python call and slows a Python-heavy loop
+    (a training step's sampling, rewards and replay) several-fold while it runs."""
+    import jax
+
+    options = None
+    if not python and hasattr(jax.profiler, "ProfileOptions"):
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0
+    if options is None:
+        jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    else:
+        jax.profiler.start_trace(log_dir, create_perfetto_trace=True, profiler_options=options)
+
+
+class StepProfiler:
+    """Traces steps ``[start, start + count)`` of a training loop with ``jax.profiler``.
+
+    Call :meth:`before` ahead of each step and :meth:`after` once the step's results are on
+    the host. Tracing begins at the first step of that range the run executes (a resumed run
+    may begin inside it) and ends after its last step, or at :meth:`close` (a run stopped
+    early). Each process writes its own trace into ``workdir/profile/process_<i>``, then
+    ``summary.json`` beside it (:func:`summarize` of the traced steps); :meth:`after` and
+    :meth:`close` return that summary once, else ``None``. ``count == 0`` does nothing.
+    """
+
+    def __init__(self, workdir: str, start: int, count: int, python: bool = False) -> None:
+        import jax
+
+        self.start, self.count, self.python = int(start), int(count), bool(python)
+        self.dir = os.path.join(os.fspath(workdir), "profile", f"process_{jax.process_index()}")
+        self.first: Optional[int] = None
+        self.last: Optional[int] = None
+        self._t0 = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.first is not None and self.last is None
+
+    def before(self, step: int) -> None:
+        if (self.count > 0 and self.first is None
+                and self.start <= step < self.start + self.count):
+            os.makedirs(self.dir, exist_ok=True)
+            start_trace(self.dir, python=self.python)
+            self.first = int(step)
+            self._t0 = time.perf_counter()
+
+    def after(self, step: int) -> Optional[Dict[str, Any]]:
+        if self.active and step >= self.start + self.count - 1:
+            return self._finish(int(step))
+        return None
+
+    def close(self, step: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """End a trace still running (the loop stopped inside the range)."""
+        if self.active:
+            return self._finish(int(step) if step is not None else int(self.first or 0))
+        return None
+
+    def _finish(self, step: int) -> Dict[str, Any]:
+        import jax
+
+        wall = time.perf_counter() - self._t0
+        jax.profiler.stop_trace()
+        self.last = step
+        n = step - int(self.first or 0) + 1
+        try:
+            out: Dict[str, Any] = summarize(kernel_spans(self.dir), wall, calls=n)
+        except (FileNotFoundError, ValueError, OSError) as e:  # no trace: say so, never fail
+            out = {"error": f"{type(e).__name__}: {e}"}
+        out.update(first_step=self.first, last_step=step, steps=n, trace_dir=self.dir)
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        return out

@@ -40,6 +40,7 @@ from gfn_jax.models.transformer import param_axes, param_shapes
 from gfn_jax.objective_registry import final_values, get_objective
 from gfn_jax.optim import build_optimizer, reward_temperature, total_updates
 from gfn_jax.policy import Policy, load_base_model, lora_config
+from gfn_jax.profiling import StepProfiler, describe
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.replay import ReplayBuffer
 from gfn_jax.rollout import BEHAVIOURS, Rollouts
@@ -493,55 +494,61 @@ class Trainer:
                    desc="training", disable=not progress or jax.process_index() != 0,
                    dynamic_ncols=True)
         step = self.start_step
-        with PreemptionHandler(catch_sigint=True) as preempt:
-            for step in bar:
-                t0 = time.time()
-                batch, kind = self.make_batch(step)
-                t_sample = time.time() - t0
-                temp = self.temperature()
-                metrics, log_r_final = self.train_step(batch, temp, step)
-                dt = time.time() - t0
-                n_tok = int(batch.size * (batch.max_len + np.shape(batch.prompt_tokens)[1]))
-                tokens_seen += n_tok
-                if not metrics["finite"]:
-                    msg = (f"non-finite loss ({metrics['loss']}) or gradient "
-                           f"({metrics['grad_norm']}) at step {step}; the update was skipped")
-                    writer.write(step, {"nonfinite": 1.0})
-                    if tc.on_nan == "stop":
-                        writer.close()
-                        raise NonFiniteLossError(msg + " and training stops (train.on_nan='stop')")
-                    print("warning:", msg)
-                self.add_to_replay(batch, log_r_final)
-                metrics.update(reward_temperature=temp, step_time=dt, sample_time=t_sample,
-                               tokens_per_s=n_tok / max(dt, 1e-9),
-                               behaviour=float(BEHAVIOURS.index(kind)),
-                               replay_size=float(len(self.replay)))
-                if self.prompt_stream is not None:
-                    metrics.update(self.prompt_stream.metrics())
-                if len(self.replay):
-                    rs = self.replay.stats()
-                    metrics.update(replay_best_log_r=rs["best_log_r"],
-                                   replay_mean_log_r=rs["mean_log_r"])
-                last = metrics
-                if step % tc.log_every == 0 or step == tc.steps - 1:
-                    writer.write(step, metrics)
-                post = {"loss": f"{metrics['loss']:.3g}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
-                if "log_r" in metrics:
-                    post["logR"] = f"{metrics['log_r']:.3g}"
-                bar.set_postfix(**post)
-                done = step + 1
-                if tc.ckpt_every and done % tc.ckpt_every == 0:
-                    self.save(done)
-                if preempt.should_stop(done) or (until is not None and done >= until):
-                    self.save(done, force=True)
-                    self.ckpt.wait()
-                    summary["preempted_at"] = done
-                    print(f"stopping early: saved checkpoint at step {done}")
-                    break
-            else:
-                done = tc.steps
-                if done > self.start_step:
-                    self.save(done, force=True)
+        prof = StepProfiler(self.workdir, tc.get("profile_start", 0), tc.get("profile_steps", 0))
+        try:
+            with PreemptionHandler(catch_sigint=True) as preempt:
+                for step in bar:
+                    prof.before(step)
+                    t0 = time.time()
+                    batch, kind = self.make_batch(step)
+                    t_sample = time.time() - t0
+                    temp = self.temperature()
+                    metrics, log_r_final = self.train_step(batch, temp, step)
+                    dt = time.time() - t0
+                    n_tok = int(batch.size * (batch.max_len + np.shape(batch.prompt_tokens)[1]))
+                    tokens_seen += n_tok
+                    if not metrics["finite"]:
+                        msg = (f"non-finite loss ({metrics['loss']}) or gradient "
+                               f"({metrics['grad_norm']}) at step {step}; the update was skipped")
+                        writer.write(step, {"nonfinite": 1.0})
+                        if tc.on_nan == "stop":
+                            writer.close()
+                            raise NonFiniteLossError(msg + " and training stops (train.on_nan='stop')")
+                        print("warning:", msg)
+                    self.add_to_replay(batch, log_r_final)
+                    self._report_profile(prof.after(step), summary)
+                    metrics.update(reward_temperature=temp, step_time=dt, sample_time=t_sample,
+                                   tokens_per_s=n_tok / max(dt, 1e-9),
+                                   behaviour=float(BEHAVIOURS.index(kind)),
+                                   replay_size=float(len(self.replay)))
+                    if self.prompt_stream is not None:
+                        metrics.update(self.prompt_stream.metrics())
+                    if len(self.replay):
+                        rs = self.replay.stats()
+                        metrics.update(replay_best_log_r=rs["best_log_r"],
+                                       replay_mean_log_r=rs["mean_log_r"])
+                    last = metrics
+                    if step % tc.log_every == 0 or step == tc.steps - 1:
+                        writer.write(step, metrics)
+                    post = {"loss": f"{metrics['loss']:.3g}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+                    if "log_r" in metrics:
+                        post["logR"] = f"{metrics['log_r']:.3g}"
+                    bar.set_postfix(**post)
+                    done = step + 1
+                    if tc.ckpt_every and done % tc.ckpt_every == 0:
+                        self.save(done)
+                    if preempt.should_stop(done) or (until is not None and done >= until):
+                        self.save(done, force=True)
+                        self.ckpt.wait()
+                        summary["preempted_at"] = done
+                        print(f"stopping early: saved checkpoint at step {done}")
+                        break
+                else:
+                    done = tc.steps
+                    if done > self.start_step:
+                        self.save(done, force=True)
+        finally:  # a trace still running (stopped early, or an error) ends here
+            self._report_profile(prof.close(step), summary)
         self.ckpt.wait()
         summary.update(
             steps=int(self.state.step) // max(self.calls_per_rollout, 1),
@@ -556,6 +563,16 @@ class Trainer:
         except Exception as e:  # plots are a convenience, never fatal
             print("warning: could not plot metrics:", e)
         return summary
+
+    @staticmethod
+    def _report_profile(p: Optional[Dict[str, Any]], summary: Dict[str, Any]) -> None:
+        """A finished train.profile_steps trace: into the run's summary and on stdout."""
+        if p is None:
+            return
+        summary["profile"] = p
+        if jax.process_index() == 0:
+            print(f"profile of steps {p['first_step']}-{p['last_step']}, per step: {describe(p)}; "
+                  f"trace in {p['trace_dir']}")
 
     # ------------------------------------------------------------ evaluation
     def generate(self, num: int, prompt: Optional[str] = None, temperature: float = 1.0,

@@ -156,21 +156,39 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path):
+def test_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
+    """A run stopped at step 3 and resumed logs the losses of an uninterrupted one. Run b
+    also profiles steps 2-4 (train.profile_steps), across the stop: the trace ends at the
+    stop, the resumed run traces the rest, the kernels are summarised (run summary,
+    profile/process_0/summary.json, stdout), and the losses are unchanged by it."""
+    import glob
+
     over = {"train.steps": 8, "train.ckpt_every": 2, "explore.p_replay": 0.3,
             "explore.p_tempered": 0.2, "explore.p_on_policy": 0.5, "replay.min_size": 1}
     a = str(tmp_path / "a")
-    Trainer(toy_config(**over), a).run(progress=False)
+    assert "profile" not in Trainer(toy_config(**over), a).run(progress=False)  # off: default
     b = str(tmp_path / "b")
-    Trainer(toy_config(**over), b).run(progress=False, until=3)
+    prof = {**over, "train.profile_start": 2, "train.profile_steps": 3}
+    p = Trainer(toy_config(**prof), b).run(progress=False, until=3)["profile"]
+    assert (p["first_step"], p["last_step"], p["steps"]) == (2, 2, 1)
     assert Checkpointer(os.path.join(b, "checkpoints")).latest_step() == 3
-    tr = Trainer(toy_config(**over), b)
+    tr = Trainer(toy_config(**prof), b)
     assert tr.start_step == 3 and len(tr.replay) > 0
-    tr.run(progress=False)
+    p = tr.run(progress=False)["profile"]
+    assert (p["first_step"], p["last_step"], p["steps"]) == (3, 4, 2)
+    assert p["kernels"] > 0 and 0 < p["busy_fraction"] <= 1 and p["top"]
+    with open(os.path.join(b, "profile", "process_0", "summary.json")) as f:
+        assert json.load(f)["kernels"] == p["kernels"]
+    assert glob.glob(os.path.join(b, "profile", "process_0", "**", "*.trace.json.gz"),
+                     recursive=True)
+    out = capsys.readouterr().out
+    assert "profile of steps 2-2, per step: " in out and "profile of steps 3-4, per step: " in out
     la, lb = _losses(a), _losses(b)
     assert sorted(la) == sorted(lb) == list(range(8))
     for s in range(8):
         assert lb[s] == pytest.approx(la[s], rel=1e-6, abs=1e-7), s
+    with pytest.raises(ValueError, match="train.profile_steps"):
+        validate_config(toy_config(**{"train.profile_steps": -1}))
 
 
 def test_nan_loss_stops_with_step_and_keeps_clean_checkpoint(tmp_path):
