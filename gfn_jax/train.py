@@ -571,8 +571,8 @@ class Trainer:
             return
         summary["profile"] = p
         if jax.process_index() == 0:
-            print(f"profile of steps {p['first_step']}-{p['last_step']}, per step: {describe(p)}; "
-                  f"trace in {p['trace_dir']}")
+            print(f"profile of steps {p['first_step']}-{p['last_step']}, per step: "
+                  f"{describe(p)}; trace in {p['trace_dir']}")
 
     # ------------------------------------------------------------ evaluation
     def generate(self, num: int, prompt: Optional[str] = None, temperature: float = 1.0,
