@@ -82,6 +82,7 @@ from gfn_jax.data import ShardedStream, open_source
 from gfn_jax.tasks.calculator import CalculatorTool, evaluate_expression
 from gfn_jax.compile_cache import enable_compilation_cache
 from gfn_jax.collective_order import unordered_collectives
+from gfn_jax.profiling import StepProfiler, kernel_spans, summarize as summarize_kernels
 
 __all__ = [
     "PolicySpec", "Model", "ModelConfig", "forward", "init_params", "load", "load_gguf",
@@ -96,5 +97,5 @@ __all__ = [
     "greedy", "sample_nucleus", "sample_pure", "sample_tempered", "bleu4", "distinct_n",
     "embedding_diversity", "gleu", "load_sentence_encoder", "ShardedStream", "open_source",
     "CalculatorTool", "evaluate_expression", "enable_compilation_cache",
-    "unordered_collectives", "to_host",
+    "unordered_collectives", "to_host", "StepProfiler", "kernel_spans", "summarize_kernels",
 ]

@@ -258,8 +258,10 @@ def _adapters(cfg, key, r=2):
         "a": 0.4 * jax.random.normal(k1, (L, D, r)), "b": 0.4 * jax.random.normal(k2, (L, r, K * Dh))}}}}}}
 
 
-def test_sampler_log_probs_equal_scorer():
-    # gpt2: learned positions make left-padding / position mistakes visible.
+def _gpt2_case():
+    """(cfg, params, adapters, spec, prompt tokens, prompt mask): a one-layer gpt2 (learned
+    positions make left-padding / position mistakes visible), LoRA on v, T = 6, three
+    left-padded prompts of different lengths."""
     cfg = ModelConfig(family="gpt2", vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                       max_seq_len=16)
     params = tr.init_params(cfg, jax.random.PRNGKey(1), std=0.5)
@@ -267,6 +269,11 @@ def test_sampler_log_probs_equal_scorer():
     spec = PolicySpec(TERM, max_len=6, min_len=1)
     pt = np.array([[0, 0, 3, 4], [5, 6, 7, 1], [0, 0, 0, 2]], np.int32)
     pm = (np.arange(4)[None] >= np.array([[2], [0], [3]])).astype(np.int32)
+    return cfg, params, adapters, spec, pt, pm
+
+
+def test_sampler_log_probs_equal_scorer():
+    cfg, params, adapters, spec, pt, pm = _gpt2_case()
     bias = np.zeros(V, np.float32)
     bias[7] = -1e9
     bias[1] = 1.0
@@ -314,13 +321,7 @@ def test_decode_chunk_gives_the_same_samples(term_bias):
     T = 6 with k = 4 (a chunk and 2 single steps), 6 (one chunk), 8 (no chunk fits), with a
     tool, adapters and biases; with a large ⊤ bias every row ends within the first chunk, so
     the chunk's remaining steps run after all rows are done and must change nothing."""
-    cfg = ModelConfig(family="gpt2", vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                      max_seq_len=16)
-    params = tr.init_params(cfg, jax.random.PRNGKey(1), std=0.5)
-    adapters = _adapters(cfg, jax.random.PRNGKey(2))
-    spec = PolicySpec(TERM, max_len=6, min_len=1)
-    pt = np.array([[0, 0, 3, 4], [5, 6, 7, 1], [0, 0, 0, 2]], np.int32)
-    pm = (np.arange(4)[None] >= np.array([[2], [0], [3]])).astype(np.int32)
+    cfg, params, adapters, spec, pt, pm = _gpt2_case()
     bias = np.zeros(V, np.float32)
     bias[list(TERM)] = term_bias
     kw = dict(num_samples=8, temperature=1.3, epsilon=0.1, logit_bias=bias, adapters=adapters,
