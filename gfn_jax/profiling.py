@@ -24,12 +24,15 @@ import collections
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 import time
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Span", "kernel_spans", "busy_time", "kernel_kind", "summarize", "describe",
            "start_trace", "StepProfiler"]
@@ -191,8 +194,14 @@ class StepProfiler:
     def before(self, step: int) -> None:
         if (self.count > 0 and self.first is None
                 and self.start <= step < self.start + self.count):
-            os.makedirs(self.dir, exist_ok=True)
-            start_trace(self.dir, python=self.python)
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+                start_trace(self.dir, python=self.python)
+            except Exception as e:  # noqa: BLE001 - e.g. a trace the caller already runs
+                self.count = 0  # a profile is a diagnostic: the run goes on without it
+                log.warning("train.profile_steps: no profile, the trace did not start (%s: %s)",
+                            type(e).__name__, e)
+                return
             self.first = int(step)
             self._t0 = time.perf_counter()
 

@@ -432,6 +432,41 @@ def test_profiling_reads_only_a_devices_stream_lines(tmp_path):
         profiling.kernel_spans(str(tmp_path / "nothing"))
 
 
+def test_step_profiler_traces_its_range_and_never_stops_a_run(tmp_path, caplog):
+    """StepProfiler: steps [2, 4) of a loop are traced and summarised per step; when the
+    trace cannot start (another one is already running), it warns and the loop goes on."""
+    import jax
+    import jax.numpy as jnp
+
+    from gfn_jax.profiling import StepProfiler
+
+    f = jax.jit(lambda a: jnp.tanh(a @ a))
+    x = jnp.ones((32, 32), jnp.float32)
+    prof = StepProfiler(str(tmp_path / "run"), start=2, count=2)
+    done = []
+    for step in range(6):
+        prof.before(step)
+        jax.block_until_ready(f(x + step))
+        r = prof.after(step)
+        if r is not None:
+            done.append(r)
+    assert prof.close() is None and len(done) == 1
+    r = done[0]
+    assert (r["first_step"], r["last_step"], r["steps"]) == (2, 3, 2)
+    assert r["kernels"] > 0 and 0 < r["busy_fraction"] <= 1
+    assert (tmp_path / "run" / "profile" / "process_0" / "summary.json").exists()
+
+    jax.profiler.start_trace(str(tmp_path / "outer"))  # the caller's own trace
+    try:
+        busy = StepProfiler(str(tmp_path / "run2"), start=0, count=1)
+        with caplog.at_level("WARNING", logger="gfn_jax.profiling"):
+            busy.before(0)
+        assert busy.after(0) is None and busy.close() is None
+        assert "the trace did not start" in caplog.text
+    finally:
+        jax.profiler.stop_trace()
+
+
 def test_kernel_profile_traces_a_real_jitted_function(tmp_path):
     """benchmarks/kernel_profile.py's profile(): a real trace of a jitted function on this
     JAX yields its kernels, and their busy time lies within the traced wall time."""
