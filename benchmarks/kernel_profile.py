@@ -13,8 +13,10 @@ every kernel it runs (a loop fusion, a YNNPACK matmul fusion, a copy, ...) as a 
 thread that ran it (``gfn_jax.profiling`` reads it). It prints the share of the wall time with at least one kernel running
 ("busy"; the rest is the runtime between kernels) and the span time per kernel kind; for
 the sampler, split into the decode loop's kernels (run once per decode step) and those run
-once per call (prefill, weight layout, heads). A kernel that runs on both cores counts its
-span on each, so sums can exceed the wall time.
+once per call (prefill, weight layout, heads). Spans of kernels running at the same time on
+XLA's two threads add up, so sums can exceed the wall time; a YNNPACK matmul is one span on
+one XLA thread even when the library's own worker threads run it on both cores, so the
+script also prints the process's CPU time over the wall time ("cores in use").
 
     python benchmarks/kernel_profile.py --what sampler
     python benchmarks/kernel_profile.py --what policy reward --setting A
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -34,14 +37,20 @@ import numpy as np
 
 from gfn_jax.profiling import Span, busy_time, kernel_kind, kernel_spans
 
-def profile(call, calls: int, trace_dir: str) -> Tuple[List[float], List[float], List[Span]]:
-    """(untimed walls, traced walls, kernel spans) of ``calls`` calls after a compiling one."""
+def profile(call, calls: int, trace_dir: str
+            ) -> Tuple[List[float], List[float], List[Span], float]:
+    """(untraced walls, traced walls, kernel spans, cores in use) of ``calls`` calls after a
+    compiling one; cores in use = the process's CPU time over the untraced calls' wall time
+    (the matmul library's own worker threads count there, though not as spans)."""
     call(0)
     untraced = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for i in range(calls):
         t = time.perf_counter()
         call(i)
         untraced.append(time.perf_counter() - t)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     import jax
 
     walls = []
@@ -50,7 +59,7 @@ def profile(call, calls: int, trace_dir: str) -> Tuple[List[float], List[float],
             t = time.perf_counter()
             call(i)
             walls.append(time.perf_counter() - t)
-    return untraced, walls, kernel_spans(trace_dir)
+    return untraced, walls, kernel_spans(trace_dir), cpu / max(sum(untraced), 1e-9)
 
 
 def table(groups, top: int) -> None:
@@ -66,13 +75,14 @@ def table(groups, top: int) -> None:
             print(f"| {label} | `{k}` | {cnt[k] / per:.0f} | {d / per / 1e3:.1f} |")
 
 
-def summary(what: str, untraced, walls, spans, n: int) -> None:
+def summary(what: str, untraced, walls, spans, n: int, cores: float) -> None:
     wall_ms = statistics.median(walls) * 1e3
     busy = busy_time(spans) / 1e3
     print(f"\n## {what}: wall per call {wall_ms:.0f} ms traced, "
           f"{statistics.median(untraced) * 1e3:.0f} ms untraced; a kernel running "
           f"{100 * busy / (sum(walls) * 1e3):.0f}% of the wall; kernel spans "
-          f"{sum(s[2] for s in spans) / n / 1e3:.0f} ms per call")
+          f"{sum(s[2] for s in spans) / n / 1e3:.0f} ms per call; {cores:.2f} cores in use "
+          "(process CPU time / wall, untraced)")
 
 
 def main() -> None:
@@ -112,9 +122,9 @@ def main() -> None:
                 return jax.block_until_ready(sample(cfg, params, jax.random.PRNGKey(i), toks,
                                                     jnp.ones_like(toks), spec, num_samples=K))
 
-            untraced, walls, spans = profile(call, n, trace_dir)
+            untraced, walls, spans, cores = profile(call, n, trace_dir)
             summary(f"sampler, SmolLM2-135M float32, {K} rows x {T} new tokens, prompt {P}",
-                    untraced, walls, spans, n)
+                    untraced, walls, spans, n, cores)
             runs: Dict[str, int] = collections.Counter(s[0] for s in spans)
             loop = [s for s in spans if runs[s[0]] == n * T]
             once = [s for s in spans if runs[s[0]] == n]
@@ -132,10 +142,10 @@ def main() -> None:
             def call(i: int, b=b, what=what):
                 return bsp._call(b["fns"]["new"], what, b["tree"], b["params"], b["batch"])
 
-            untraced, walls, spans = profile(call, n, trace_dir)
+            untraced, walls, spans, cores = profile(call, n, trace_dir)
             summary(f"{what}, setting {args.setting} ({bsp.SETTINGS[args.setting]}), "
                     "SmolLM2-135M shape, float32, LoRA r=64 on q,k,v,o, prompt shared",
-                    untraced, walls, spans, n)
+                    untraced, walls, spans, n, cores)
             table(((what + ", per call", spans, n),), args.top)
     if not args.trace_dir:
         import shutil

@@ -478,9 +478,9 @@ def test_kernel_profile_traces_a_real_jitted_function(tmp_path):
     kp = _load_script(ROOT / "benchmarks" / "kernel_profile.py", "kernel_profile")
     f = jax.jit(lambda a: jnp.tanh(a @ a) + 1.0)
     x = jnp.ones((64, 64), jnp.float32)
-    untraced, walls, spans = kp.profile(lambda i: jax.block_until_ready(f(x + i)), 2,
-                                        str(tmp_path / "real"))
-    assert len(untraced) == len(walls) == 2
+    untraced, walls, spans, cores = kp.profile(lambda i: jax.block_until_ready(f(x + i)), 2,
+                                               str(tmp_path / "real"))
+    assert len(untraced) == len(walls) == 2 and cores > 0
     assert spans, "no kernel spans in this JAX's trace"
     assert not any(s.name.startswith(profiling._NOT_KERNELS) for s in spans)
     assert 0 < kp.busy_time(spans) <= sum(walls) * 1e6
