@@ -6,8 +6,8 @@ event) JSON next to its XPlane protobuf. This module reads that JSON and keeps t
 spans:
 
 * on an accelerator (a process named ``/device:GPU:0``, ``/device:TPU:0``, ...): the spans on
-  its stream lines (``Stream #N(...)``; every line of the device when it has none), which
-  are the kernels and copies the device ran;
+  its stream lines (``Stream #N(...)``: the kernels and copies a GPU ran), else on its
+  ``XLA Ops`` line (a TPU's ops), else on every line of the device;
 * on XLA:CPU (no device process): the spans of the host's threads less the runtime's and
   Python's own (``PjitFunction``, ``ThunkExecutor``, ``$file.py:N``, ...): each kernel runs
   as a span on the thread that ran it.
@@ -76,14 +76,18 @@ def kernel_spans(trace_dir: str) -> List[Span]:
             threads[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
     device_pids = {pid for pid, n in procs.items() if n.startswith("/device:")}
     if device_pids:
-        streams = {k for k, n in threads.items() if k[0] in device_pids and n.startswith("Stream")}
+        # per device: its stream lines (GPU kernels and copies), else its "XLA Ops" line
+        # (TPU), else every line it has; never the derived lines beside them (modules, steps)
+        kept: set = set()
+        for pid in device_pids:
+            lines = {k: n for k, n in threads.items() if k[0] == pid}
+            pick = ({k for k, n in lines.items() if n.startswith("Stream")}
+                    or {k for k, n in lines.items() if n == "XLA Ops"})
+            kept |= pick if pick else {("all", pid)}
 
         def keep(e: Dict[str, Any]) -> bool:
             key = (e.get("pid"), e.get("tid"))
-            if key[0] not in device_pids:
-                return False
-            has_streams = any(s[0] == key[0] for s in streams)
-            return key in streams if has_streams else True
+            return key in kept or ("all", key[0]) in kept
     else:
         def keep(e: Dict[str, Any]) -> bool:
             return not str(e.get("name", "")).startswith(_NOT_KERNELS)

@@ -420,14 +420,20 @@ def test_profiling_reads_only_a_devices_stream_lines(tmp_path):
     assert sorted(s.name for s in spans) == ["MemcpyD2H", "gemm_fusion_dot.4", "loop_fusion_7"]
     assert {s.track for s in spans} == {"Stream #13(Compute)", "Stream #14(MemcpyD2H)"}
     assert profiling.busy_time(spans) == pytest.approx(30 + 15)  # [10, 40) and [100, 115)
-    # a device with no stream lines: all of its lines count, the host's still do not
+    # a device with no stream lines: its "XLA Ops" line (not the module line beside it); a
+    # device with neither: every line it has; the host's spans never count
     _write_trace(tmp_path / "tpu" / "plugins", [
         {"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/device:TPU:0"}},
         {"ph": "M", "pid": 3, "tid": 1, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 3, "tid": 2, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 4, "name": "process_name", "args": {"name": "/device:TPU:1"}},
         {"ph": "X", "pid": 3, "tid": 1, "name": "fusion.1", "ts": 0, "dur": 8},
+        {"ph": "X", "pid": 3, "tid": 2, "name": "jit_step", "ts": 0, "dur": 50},
+        {"ph": "X", "pid": 4, "tid": 7, "name": "fusion.2", "ts": 0, "dur": 8},
         {"ph": "X", "pid": 9, "tid": 1, "name": "host_op", "ts": 0, "dur": 80},
     ])
-    assert [s.name for s in profiling.kernel_spans(str(tmp_path / "tpu"))] == ["fusion.1"]
+    assert sorted(s.name for s in profiling.kernel_spans(str(tmp_path / "tpu"))) == [
+        "fusion.1", "fusion.2"]
     with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
         profiling.kernel_spans(str(tmp_path / "nothing"))
 
