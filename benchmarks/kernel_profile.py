@@ -35,7 +35,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from gfn_jax.profiling import Span, busy_time, kernel_kind, kernel_spans
+from gfn_jax.profiling import Span, busy_time, kernel_spans, summarize
+
 
 def profile(call, calls: int, trace_dir: str
             ) -> Tuple[List[float], List[float], List[Span], float]:
@@ -66,13 +67,8 @@ def table(groups, top: int) -> None:
     """Markdown rows: per group (label, spans, divisor), the ``top`` kinds by span time."""
     print("\n| kernels | kind | count | span ms, summed over threads |\n|---|---|---:|---:|")
     for label, group, per in groups:
-        by: Dict[str, float] = collections.Counter()
-        cnt: Dict[str, int] = collections.Counter()
-        for name, _, d, _ in group:
-            by[kernel_kind(name)] += d
-            cnt[kernel_kind(name)] += 1
-        for k, d in by.most_common(top):
-            print(f"| {label} | `{k}` | {cnt[k] / per:.0f} | {d / per / 1e3:.1f} |")
+        for t in summarize(group, 0.0, calls=per, top=top)["top"]:
+            print(f"| {label} | `{t['kind']}` | {t['count']:.0f} | {t['ms']:.1f} |")
 
 
 def summary(what: str, untraced, walls, spans, n: int, cores: float) -> None:

@@ -161,14 +161,11 @@ def start_trace(log_dir: str, python: bool = False) -> None:
     (a training step's sampling, rewards and replay) several-fold while it runs."""
     import jax
 
-    options = None
+    kw: Dict[str, Any] = {}
     if not python and hasattr(jax.profiler, "ProfileOptions"):
-        options = jax.profiler.ProfileOptions()
-        options.python_tracer_level = 0
-    if options is None:
-        jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
-    else:
-        jax.profiler.start_trace(log_dir, create_perfetto_trace=True, profiler_options=options)
+        kw["profiler_options"] = jax.profiler.ProfileOptions()
+        kw["profiler_options"].python_tracer_level = 0
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True, **kw)
 
 
 class StepProfiler:
