@@ -57,6 +57,11 @@ def _single_device_programs_compile_fast() -> None:
     or if GFN_JAX_TEST_ELEMENTAL_EMITTERS=0."""
     if os.environ.get("GFN_JAX_TEST_ELEMENTAL_EMITTERS", "1") != "1":
         return
+    if jax_platform_is_cpu() and not _elemental_emitters_exist():
+        # newer XLA:CPU (jaxlib 0.11) has no such option and rejects it: say so to the
+        # processes tests start (tiny.xla_flags) and to the tests that need the emitters
+        os.environ["GFN_JAX_TEST_ELEMENTAL_EMITTERS"] = "0"
+        return
     try:
         from jax._src import compiler
     except ImportError:
@@ -84,6 +89,21 @@ def _single_device_programs_compile_fast() -> None:
 
     get_compile_options._gfn_jax_single_device_emitters = True
     compiler.get_compile_options = get_compile_options
+
+
+def _elemental_emitters_exist() -> bool:
+    """Whether this XLA:CPU accepts ``xla_cpu_use_fusion_emitters`` (jaxlib 0.10 does;
+    0.11 fails the compile with "No such compile option"). Probed by compiling a one-op
+    program with the option, before the wrapper below is installed."""
+    import jax
+    import numpy as np
+
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(1)).compile(
+            {"xla_cpu_use_fusion_emitters": False})
+    except Exception:  # noqa: BLE001 - any rejection means: do not ask for the option
+        return False
+    return True
 
 
 def jax_platform_is_cpu() -> bool:

@@ -8,9 +8,11 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gfn_jax.collective_order import CollectivePair, format_pairs, unordered_collectives
+from tiny import elemental_emitters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +50,10 @@ def test_flags_a_collective_that_depends_on_nothing_the_loop_computes():
     p = loop_pairs[0]
     other = p.second_op if p.first_op == "while" else p.first_op
     assert other == "all-gather" and p.involves_loop
-    assert "sort" in (p.first_source + p.second_source)
+    # the gather's source: the sort (jaxlib 0.10 gathers its result) or y itself (0.11
+    # gathers y, then sorts the replicated copy); never the loop's operands
+    src = p.second_source if p.first_op == "while" else p.first_source
+    assert "sort" in src or src == "y", (p.first_source, p.second_source)
 
 
 def test_a_data_dependency_orders_it():
@@ -147,6 +152,9 @@ def test_fsdp_step_with_elemental_emitters_does_not_deadlock(tmp_path):
     the prompt-group check's collectives: on the commit before, this test failed 3 runs of 4
     (2 of 2 compiled afresh, as here) and the same step in a script 9 runs of 9. So this run
     is likely, not certain, to catch such a collective coming back."""
+    if not elemental_emitters():
+        pytest.skip("no elemental emitters here (GFN_JAX_TEST_ELEMENTAL_EMITTERS=0, set by "
+                    "conftest.py where XLA:CPU has no xla_cpu_use_fusion_emitters option)")
     env = dict(os.environ)
     env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
                         "--xla_cpu_use_fusion_emitters=false "
