@@ -50,6 +50,7 @@ from gfn_jax.logprobs import (
 from gfn_jax.models.adapters import as_adapters
 from gfn_jax.models.config import AUTO_LOGITS_CHUNK_BYTES, ModelConfig
 from gfn_jax.models.transformer import (
+    CopyBlockMask,
     _merged_top,
     activation_sharding,
     apply,
@@ -73,6 +74,7 @@ __all__ = [
     "score_policy",
     "score_reward_prefixes",
     "score_suffix_prefixes",
+    "suffix_block_mask",
     "suffix_layout",
 ]
 
@@ -556,6 +558,31 @@ def suffix_layout(
     return positions, mask, idx
 
 
+def suffix_block_mask(
+    prompt_mask: jax.Array, lengths: jax.Array, suffix_mask: jax.Array, T: int
+) -> CopyBlockMask:
+    """:func:`suffix_layout`'s attention mask in block form (a
+    :class:`~gfn_jax.models.transformer.CopyBlockMask`; ``.dense()`` equals the layout's
+    mask): the main part ``[X | Z]`` causal over its real tokens; copy c over the real prompt
+    tokens and ``z_k`` for ``k < c``; within a copy, causal over its real suffix tokens.
+    Needs ``S >= 2`` (a copy of at least one token)."""
+    B, P = prompt_mask.shape
+    Sc = suffix_mask.shape[1] - 1
+    if Sc < 1:
+        raise ValueError("suffix_block_mask needs suffixes of at least 2 slots")
+    C, Lm = T + 1, P + T
+    am = jnp.concatenate([prompt_mask.astype(bool), token_mask(lengths, T)], axis=1)  # [B, Lm]
+    pos = np.arange(Lm)
+    main = jnp.asarray(pos[None, :] <= pos[:, None])[None] & am[:, None, :]
+    # copy c sees the prompt and z_k for k < c
+    sees = (pos[None, :] < P) | (pos[None, :] - P < np.arange(C)[:, None])  # [C, Lm]
+    copy_ctx = jnp.asarray(sees)[None] & am[:, None, :]
+    within = np.arange(Sc)
+    own = (jnp.asarray(within[None, :] <= within[:, None])[None]
+           & suffix_mask[:, None, :Sc].astype(bool))
+    return CopyBlockMask(main=main, copy_ctx=copy_ctx, copy_own=own)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "shard", "groups"))
 def _score_suffix_jit(
     params, prompt_tokens, prompt_mask, tokens, lengths, suffix_tokens, suffix_mask, adapters, *,
@@ -576,12 +603,16 @@ def _score_suffix_body(params, prompt_tokens, prompt_mask, tokens, lengths, suff
     suffix_tokens = jnp.where(smask, suffix_tokens, 0)
     tokens = jnp.where(token_mask(lengths, T), tokens, 0)
     positions, mask, idx = suffix_layout(prompt_mask, lengths, smask, T)
+    if S > 1:  # the same mask in blocks: the copies' attention costs O(C·S·(P+T+S)), not O((C·S)²)
+        mask = suffix_block_mask(prompt_mask, lengths, smask, T)
     cont = jnp.concatenate([tokens, jnp.tile(suffix_tokens[:, : S - 1], (1, C))], axis=1)
     ok = None
     if groups:  # X once per group; [Z | Y'_0 .. Y'_T] of every row against it
+        rows = (mask.drop_main_queries(P) if isinstance(mask, CopyBlockMask)
+                else mask[:, P:, :])
         hidden, _, ok = _shared_prefix_hidden(
             cfg, params, prompt_tokens, prompt_mask, cont, groups, adapters,
-            positions[:, P:], mask[:, P:, :])
+            positions[:, P:], rows)
         idx = idx - (P - 1)  # hidden starts at sequence position P - 1
     else:
         _, _, hidden = apply(

@@ -143,6 +143,40 @@ def test_suffix_prefixes_match_naive_loop(family):
     assert np.ptp(want[2, : len(ZS[2]) + 1]) > 1e-2
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_suffix_block_mask_is_the_layout_mask_and_attends_alike(family):
+    """The suffix layout's mask in block form equals the dense mask, and a forward under it
+    equals the dense forward, values and gradients, at every query that sees a key (a query
+    of a left-padded prompt slot sees none; its output is ignored either way)."""
+    from gfn_jax.scoring import suffix_block_mask, suffix_layout
+
+    pt, pm, z, lengths, y, ym = (jnp.asarray(a) for a in _batch())
+    positions, dense, _ = suffix_layout(pm, lengths, ym, T)
+    block = suffix_block_mask(pm, lengths, ym, T)
+    L = P + T + (T + 1) * (S - 1)
+    assert block.shape == dense.shape == (len(PROMPTS), L, L)
+    np.testing.assert_array_equal(np.asarray(block.dense()), np.asarray(dense))
+
+    cfg = _cfg(family)
+    params = tr.init_params(cfg, jax.random.PRNGKey(4), std=0.4)
+    toks = jnp.concatenate([pt, z, jnp.tile(y[:, : S - 1], (1, T + 1))], axis=1)
+    seen = jnp.any(dense, axis=-1)[..., None]
+    assert not bool(jnp.all(seen))  # the padded prompt slots are there
+
+    def hidden(p, m):
+        h = tr.apply(cfg, p, toks, positions, m, return_hidden=True, compute_logits=False)[2]
+        return jnp.where(seen, h, 0.0)
+
+    np.testing.assert_allclose(hidden(params, block), hidden(params, dense), atol=2e-5)
+    gb, gd = (jax.grad(lambda p, m=m: jnp.sum(jnp.sin(hidden(p, m))))(params)
+              for m in (block, dense))
+    for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(gd)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # the shared-prompt rows: the block mask without the prompt's queries
+    rows = block.drop_main_queries(P)
+    np.testing.assert_array_equal(np.asarray(rows.dense()), np.asarray(dense[:, P:, :]))
+
+
 def test_suffix_of_one_token_equals_reward_next_token():
     """S = 1: the layout has no copies; log p(y | prefix i) = log_softmax at prefix i."""
     cfg = _cfg("llama")

@@ -2,6 +2,7 @@
 
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import (
+    CopyBlockMask,
     KVCache,
     PromptKV,
     apply,
@@ -25,7 +26,7 @@ from gfn_jax.models.gguf import load_gguf
 from gfn_jax.models.registry import Model, load
 
 __all__ = [
-    "ModelConfig", "KVCache", "PromptKV", "apply", "causal_mask", "continuation_forward",
+    "ModelConfig", "CopyBlockMask", "KVCache", "PromptKV", "apply", "causal_mask", "continuation_forward",
     "continuation_mask", "decode_layout", "decode_step", "forward", "init_cache", "init_params", "param_axes",
     "param_shapes", "positions_from_mask", "prefill", "prompt_forward", "unembed",
     "load_hf", "save_hf", "load_gguf", "Model", "load",

@@ -319,6 +319,91 @@ def _lora_delta(lora, group: str, name: str, x: jax.Array, n_in: int) -> Optiona
     return (xin @ ad["a"].astype(dt)) @ ad["b"].astype(dt) * scale
 
 
+@flax.struct.dataclass
+class CopyBlockMask:
+    """Attention mask of a packed sequence ``[main | C copies of Sc tokens]`` in which every
+    copy attends to the context keys (the keys before the copies: a shared prompt's, then the
+    main part's) and, causally, to itself only: the one-pass suffix layout of
+    :func:`gfn_jax.scoring.suffix_layout`. :func:`apply` and :func:`continuation_forward` take
+    it wherever they take a dense mask; the attention then scores the blocks that can be
+    non-zero, O(C·Sc·(Kc + Sc)) instead of O((M + C·Sc)²) dense scores.
+
+    ``main``: bool [B, M, Kc], the M main queries over the Kc context keys (Kc = shared-prompt
+    keys + M); ``copy_ctx``: bool [B, C, Kc], copy c's queries over the context keys (the same
+    for each of its Sc positions); ``copy_own``: bool [B, Sc, Sc], query j of any copy over
+    key i of the same copy."""
+
+    main: jax.Array
+    copy_ctx: jax.Array
+    copy_own: jax.Array
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """The shape of the equivalent dense mask, [B, queries, keys]."""
+        B, M, Kc = self.main.shape
+        n = self.copy_ctx.shape[1] * self.copy_own.shape[1]
+        return (B, M + n, Kc + n)
+
+    def drop_main_queries(self, n: int) -> "CopyBlockMask":
+        """The mask without the first ``n`` main queries (their keys stay context keys): the
+        rows a continuation forward computes when those queries are a shared prompt."""
+        return self.replace(main=self.main[:, n:])
+
+    def dense(self) -> jax.Array:
+        """The equivalent dense bool mask [B, M + C·Sc, Kc + C·Sc] (for tests and references)."""
+        B, M, Kc = self.main.shape
+        C, Sc = self.copy_ctx.shape[1], self.copy_own.shape[1]
+        n = C * Sc
+        top = jnp.concatenate([self.main, jnp.zeros((B, M, n), bool)], axis=2)
+        ctx = jnp.repeat(self.copy_ctx, Sc, axis=1)  # [B, n, Kc]
+        same = jnp.repeat(jnp.eye(C, dtype=bool), Sc, axis=0)  # [n, C]: query's copy
+        own = (same[None, :, :, None]
+               & jnp.tile(self.copy_own, (1, C, 1))[:, :, None, :])  # [B, n, C, Sc]
+        return jnp.concatenate([top, jnp.concatenate([ctx, own.reshape(B, n, n)], axis=2)],
+                               axis=1)
+
+
+def _copy_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: CopyBlockMask,
+                          n_kv: int) -> jax.Array:
+    """Attention under a :class:`CopyBlockMask`: every query against the context keys in one
+    batched product per kv head, each copy's queries against its own Sc keys elementwise, one
+    softmax over both. ``q`` [B, T, H, Dh], ``k``/``v`` [B, Kc + C·Sc, K, Dh] -> [B, T, H, Dh];
+    equals the dense attention under ``mask.dense()`` wherever a query has a visible key."""
+    B, T, H, Dh = q.shape
+    K, G = n_kv, H // n_kv
+    _, M, Kc = mask.main.shape
+    C, Sc = mask.copy_ctx.shape[1], mask.copy_own.shape[1]
+    if T != M + C * Sc or k.shape[1] != Kc + C * Sc:
+        raise ValueError(f"a CopyBlockMask of shape {mask.shape} does not fit {T} queries "
+                         f"and {k.shape[1]} keys")
+    dt = q.dtype
+    scale = 1.0 / math.sqrt(Dh)
+    qh = q.reshape(B, T, K, G, Dh).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, Dh]
+    kc, vc = (a[:, :Kc].transpose(0, 2, 1, 3) for a in (k, v))  # [B, K, Kc, Dh]
+    s_ctx = jnp.einsum("bkmd,bksd->bkms", qh.reshape(B, K, T * G, Dh), kc,
+                       preferred_element_type=jnp.float32).reshape(B, K, T, G, Kc) * scale
+    ctx_mask = jnp.concatenate([mask.main, jnp.repeat(mask.copy_ctx, Sc, axis=1)], axis=1)
+    s_ctx = jnp.where(ctx_mask[:, None, :, None, :], s_ctx, NEG_INF)
+    # each copy's own keys: [B, K, C, Sc(query j), G, Sc(key i)], a small elementwise product
+    qo = qh[:, :, M:].reshape(B, K, C, Sc, G, Dh)
+    ko, vo = (a[:, Kc:].reshape(B, C, Sc, K, Dh).transpose(0, 3, 1, 2, 4) for a in (k, v))
+    f32 = jnp.float32
+    s_own = jnp.sum(qo.astype(f32)[:, :, :, :, :, None, :] * ko.astype(f32)[:, :, :, None, None],
+                    axis=-1) * scale
+    s_own = jnp.where(mask.copy_own[:, None, None, :, None, :], s_own, NEG_INF)
+    s_own = s_own.reshape(B, K, C * Sc, G, Sc)
+    s_own = jnp.concatenate([jnp.full((B, K, M, G, Sc), NEG_INF, s_own.dtype), s_own], axis=2)
+    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_own], axis=-1), axis=-1).astype(dt)
+    p_ctx = probs[..., :Kc].reshape(B, K, T * G, Kc)
+    out = jnp.einsum("bkms,bksd->bkmd", p_ctx, vc).reshape(B, K, T, G, Dh)
+    p_own = probs[:, :, M:, :, Kc:].reshape(B, K, C, Sc, G, Sc)
+    o_own = jnp.sum(p_own.astype(f32)[..., None] * vo.astype(f32)[:, :, :, None, None],
+                    axis=-2).astype(dt)
+    out = out + jnp.concatenate(
+        [jnp.zeros((B, K, M, G, Dh), out.dtype), o_own.reshape(B, K, C * Sc, G, Dh)], axis=2)
+    return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
+
+
 def _attention(
     cfg: ModelConfig,
     p: Params,
@@ -366,12 +451,17 @@ def _attention(
     B, T, H, Dh = q.shape
     K = cfg.n_kv_heads
     G = H // K
-    q = q.reshape(B, T, K, G, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(Dh)
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    if isinstance(mask, CopyBlockMask):
+        if kv is not None or collect:
+            raise ValueError("a CopyBlockMask is for scoring passes (no cache, no collected k/v)")
+        out = _copy_block_attention(q, k, v, mask, K)
+    else:
+        q = q.reshape(B, T, K, G, Dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(Dh)
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
     out = checkpoint_name(out, "attn_out")
     d_o = _lora_delta(lora, "attn", "o", out, 2)
     out = jnp.einsum("bthk,hkd->btd", out, _w(p["o"], "kernel", dt))
