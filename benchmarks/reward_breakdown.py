@@ -6,7 +6,10 @@ the 16 samples' shared prompt X run once. This times, each jitted alone (median 
 ``--reps`` calls after a warm-up):
 
 * the whole scorer;
-* its transformer pass alone (the hidden states of ``[Z | Y'_0 .. Y'_T]`` against X);
+* its transformer pass alone (the hidden states of ``[Z | Y'_0 .. Y'_T]`` against X), with
+  the copies' attention in blocks (:class:`gfn_jax.models.CopyBlockMask`, what the scorer
+  runs) and with the same mask dense (every query against every key, then masked: what the
+  scorer ran before);
 * its vocabulary part alone (the log-probabilities of Y's tokens at the 21 x |Y| read
   positions, in the scorer's chunks);
 
@@ -69,15 +72,20 @@ def main() -> None:
                                              group_size=B)
 
     positions, mask, idx = scoring.suffix_layout(pmask, lengths, ymask, T)
+    blocks = scoring.suffix_block_mask(pmask, lengths, ymask, T).drop_main_queries(P)
     cont = jnp.concatenate([z, jnp.tile(y[:, :S - 1], (1, C))], axis=1)
 
-    @jax.jit
-    def hidden_pass(p):
-        hid, _, _ = scoring._shared_prefix_hidden(cfg, p, prompt, pmask, cont, 1, None,
-                                                  positions[:, P:], mask[:, P:, :])
-        return hid
+    def pass_with(rows):
+        @jax.jit
+        def hidden_pass(p):
+            hid, _, _ = scoring._shared_prefix_hidden(cfg, p, prompt, pmask, cont, 1, None,
+                                                      positions[:, P:], rows)
+            return hid
+        return hidden_pass
 
+    hidden_pass, dense_pass = pass_with(blocks), pass_with(mask[:, P:, :])
     hid = hidden_pass(params)
+    pass_diff = float(jnp.max(jnp.abs(dense_pass(params) - hid)))
     read = hid[:, (idx - (P - 1)).reshape(-1)]  # [B, C*S, D]
     targets = jnp.broadcast_to(y[:, None, :], (B, C, S)).reshape(B, C * S)
     chunk = scoring._chunk(cfg, B, C * S)
@@ -96,9 +104,13 @@ def main() -> None:
     n_cont = cont.shape[1]
     mm = 2 * per_tok * (B * n_cont + P)
     att = 2 * 2 * L * B * n_cont * (P + n_cont) * cfg.n_heads * cfg.head_dim  # dense, masked
+    # in blocks: Z against X and Z; each copy against X, Z and itself
+    att_b = 2 * 2 * L * B * (T * (P + T) + C * (S - 1) * (P + T + S - 1)) * cfg.n_heads * \
+        cfg.head_dim
     voc = 2 * B * C * S * D * cfg.vocab_size
     t_whole = ms(whole, params)
     t_hid = ms(hidden_pass, params)
+    t_dense = ms(dense_pass, params)
     t_voc = ms(vocab_part, params, read)
 
     def line(name: str, t: float, flops: float) -> None:
@@ -107,8 +119,9 @@ def main() -> None:
     # the two parts compute the scorer's own result
     diff = float(jnp.max(jnp.abs(vocab_part(params, read).reshape(B, C, S).sum(-1)
                                  - whole(params))))
-    line("whole scorer", t_whole, mm + att + voc)
-    line("transformer pass (weights + dense masked attention)", t_hid, mm + att)
+    line("whole scorer", t_whole, mm + att_b + voc)
+    line("transformer pass (weights + attention in blocks)", t_hid, mm + att_b)
+    line("transformer pass, attention dense (every key, masked)", t_dense, mm + att)
     line("vocabulary part (chunk %d positions)" % chunk, t_voc, voc)
     a = jnp.asarray(rng.standard_normal((1024, 1024)), jnp.float32)
     mat = jax.jit(lambda x: x @ x)
@@ -117,7 +130,8 @@ def main() -> None:
     w = jnp.asarray(rng.standard_normal((D, F)) * 0.02, jnp.float32)
     proj = jax.jit(lambda x, w: x @ w)
     line(f"[{B * n_cont}, {D}] @ [{D}, {F}] matmul", ms(proj, x, w), 2 * B * n_cont * D * F)
-    print(f"max |parts - whole scorer| over the {B} x {C} prefix rewards: {diff:.2e}")
+    print(f"max |parts - whole scorer| over the {B} x {C} prefix rewards: {diff:.2e}; "
+          f"max |dense - blocks| over the pass's hidden states: {pass_diff:.2e}")
 
 
 if __name__ == "__main__":
