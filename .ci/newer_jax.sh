@@ -5,7 +5,8 @@
 # and the lent GPU machines run JAX 0.11 on Python 3.12. So this builds a Debian trixie root
 # (Python 3.13) with debootstrap, installs the project there with the newest JAX that
 # setup.cfg allows, and runs the README's pytest command inside it. Not part of .ci/run:
-# it downloads ~6 GB (PyPI's torch for Python 3.13 is a CUDA build) and takes ~10 min more.
+# it downloads ~6 GB (PyPI's torch for Python 3.13 is a CUDA build), and its test run took 13-14 min
+# on the 2-core machine (15 min in all with the root and pip cache already there).
 #
 #   sudo .ci/newer_jax.sh [ROOT]          # ROOT: where the trixie root goes (default
 #                                         # /tmp/gfn-jax-trixie; reused when it exists)
