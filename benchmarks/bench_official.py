@@ -77,6 +77,7 @@ import logging
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def import_gfn_jax() -> types.SimpleNamespace:
     spec.loader.exec_module(bench_step)
     note = bench_step.import_gfn_jax_package()  # the same fallback as bench_step.py's
     from gfn_jax import parallel
+    from gfn_jax.hostmem import keep_freed_memory
     from gfn_jax.logprobs import PolicySpec
     from gfn_jax.models import hf, registry
     from gfn_jax.models.lora import LoraConfig, init_lora
@@ -145,7 +147,8 @@ def import_gfn_jax() -> types.SimpleNamespace:
         Rollouts=Rollouts, prompt_groups=prompt_groups, StepSpec=StepSpec,
         TrainState=TrainState, host_hyper=host_hyper, make_train_step=make_train_step,
         penalised_reward_prefixes=penalised_reward_prefixes,
-        infill_log_reward=infill_log_reward, sample=sample, import_note=note)
+        infill_log_reward=infill_log_reward, sample=sample, import_note=note,
+        keep_freed_memory=keep_freed_memory)
 
 
 # ---------------------------------------------------------------------------
@@ -366,6 +369,17 @@ class OursSide:
 # ---------------------------------------------------------------------------
 # Alternation and the official side's timers
 # ---------------------------------------------------------------------------
+def os_usage() -> Dict[str, float]:
+    """This process's system CPU seconds and minor page faults so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"sys_s": r.ru_stime, "minor_faults": float(r.ru_minflt)}
+
+
+def os_delta(u0: Dict[str, float]) -> Dict[str, float]:
+    u1 = os_usage()
+    return {k: u1[k] - u0[k] for k in u0}
+
+
 class Alternator:
     """Runs our step next to each official step, alternating which goes first, and
     collects the official step's phase times from the wrappers."""
@@ -374,6 +388,10 @@ class Alternator:
         self.ours_step = ours_step
         self.ours: List[Dict[str, float]] = []
         self.official: List[Dict[str, float]] = []
+        # the process's system CPU time and minor page faults during each step of each side
+        self.ours_os: List[Dict[str, float]] = []
+        self.official_os: List[Dict[str, float]] = []
+        self.os0: Dict[str, float] = {}
         self.cur: Optional[Dict[str, float]] = None
         self.t0 = 0.0
         self.official_losses: List[float] = []
@@ -383,14 +401,22 @@ class Alternator:
             self.cur[what] += dt
             self.cur[what + "_calls"] += 1
 
+    def run_ours(self, s: int) -> None:
+        """One step of ours, with its wall times per phase and its OS counters."""
+        u0 = os_usage()
+        self.ours.append(self.ours_step(s))
+        self.ours_os.append(os_delta(u0))
+
     def begin(self, s: int) -> None:
         if s % 2 == 1:
-            self.ours.append(self.ours_step(s))
+            self.run_ours(s)
         self.cur = {"generate": 0.0, "reward": 0.0, "generate_calls": 0, "reward_calls": 0}
+        self.os0 = os_usage()
         self.t0 = time.perf_counter()
 
     def end(self, s: int) -> None:
         total = time.perf_counter() - self.t0
+        self.official_os.append(os_delta(self.os0))
         c, self.cur = self.cur, None
         if c is None or not c["generate_calls"]:
             raise RuntimeError("the official step ran without calling its sampler: the "
@@ -399,7 +425,7 @@ class Alternator:
                               "policy": total - c["generate"], "total": total,
                               "reward_calls": c["reward_calls"]})
         if s % 2 == 0:
-            self.ours.append(self.ours_step(s))
+            self.run_ours(s)
 
 
 def timed_sampler(fn: Callable, alt: Alternator) -> Callable:
@@ -798,12 +824,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=1024,
                    help="n of the n x n matmul whose GFLOP/s sets the floor")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=("keep", "system"),
+                   default=os.environ.get("GFN_JAX_MALLOC", "keep"),
+                   help="keep: glibc keeps freed memory in the process for reuse, for both "
+                   "sides (what the gfn-jax command does; gfn_jax.hostmem); system: glibc's "
+                   "defaults ($GFN_JAX_MALLOC)")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     a = p.parse_args(argv)
     for name in ("steps", "warmup", "lora_rank", "torch_threads", "matmul_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     return a
+
+
+def os_line(ours: List[Dict[str, float]], official: List[Dict[str, float]]) -> str:
+    """Medians of the system CPU time and minor page faults per step, both sides."""
+    def one(rows: List[Dict[str, float]]) -> str:
+        return (f"{statistics.median(r['sys_s'] for r in rows):.2f} s, "
+                f"{statistics.median(r['minor_faults'] for r in rows):,.0f} faults")
+
+    return ("system CPU time and minor page faults per step (median): ours " + one(ours)
+            + (f"; official {one(official)}" if official else ""))
 
 
 def _median(rows: List[Dict[str, float]], key: str) -> Optional[float]:
@@ -862,12 +903,14 @@ def fmt_table(rows: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # float32 on both sides
     g = import_gfn_jax()
     if g.import_note:
         print("note:", g.import_note, file=sys.stderr)
+    # before any computation starts XLA's threads; the whole process, so both sides
+    malloc = g.keep_freed_memory(args.malloc)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 on both sides
 
     why = "--skip-official" if args.skip_official else check_official(args.official)
     torch = None
@@ -899,7 +942,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "env": {"python": platform.python_version(), "jax": jax.__version__,
                 "jax_device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
                 "load_average_start": os.getloadavg(), "gfn_jax_import": g.import_note,
-                "matmul_gflops": gf, "matmul_size": args.matmul_size},
+                "matmul_gflops": gf, "matmul_size": args.matmul_size, "malloc": str(malloc)},
         "official": None if why else {"path": os.path.abspath(args.official),
                                       "commit": snapshot_commit(args.official)},
         "official_skipped": why, "settings": {}}
@@ -917,7 +960,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})" if torch else ""))
     print(f"# preset {args.preset}, float32, LoRA r={args.lora_rank} alpha={args.lora_alpha:g} "
           f"on q,k,v,o; median of {args.steps} steps after {args.warmup} warm-up, sides "
-          f"alternating" + (f"; official snapshot {result['official']['commit'][:12]}"
+          f"alternating; malloc {malloc}" + (f"; official snapshot {result['official']['commit'][:12]}"
                             if result["official"] else "; official side skipped"))
 
     tmp = tempfile.TemporaryDirectory(prefix="gfn_bench_official_")
@@ -954,7 +997,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                        f"{info['termination_token_id']}")
             else:
                 for i in range(n):
-                    alt.ours.append(ours.step(i))
+                    alt.run_ours(i)
             wall = time.perf_counter() - t_start
             if len(alt.ours) != n or (why is None and len(alt.official) != n):
                 raise RuntimeError(f"expected {n} steps per side, got ours {len(alt.ours)}, "
@@ -966,7 +1009,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                    "first_step_s": {"ours": alt.ours[0], "official": alt.official[0]
                                     if alt.official else None},
                    "phases": rows, "flops": flops, "wall_s": wall,
-                   "ours_losses": ours.losses, "official_losses": alt.official_losses}
+                   "ours_losses": ours.losses, "official_losses": alt.official_losses,
+                   "os_per_step": {"ours": alt.ours_os, "official": alt.official_os}}
             result["settings"][name] = res
             print(f"\n## setting {name} ({s['style']}-style): {s['samples']} samples of one "
                   f"prompt, |X| = {s['prompt_len']}, |Z| = {s['traj_len']} (min = max)"
@@ -983,6 +1027,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   + (f", official {alt.official[0]['total']:.2f} s" if alt.official else "")
                   + f"; mean sampled length ours {alt.ours[-1]['mean_length']:.1f}; "
                   f"wall {wall:.1f} s")
+            print(os_line(alt.ours_os[args.warmup:], alt.official_os[args.warmup:]))
             print("SubTB loss per step (different samples on each side): ours "
                   + ", ".join(f"{x:.4g}" for x in ours.losses)
                   + ("; official " + ", ".join(f"{x:.4g}" for x in alt.official_losses)

@@ -81,6 +81,7 @@ from gfn_jax.text_metrics import bleu4, distinct_n, embedding_diversity, gleu, l
 from gfn_jax.data import ShardedStream, open_source
 from gfn_jax.tasks.calculator import CalculatorTool, evaluate_expression
 from gfn_jax.compile_cache import enable_compilation_cache
+from gfn_jax.hostmem import keep_freed_memory
 from gfn_jax.collective_order import unordered_collectives
 from gfn_jax.profiling import StepProfiler, kernel_spans, summarize as summarize_kernels
 
@@ -97,5 +98,6 @@ __all__ = [
     "greedy", "sample_nucleus", "sample_pure", "sample_tempered", "bleu4", "distinct_n",
     "embedding_diversity", "gleu", "load_sentence_encoder", "ShardedStream", "open_source",
     "CalculatorTool", "evaluate_expression", "enable_compilation_cache",
+    "keep_freed_memory",
     "unordered_collectives", "to_host", "StepProfiler", "kernel_spans", "summarize_kernels",
 ]

@@ -510,6 +510,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}",
               file=sys.stderr)
         return EXIT_USAGE
+    from gfn_jax.hostmem import keep_freed_memory
+
+    try:  # before JAX starts XLA's threads: reuse freed host memory (GFN_JAX_MALLOC)
+        keep_freed_memory()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     define, run = COMMANDS[cmd]
     global _COMMAND_LINE
     import shlex

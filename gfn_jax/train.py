@@ -32,6 +32,7 @@ from gfn_jax import objectives as obj
 from gfn_jax import parallel
 from gfn_jax.batch import TrainBatch
 from gfn_jax.checkpoint import Checkpointer, PreemptionHandler
+from gfn_jax.hostmem import malloc_setting
 from gfn_jax.metrics import MetricsWriter, plot_metrics
 from gfn_jax.models import lora as lora_lib
 from gfn_jax.models import registry
@@ -554,7 +555,7 @@ class Trainer:
             steps=int(self.state.step) // max(self.calls_per_rollout, 1),
             optimizer_updates=self.updates_done(), wall_time_s=time.time() - t_start,
             tokens_per_s=tokens_seen / max(time.time() - t_start, 1e-9),
-            final_metrics=last)
+            host_malloc=malloc_setting(), final_metrics=last)
         writer.write_summary(_jsonable(summary))
         writer.close()
         try:
