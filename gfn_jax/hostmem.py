@@ -4,16 +4,18 @@ XLA:CPU allocates each program's temporaries with ``malloc`` and frees them when
 ends. glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh ``mmap``
 regions and unmaps them on ``free``; smaller ones come from per-thread arenas whose tops are
 trimmed back to the kernel. So every train step faults its working set back in, page by
-page, from zeroed memory: on SmolLM2-135M's infilling step about 500,000 minor faults
-(2 GB) per step. On a bare machine that costs ~1 s of system time per ~8 s step; in a virtual
-machine that returns freed guest pages to its host (balloon, free-page reporting) a fault can
-cost several times more, and did on this project's 2-core CPU VMs when another large process
-(the official PyTorch code, side by side) churned memory at the same time: 4-6 s of system
-time per step (``docs/performance.md``, "Page faults").
+page, from zeroed memory: one iteration of the infilling benchmark on SmolLM2-135M (sampling,
+reward, train steps) made 1.15 M minor faults (4.7 GB) and 2.2 s of system time on this
+project's 2-core CPU VM. There,
+while another large process ran in between (the official PyTorch code, side by side in
+``benchmarks/bench_official.py``), each fault cost ~4x more: 9.5 s of system time per step
+(``docs/performance.md``, "Page faults"; the VM's balloon reports free pages to its host,
+the likely reason).
 
 :func:`keep_freed_memory` tells glibc to serve every allocation from one heap that it never
 trims: ``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` = never, ``M_ARENA_MAX = 1``.
-After the first step the process reuses its own pages and the faults stop. The price: the
+After its first steps the process reuses its own pages and the faults stop (a heap shared
+with another library's allocations, e.g. torch's, may still grow now and then). The price: the
 process keeps its peak heap for its lifetime (its resident size does not fall after a large
 evaluation batch, for instance). The ``gfn-jax`` command calls it before JAX starts its
 threads unless ``GFN_JAX_MALLOC=system``; a library user calls it at the top of a program.
