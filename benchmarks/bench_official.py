@@ -824,11 +824,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=1024,
                    help="n of the n x n matmul whose GFLOP/s sets the floor")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--malloc", choices=("keep", "system"),
-                   default=os.environ.get("GFN_JAX_MALLOC", "keep"),
+    p.add_argument("--malloc", choices=("keep", "system"), default=None,
                    help="keep: glibc keeps freed memory in the process for reuse, for both "
                    "sides (what the gfn-jax command does; gfn_jax.hostmem); system: glibc's "
-                   "defaults ($GFN_JAX_MALLOC)")
+                   "defaults (default: $GFN_JAX_MALLOC, else keep)")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     a = p.parse_args(argv)
     for name in ("steps", "warmup", "lora_rank", "torch_threads", "matmul_size"):
@@ -907,7 +906,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if g.import_note:
         print("note:", g.import_note, file=sys.stderr)
     # before any computation starts XLA's threads; the whole process, so both sides
-    malloc = g.keep_freed_memory(args.malloc)
+    try:  # None: the library reads $GFN_JAX_MALLOC, as the gfn-jax command does
+        malloc = g.keep_freed_memory(args.malloc)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 on both sides

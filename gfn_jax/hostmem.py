@@ -6,11 +6,10 @@ regions and unmaps them on ``free``; smaller ones come from per-thread arenas wh
 trimmed back to the kernel. So every train step faults its working set back in, page by
 page, from zeroed memory: one iteration of the infilling benchmark on SmolLM2-135M (sampling,
 reward, train steps) made 1.15 M minor faults (4.7 GB) and 2.2 s of system time on this
-project's 2-core CPU VM. There,
-while another large process ran in between (the official PyTorch code, side by side in
-``benchmarks/bench_official.py``), each fault cost ~4x more: 9.5 s of system time per step
-(``docs/performance.md``, "Page faults"; the VM's balloon reports free pages to its host,
-the likely reason).
+project's 2-core CPU VM. There, while another large process ran in between (the official
+PyTorch code, side by side in ``benchmarks/bench_official.py``), each fault cost ~4x more:
+9.5 s of system time per step (``docs/performance.md``, "Page faults"; the VM's balloon
+reports free pages to its host, the likely reason).
 
 :func:`keep_freed_memory` tells glibc to serve every allocation from one heap that it never
 trims: ``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` = never, ``M_ARENA_MAX = 1``.
