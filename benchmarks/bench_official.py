@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """gfn-jax's train step vs the paper's OFFICIAL PyTorch pipeline, side by side, per phase.
 
-One process, one CPU, one model (SmolLM2-135M by default: the project's embedded model,
+One run, one CPU, one model (SmolLM2-135M by default: the project's embedded model,
 exported with :func:`gfn_jax.models.hf.save_hf` to a Hugging Face directory that the PyTorch
 side loads through ``transformers``, so both sides hold identical weights; ``--preset tiny``
 uses a random tiny model instead), LoRA r = 64 on q, k, v, o (alpha 16, dropout 0), 16
@@ -47,6 +47,10 @@ logging hooks (wandb, rich tables, checkpoint saves, Lightning's baseline evalua
 ``on_train_start``) by no-ops. Packages the imported files need only on paths not driven
 (``bitsandbytes``, ``wandb``, ``spacy``, ``sentence_transformers``) are stubbed when missing.
 
+Each side runs in a process of its own (``--ours-process separate``, the default: ours in a
+fresh child interpreter driven step by step over a pipe, the official code in this one), so
+neither side's host allocations land in the other's heap; ``--ours-process shared`` runs
+both in this process, as earlier versions did (sampling alone, below, always runs here).
 The two sides alternate step by step (ours, official / official, ours, ...); the first
 ``--warmup`` steps of each side are not timed (JAX compiles in its first step). The table
 gives medians of ``--steps`` steps, the speed-up official/ours, and a rough floor: the
@@ -380,12 +384,126 @@ def os_delta(u0: Dict[str, float]) -> Dict[str, float]:
     return {k: u1[k] - u0[k] for k in u0}
 
 
+# ---------------------------------------------------------------------------
+# Ours in a process of its own (--ours-process separate)
+# ---------------------------------------------------------------------------
+WORKER_FLAG = "--ours-worker"
+
+
+def _send(f: Any, msg: Any) -> None:
+    f.write(json.dumps(msg) + "\n")
+    f.flush()
+
+
+def _recv(f: Any, what: str) -> Any:
+    line = f.readline()
+    if not line:
+        raise EOFError(f"{what} closed its pipe")
+    return json.loads(line)
+
+
+def ours_worker(read_fd: int, write_fd: int) -> None:
+    """The child side of :class:`OursWorker`: build :class:`OursSide` from the spec sent
+    first, then run one step per request and answer with its phase times and this
+    process's OS counters for that step."""
+    rf, wf = os.fdopen(read_fd, "r"), os.fdopen(write_fd, "w")
+    try:
+        spec = _recv(rf, "the benchmark")
+        args = argparse.Namespace(**spec["args"])
+        g = import_gfn_jax()
+        malloc = g.keep_freed_memory(args.malloc)  # before XLA starts its threads
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        ours = OursSide(g, load_model(g, args.preset), SETTINGS[spec["setting"]],
+                        spec["prompt"], spec["suffix"], spec["term"], args, spec["total"])
+        _send(wf, {"ready": True, "pid": os.getpid(), "malloc": str(malloc)})
+        while True:
+            req = _recv(rf, "the benchmark")
+            if req.get("stop"):
+                _send(wf, {"losses": ours.losses})
+                return
+            u0 = os_usage()
+            row = ours.step(int(req["step"]))
+            _send(wf, {"row": row, "os": os_delta(u0)})
+    except EOFError:
+        return
+    except BaseException as e:  # reported to the parent, which raises it
+        import traceback
+
+        with contextlib.suppress(Exception):
+            _send(wf, {"error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc()})
+        raise SystemExit(1)
+
+
+class OursWorker:
+    """Our side in a child process of its own (a fresh interpreter: no torch in it, its own
+    heap), driven one step at a time over a pipe, so the two sides share the CPU but not
+    the process. ``step(i)`` returns the phase times measured in the child and leaves the
+    child's system time and page faults for that step in ``last_os``."""
+
+    def __init__(self, args: argparse.Namespace, setting: str, prompt: List[int],
+                 suffix: List[int], term: int, total: int) -> None:
+        p_read, c_write = os.pipe()
+        c_read, p_write = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
+                                      WORKER_FLAG, str(c_read), str(c_write)],
+                                     pass_fds=(c_read, c_write))
+        os.close(c_read)
+        os.close(c_write)
+        self.rf, self.wf = os.fdopen(p_read, "r"), os.fdopen(p_write, "w")
+        self.last_os: Dict[str, float] = {}
+        self.losses: List[float] = []
+        keys = ("preset", "lora_rank", "lora_alpha", "no_fused", "seed", "malloc")
+        _send(self.wf, {"args": {k: getattr(args, k) for k in keys}, "setting": setting,
+                        "prompt": prompt, "suffix": suffix, "term": term, "total": total})
+        ready = self._answer()
+        self.pid, self.malloc = int(ready["pid"]), ready["malloc"]
+
+    def _answer(self) -> Dict[str, Any]:
+        try:
+            msg = _recv(self.rf, "our side's process")
+        except EOFError:
+            rc = self.proc.wait()
+            raise RuntimeError(f"our side's process exited (code {rc}) without an answer; "
+                               "its error is printed above") from None
+        if "error" in msg:
+            self.proc.wait()
+            raise RuntimeError(f"our side's process failed: {msg['error']}\n"
+                               f"{msg['traceback']}")
+        return msg
+
+    def step(self, i: int) -> Dict[str, float]:
+        _send(self.wf, {"step": i})
+        msg = self._answer()
+        self.last_os = msg["os"]
+        return msg["row"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, EOFError, RuntimeError):
+                _send(self.wf, {"stop": True})
+                self.losses = self._answer()["losses"]
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.rf, self.wf):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
 class Alternator:
     """Runs our step next to each official step, alternating which goes first, and
     collects the official step's phase times from the wrappers."""
 
-    def __init__(self, ours_step: Callable[[int], Dict[str, float]]) -> None:
+    def __init__(self, ours_step: Callable[[int], Dict[str, float]],
+                 ours_os: Optional[Callable[[], Dict[str, float]]] = None) -> None:
         self.ours_step = ours_step
+        # the OS counters of our step when it runs elsewhere (OursWorker.last_os)
+        self.ours_os_of = ours_os
         self.ours: List[Dict[str, float]] = []
         self.official: List[Dict[str, float]] = []
         # the process's system CPU time and minor page faults during each step of each side
@@ -405,7 +523,7 @@ class Alternator:
         """One step of ours, with its wall times per phase and its OS counters."""
         u0 = os_usage()
         self.ours.append(self.ours_step(s))
-        self.ours_os.append(os_delta(u0))
+        self.ours_os.append(self.ours_os_of() if self.ours_os_of else os_delta(u0))
 
     def begin(self, s: int) -> None:
         if s % 2 == 1:
@@ -828,6 +946,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="keep: glibc keeps freed memory in the process for reuse, for both "
                    "sides (what the gfn-jax command does; gfn_jax.hostmem); system: glibc's "
                    "defaults (default: $GFN_JAX_MALLOC, else keep)")
+    p.add_argument("--ours-process", choices=("separate", "shared"), default="separate",
+                   help="separate: our side runs in a child process of its own (each side "
+                   "its own process and heap, as in real use), driven step by step; shared: "
+                   "both sides in this process (their host allocations share one heap)")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     a = p.parse_args(argv)
     for name in ("steps", "warmup", "lora_rank", "torch_threads", "matmul_size"):
@@ -939,6 +1061,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "config": {"preset": args.preset, "steps": args.steps, "warmup": args.warmup,
                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
                    "lora_targets": HF_LORA_MODULES, "dtype": "float32", "seed": args.seed,
+                   "ours_process": args.ours_process,
                    "model": {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers",
                                                           "n_heads", "n_kv_heads", "d_ff")}},
         "env": {"python": platform.python_version(), "jax": jax.__version__,
@@ -962,10 +1085,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})" if torch else ""))
     print(f"# preset {args.preset}, float32, LoRA r={args.lora_rank} alpha={args.lora_alpha:g} "
           f"on q,k,v,o; median of {args.steps} steps after {args.warmup} warm-up, sides "
-          f"alternating; malloc {malloc}" + (f"; official snapshot {result['official']['commit'][:12]}"
-                            if result["official"] else "; official side skipped"))
+          f"alternating; malloc {malloc}; ours in "
+          + ("a process of its own" if args.ours_process == "separate" else "this process")
+          + (f"; official snapshot {result['official']['commit'][:12]}"
+             if result["official"] else "; official side skipped"))
 
     tmp = tempfile.TemporaryDirectory(prefix="gfn_bench_official_")
+    stack = contextlib.ExitStack()  # closes the worker processes on any exit
     try:
         hf_dir = None
         if why is None:
@@ -979,8 +1105,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             avoid = [term, tok.eos_id, tok.pad_id, tok.bos_id]
             prompt = make_ids(rng, cfg.vocab_size, s["prompt_len"], avoid)
             suffix = make_ids(rng, cfg.vocab_size, s["suffix_len"], avoid)
-            ours = OursSide(g, model, s, prompt, suffix, term, args, n)
-            alt = Alternator(ours.step)
+            worker: Optional[OursWorker] = None
+            if why is None and args.ours_process == "separate":
+                worker = OursWorker(args, name, prompt, suffix, term, n)
+                stack.callback(worker.close)
+                alt = Alternator(worker.step, lambda w=worker: w.last_os)
+            else:
+                ours = OursSide(g, model, s, prompt, suffix, term, args, n)
+                alt = Alternator(ours.step)
             info: Dict[str, Any] = {}
             t_start = time.perf_counter()
             if why is None:
@@ -1001,6 +1133,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 for i in range(n):
                     alt.run_ours(i)
             wall = time.perf_counter() - t_start
+            if worker is not None:
+                worker.close()
+                ours_losses = worker.losses
+                where = f"a process of its own (pid {worker.pid}, malloc {worker.malloc})"
+            else:
+                ours_losses = ours.losses
+                where = "this process" + (" (with the official side)" if why is None else "")
             if len(alt.ours) != n or (why is None and len(alt.official) != n):
                 raise RuntimeError(f"expected {n} steps per side, got ours {len(alt.ours)}, "
                                    f"official {len(alt.official)}")
@@ -1011,7 +1150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                    "first_step_s": {"ours": alt.ours[0], "official": alt.official[0]
                                     if alt.official else None},
                    "phases": rows, "flops": flops, "wall_s": wall,
-                   "ours_losses": ours.losses, "official_losses": alt.official_losses,
+                   "ours_losses": ours_losses, "official_losses": alt.official_losses,
+                   "ours_process": where,
                    "os_per_step": {"ours": alt.ours_os, "official": alt.official_os}}
             result["settings"][name] = res
             print(f"\n## setting {name} ({s['style']}-style): {s['samples']} samples of one "
@@ -1023,6 +1163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                       + (f"; stubbed (not installed, unused): {', '.join(info['stubbed'])}"
                          if info["stubbed"] else ""))
                 print(f"official reward calls per step: {alt.official[-1]['reward_calls']}")
+            print(f"ours ran in {where}")
             print(fmt_table(rows))
             print(f"first step (ours: compiles): ours "
                   f"{sum(v for k, v in alt.ours[0].items() if k != 'mean_length'):.2f} s"
@@ -1031,12 +1172,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   f"wall {wall:.1f} s")
             print(os_line(alt.ours_os[args.warmup:], alt.official_os[args.warmup:]))
             print("SubTB loss per step (different samples on each side): ours "
-                  + ", ".join(f"{x:.4g}" for x in ours.losses)
+                  + ", ".join(f"{x:.4g}" for x in ours_losses)
                   + ("; official " + ", ".join(f"{x:.4g}" for x in alt.official_losses)
                      if alt.official_losses else ""))
         if not args.no_sampler:
             result["sampler"] = sampler_vs_generate(g, model, hf_dir, args, torch, peak)
     finally:
+        stack.close()
         tmp.cleanup()
     result["env"]["load_average_end"] = os.getloadavg()
     print(f"\nfloor: FLOPs of the minimal algorithm / {peak:.1f} GFLOP/s (the faster matmul "
@@ -1050,4 +1192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == WORKER_FLAG:
+        ours_worker(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()

@@ -12,6 +12,8 @@ And for benchmarks/bench_official.py (ours vs the paper's official PyTorch pipel
 * without torch (made unimportable) and without a snapshot of the official code, the tiny
   preset runs our side alone and says why the official side is skipped;
 * the two sides alternate which goes first, step by step;
+* our side runs in a child process of its own when asked (the default next to the official
+  side);
 * with ``$GFN_JAX_OFFICIAL`` pointing at a work tree of GFNOrg/gfn-lm-tuning (and its
   packages installed), the tiny preset runs both sides through the official training loops
   (slow; skipped with the reason otherwise).
@@ -238,6 +240,35 @@ def test_official_bench_alternates_sides():
     with pytest.raises(RuntimeError, match="without calling its sampler"):
         alt.begin(4)
         alt.end(4)
+
+
+def test_official_bench_runs_ours_in_a_process_of_its_own():
+    """--ours-process separate: our side is built and stepped in a child interpreter (its
+    own pid, its own OS counters), answers each step with its phase times and returns its
+    losses when closed; a failure in the child is raised here with the child's error."""
+    from gfn_jax.models import registry
+
+    bench = _load_official_bench()
+    args = bench.parse_args(["--preset", "tiny", "--no-fused", "--malloc", "keep"])
+    tok = registry.tiny_model("llama", seed=0, max_seq_len=512).tokenizer
+    term = bench.term_ids_of(tok, "next_sentence")
+    prompt = bench.make_ids(np.random.default_rng(0), 64, 30, [term, tok.eos_id, tok.pad_id])
+    worker = bench.OursWorker(args, "B", prompt, [], term, 2)
+    try:
+        assert worker.pid != os.getpid() and worker.malloc == "keep"
+        alt = bench.Alternator(worker.step, lambda: worker.last_os)
+        for s in range(2):
+            alt.run_ours(s)
+        for row, usage in zip(alt.ours, alt.ours_os):
+            assert row["sampling"] > 0 and row["reward"] > 0 and row["policy"] > 0
+            assert row["mean_length"] == 20.0 and "fused" not in row
+            assert set(usage) == {"sys_s", "minor_faults"} and usage["minor_faults"] >= 0
+    finally:
+        worker.close()
+    assert worker.proc.returncode == 0
+    assert len(worker.losses) == 2 and all(math.isfinite(x) for x in worker.losses)
+    with pytest.raises(RuntimeError, match="our side's process failed: KeyError"):
+        bench.OursWorker(args, "no such setting", prompt, [], term, 1)
 
 
 def test_official_bench_flops_count_one_reward_pass_per_prefix():
