@@ -175,6 +175,7 @@ def cmd_train(fv: flags.FlagValues) -> int:
     import jax
 
     from gfn_jax.defaults import validate_config
+    from gfn_jax.hostmem import process_usage, usage_since
     from gfn_jax.rundir import RunLock, check_config_change, prepare_fresh_run
     from gfn_jax.train import NonFiniteLossError, Trainer, _jsonable
 
@@ -219,9 +220,12 @@ def cmd_train(fv: flags.FlagValues) -> int:
                                                     if trainer.start_step > 0 else {})
         results.pop("after", None)
         evaluate = config.eval.num_samples > 0
+        usage: Dict[str, Dict[str, float]] = {}  # host CPU time and page faults per phase
         if evaluate and config.eval.before_training and trainer.start_step == 0:
+            u0 = process_usage()
             results["before"] = _evaluate(trainer, config.eval.num_samples, "before",
                                           progress=fv.progress)
+            usage["eval_before"] = usage_since(u0)
         try:
             summary = trainer.run(progress=fv.progress)
         except NonFiniteLossError as e:
@@ -233,8 +237,12 @@ def cmd_train(fv: flags.FlagValues) -> int:
         summary["eval"] = results
         preempted = "preempted_at" in summary
         if evaluate and not preempted:
+            u0 = process_usage()
             results["after"] = _evaluate(trainer, config.eval.num_samples, "after",
                                          progress=fv.progress)
+            usage["eval_after"] = usage_since(u0)
+        summary["host_usage"] = dict(usage, **summary.get("host_usage", {}),
+                                     whole_process=process_usage())
         summary["complete"] = not preempted
         summary["command"] = _COMMAND_LINE or "gfn-jax train"
         from gfn_jax.baselines import hardware

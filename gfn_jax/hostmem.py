@@ -27,9 +27,11 @@ import ctypes
 import ctypes.util
 import os
 import platform
-from typing import Optional
+import sys
+from typing import Dict, Optional
 
-__all__ = ["ENV", "keep_freed_memory", "malloc_setting", "MallocSetting"]
+__all__ = ["ENV", "keep_freed_memory", "malloc_setting", "MallocSetting", "process_usage",
+           "usage_since"]
 
 #: Environment variable read by the ``gfn-jax`` command: ``keep`` (default) or ``system``.
 ENV = "GFN_JAX_MALLOC"
@@ -100,3 +102,27 @@ def malloc_setting() -> str:
     """What this process's malloc does: ``"keep"`` once :func:`keep_freed_memory` applied it,
     otherwise ``"system"`` (glibc's or the platform's defaults)."""
     return "keep" if _APPLIED is not None and _APPLIED.applied else "system"
+
+
+def process_usage() -> Dict[str, float]:
+    """This process's counters so far (all threads): CPU seconds in user and kernel mode,
+    minor and major page faults, peak resident size in MiB (``getrusage``; zeros where the
+    platform has no ``resource`` module). On Linux a process started directly by a larger
+    one (``subprocess``) begins with its parent's resident size as its peak."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return {"user_cpu_s": 0.0, "system_cpu_s": 0.0, "minor_faults": 0.0,
+                "major_faults": 0.0, "peak_rss_mb": 0.0}
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    rss_unit = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB elsewhere
+    return {"user_cpu_s": r.ru_utime, "system_cpu_s": r.ru_stime,
+            "minor_faults": float(r.ru_minflt), "major_faults": float(r.ru_majflt),
+            "peak_rss_mb": r.ru_maxrss * rss_unit / 2 ** 20}
+
+
+def usage_since(start: Dict[str, float]) -> Dict[str, float]:
+    """:func:`process_usage` counted from ``start`` (an earlier reading); the peak resident
+    size stays the process's peak so far."""
+    now = process_usage()
+    return {k: (v if k == "peak_rss_mb" else v - start.get(k, 0.0)) for k, v in now.items()}

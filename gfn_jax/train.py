@@ -32,7 +32,7 @@ from gfn_jax import objectives as obj
 from gfn_jax import parallel
 from gfn_jax.batch import TrainBatch
 from gfn_jax.checkpoint import Checkpointer, PreemptionHandler
-from gfn_jax.hostmem import malloc_setting
+from gfn_jax.hostmem import malloc_setting, process_usage, usage_since
 from gfn_jax.metrics import MetricsWriter, plot_metrics
 from gfn_jax.models import lora as lora_lib
 from gfn_jax.models import registry
@@ -489,6 +489,7 @@ class Trainer:
                 json.dump(_jsonable(self.config.to_dict()), f, indent=2)
         summary: Dict[str, Any] = {"start_step": self.start_step}
         t_start = time.time()
+        usage0 = process_usage()
         tokens_seen = 0
         last: Dict[str, float] = {}
         bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps,
@@ -555,7 +556,9 @@ class Trainer:
             steps=int(self.state.step) // max(self.calls_per_rollout, 1),
             optimizer_updates=self.updates_done(), wall_time_s=time.time() - t_start,
             tokens_per_s=tokens_seen / max(time.time() - t_start, 1e-9),
-            host_malloc=malloc_setting(), final_metrics=last)
+            host_malloc=malloc_setting(), final_metrics=last,
+            # this process's CPU time, page faults and peak resident size over the loop
+            host_usage={"training": usage_since(usage0)})
         writer.write_summary(_jsonable(summary))
         writer.close()
         try:

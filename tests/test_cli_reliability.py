@@ -425,6 +425,11 @@ def test_sigint_saves_exits_3_and_the_resumed_summary_keeps_before(tmp_path, cap
     summary = json.load(open(os.path.join(wd, "summary.json")))
     assert summary["preempted_at"] == step and summary["complete"] is False
     assert list(summary["eval"]) == ["before"]  # no evaluation after a preemption
+    usage = summary["host_usage"]  # this process's CPU time and page faults per phase
+    assert sorted(usage) == ["eval_before", "training", "whole_process"]
+    for phase in ("eval_before", "training"):
+        assert usage[phase]["user_cpu_s"] > 0 and usage[phase]["minor_faults"] >= 0
+        assert usage[phase]["user_cpu_s"] < usage["whole_process"]["user_cpu_s"]
     assert not os.path.exists(os.path.join(wd, "eval_after.json"))
     assert not os.path.exists(os.path.join(wd, "DONE"))
     before = summary["eval"]["before"]
@@ -437,6 +442,7 @@ def test_sigint_saves_exits_3_and_the_resumed_summary_keeps_before(tmp_path, cap
     summary = json.load(open(os.path.join(wd, "summary.json")))
     assert summary["complete"] is True and "preempted_at" not in summary
     assert summary["eval"]["before"] == before and "after" in summary["eval"]
+    assert sorted(summary["host_usage"]) == ["eval_after", "training", "whole_process"]
     assert metric_steps(wd) == list(range(step + 1))
     assert os.path.exists(os.path.join(wd, "DONE"))
     # metrics.png was redrawn after the final evaluation (its point is on the figure)

@@ -103,3 +103,48 @@ def test_a_freed_heap_above_2_gib_is_kept():
     pages = (5 << 29) // 4096
     assert run("system")[1] > pages * 0.9  # unmapped on free: faulted in again
     assert run("keep")[1] < pages * 0.01
+
+
+# Reads the counters around known work in a fresh process: 0.3 s of busy Python, then 256 MiB
+# of fresh memory written once. The module is loaded from its file alone (no JAX imported),
+# so the process starts small.
+USAGE_SCRIPT = r"""
+import importlib.util, json, sys, time
+import numpy as np
+spec = importlib.util.spec_from_file_location("hostmem_alone", sys.argv[1])
+hostmem = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hostmem)
+u0 = hostmem.process_usage()
+t = time.process_time()
+while time.process_time() - t < 0.3:
+    pass
+busy = hostmem.usage_since(u0)
+u1 = hostmem.process_usage()
+a = np.empty(256 * 2 ** 20, np.uint8)
+a.fill(1)
+touched = hostmem.usage_since(u1)
+print(json.dumps({"start": u0, "busy": busy, "touched": touched}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="getrusage's units are Linux's here")
+def test_process_usage_counts_cpu_time_faults_and_peak_memory(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    script = tmp_path / "usage.py"
+    script.write_text(USAGE_SCRIPT)
+    # Linux carries a parent's resident size into its exec'd child's peak: started from this
+    # (large) pytest process, the script's peak would begin at pytest's size. Through a shell
+    # that forks it, it begins at the shell's.
+    out = subprocess.run(["sh", "-c", '"$0" "$1" "$2"; exit $?', sys.executable, str(script),
+                          hostmem.__file__], env=env, check=True,
+                         capture_output=True, text=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(r["start"]) == {"user_cpu_s", "system_cpu_s", "minor_faults", "major_faults",
+                               "peak_rss_mb"}
+    assert 0.25 <= r["busy"]["user_cpu_s"] + r["busy"]["system_cpu_s"] < 2.0
+    # writing 256 MiB of fresh pages faults them in (fewer faults with huge pages); the peak
+    # resident size is the process's, not a delta: what it had before plus the array
+    assert r["touched"]["minor_faults"] >= 100
+    start = r["start"]["peak_rss_mb"]
+    assert r["busy"]["peak_rss_mb"] < start + 50
+    assert start + 240 <= r["touched"]["peak_rss_mb"] < start + 400  # MiB, not KiB
