@@ -98,6 +98,52 @@ def test_left_padding_is_invisible(models, name):
     )
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_feature_major_layout_merges_adapters_for_many_rows(models, name):
+    """With many rows a decode step merges the adapters into the kernels (fewer FLOPs than
+    x·A·B); in the feature-major layout they merge into the [out, in] kernels: same logits
+    as the plain layout. Few rows keep them unmerged (the test above)."""
+    from gfn_jax.models.transformer import split_adapters_for_tokens
+
+    cfg, params, _ = models[name]
+    adapters = _adapters(cfg, seed=7)
+    rows = 33
+    merged, _ = split_adapters_for_tokens(
+        jax.tree.map(lambda a: a[0], adapters["tree"]["layers"]), rows)
+    assert merged, "the shapes no longer make a decode step of 33 rows merge"
+    prompt, mask = np.tile(PROMPT, (11, 1)), np.tile(PROMPT_MASK, (11, 1))
+
+    @jax.jit
+    def run(params, adapters):
+        _, cache = prefill(cfg, params, prompt, mask, P + N, adapters=adapters)
+        outs = []
+        for fm in (False, True):
+            lp, c, la = decode_layout(params, cache, adapters, feature_major=fm)
+            lg = []
+            for j in range(N):
+                g, c = decode_step(cfg, lp, c, np.tile(GEN, (11, 1))[:, j], adapters=la)
+                lg.append(g)
+            outs.append(jnp.stack(lg, 1))
+        return outs
+
+    plain, fm = run(params, adapters)
+    np.testing.assert_allclose(fm, plain, atol=1e-5, rtol=0)
+    assert float(jnp.abs(plain - run(params, None)[0]).max()) > 0.1  # the adapters matter
+
+
+def test_feature_major_default_follows_backend_rows_and_environment(monkeypatch):
+    from gfn_jax.models import transformer as tf
+
+    monkeypatch.delenv("GFN_JAX_DECODE_FEATURE_MAJOR", raising=False)
+    cpu = jax.default_backend() == "cpu"
+    assert tf.default_feature_major(16) is cpu
+    assert tf.default_feature_major(tf.FEATURE_MAJOR_MAX_ROWS + 1) is False
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    assert tf.default_feature_major(16) is False
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "1")
+    assert tf.default_feature_major(10_000) is True
+
+
 def _adapters(cfg: ModelConfig, seed: int, rank: int = 3) -> dict:
     """Random (non-zero b) adapters on q, v, o, mlp down, and the head/embedding."""
     rs = np.random.RandomState(seed)
@@ -145,11 +191,17 @@ def test_adapters_equal_merged(models, name):
     assert np.abs(_real(on_merged, FULL_MASK) - _real(full, FULL_MASK)).max() > 0.1
 
 
+@pytest.mark.parametrize("feature_major", [False, True])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decode_layout_matches_forward_and_stacked_cache(models, name):
+def test_decode_layout_matches_forward_and_stacked_cache(models, name, feature_major):
     """One array per layer (the decoders' layout): unrolled decode steps give the full
     forward's logits, with and without LoRA adapters, and the same cache as the stacked
-    (scanned) layout."""
+    (scanned) layout; also with the projections stored feature-major (CPU's default for
+    few rows), which only changes the rounding."""
+    from gfn_jax.models.adapters import FM_KERNEL
+    from gfn_jax.models.transformer import FM_MARK
+
+    tol = 1e-5 if feature_major else 1e-6
     cfg, params, full = models[name]
     adapters = _adapters(cfg, seed=5)
     with_adapters = _forward(cfg, merge_tree(params, adapters["tree"], adapters["scale"]),
@@ -159,9 +211,12 @@ def test_decode_layout_matches_forward_and_stacked_cache(models, name):
     def run(params, adapters):
         _, cache = prefill(cfg, params, PROMPT, PROMPT_MASK, P + N, adapters=adapters)
         stacked = cache
-        lp, cache, la = decode_layout(params, cache, adapters)
+        lp, cache, la = decode_layout(params, cache, adapters, feature_major=feature_major)
         assert cache.per_layer and len(cache.k) == cfg.n_layers
         assert isinstance(lp["layers"], tuple)
+        q = lp["layers"][0]["attn"]["q"]
+        assert (FM_KERNEL in q, "kernel" in q, FM_MARK in lp) == (
+            feature_major, not feature_major, feature_major)
         out_s, out_l = [], []
         for j in range(N):
             lg, cache = decode_step(cfg, lp, cache, GEN[:, j], adapters=la)
@@ -173,9 +228,9 @@ def test_decode_layout_matches_forward_and_stacked_cache(models, name):
     for ad, ref in ((None, full), (adapters, with_adapters)):
         per_layer, scanned, cache, stacked = run(params, ad)
         np.testing.assert_allclose(per_layer, ref[:, P:], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(per_layer, scanned, atol=1e-6, rtol=0)
-        np.testing.assert_allclose(jnp.stack(cache.k), stacked.k, atol=1e-6, rtol=0)
-        np.testing.assert_allclose(jnp.stack(cache.v), stacked.v, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(per_layer, scanned, atol=tol, rtol=0)
+        np.testing.assert_allclose(jnp.stack(cache.k), stacked.k, atol=tol, rtol=0)
+        np.testing.assert_allclose(jnp.stack(cache.v), stacked.v, atol=tol, rtol=0)
         np.testing.assert_array_equal(cache.valid, stacked.valid)
         assert int(cache.index) == int(stacked.index) == P + N
     # a second conversion is refused rather than silently mis-sliced

@@ -88,6 +88,11 @@ def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> 
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
 
 
+#: Key of a projection's weight stored feature-major ([out, in], 2-D) in place of
+#: ``"kernel"`` (``gfn_jax.models.transformer.decode_layout`` on CPU).
+FM_KERNEL = "kernel_fm"
+
+
 def merge_tree(params: Params, tree: Optional[Params], scale: Any) -> Params:
     """Merge an adapter (sub)tree into a (sub)tree of parameters; returns a new tree."""
     if not tree:
@@ -95,6 +100,11 @@ def merge_tree(params: Params, tree: Optional[Params], scale: Any) -> Params:
     out = dict(params)
     for k, sub in tree.items():
         if isinstance(sub, dict) and set(sub) == {"a", "b"}:
+            if k == "kernel" and k not in params and FM_KERNEL in params:
+                wt = params[FM_KERNEL]  # [out, in]: merge the transposed delta
+                out[FM_KERNEL] = merge_kernel(wt.T, sub["a"].reshape(wt.shape[1], -1),
+                                              sub["b"].reshape(-1, wt.shape[0]), scale).T
+                continue
             out[k] = merge_kernel(params[k], sub["a"], sub["b"], scale)
         else:
             out[k] = merge_tree(params[k], sub, scale)

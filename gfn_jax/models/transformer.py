@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gfn_jax import parallel
 from gfn_jax.models.config import REMAT_POLICIES, ModelConfig
-from gfn_jax.models.adapters import as_adapters, merge_tree
+from gfn_jax.models.adapters import FM_KERNEL, as_adapters, merge_tree
 
 Params = Dict[str, Any]
 NEG_INF = -1e30
@@ -258,6 +259,22 @@ def _w(p: Params, name: str, dtype: Any) -> jax.Array:
     return p[name].astype(dtype)
 
 
+def _project(p: Params, x: jax.Array, n_in: int, out_shape: Tuple[int, ...], eq: str) -> jax.Array:
+    """``x``'s last ``n_in`` axes times the projection ``p`` -> ``[..., *out_shape]``.
+
+    ``p["kernel"]`` is used with the einsum ``eq``. A feature-major kernel (``p[FM_KERNEL]``,
+    [out, in], from :func:`decode_layout` on CPU) is used as ``(W @ x.T).T``, with the product
+    kept apart from the transpose (``optimization_barrier``): XLA:CPU's kernel for a few rows
+    times a weight runs faster in that form (``docs/performance.md``)."""
+    dt = x.dtype
+    if FM_KERNEL in p:
+        wt = p[FM_KERNEL].astype(dt)
+        lead = x.shape[: x.ndim - n_in]
+        y = jax.lax.optimization_barrier(wt @ x.reshape(-1, wt.shape[1]).T)
+        return y.T.reshape(lead + tuple(out_shape))
+    return jnp.einsum(eq, x, _w(p, "kernel", dt))
+
+
 def _rope_llama(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """HF Llama rotary (rotate_half). x: [B, T, N, Dh], positions: [B, T]."""
     dh = x.shape[-1]
@@ -420,9 +437,10 @@ def _attention(
     the whole cache is attended; with ``prefix`` ([B, Tp, K, Dh] keys/values of a shared
     prompt) the keys are ``[prefix | own]``; ``collect`` returns the own (rotated) k/v."""
     dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, _w(p["q"], "kernel", dt))
-    k = jnp.einsum("btd,dhk->bthk", x, _w(p["k"], "kernel", dt))
-    v = jnp.einsum("btd,dhk->bthk", x, _w(p["v"], "kernel", dt))
+    H, Kh, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = _project(p["q"], x, 1, (H, Dh), "btd,dhk->bthk")
+    k = _project(p["k"], x, 1, (Kh, Dh), "btd,dhk->bthk")
+    v = _project(p["v"], x, 1, (Kh, Dh), "btd,dhk->bthk")
     dq, dk, dv = (_lora_delta(lora, "attn", nm, x, 1) for nm in ("q", "k", "v"))
     q = q if dq is None else q + dq.reshape(q.shape)
     k = k if dk is None else k + dk.reshape(k.shape)
@@ -464,7 +482,7 @@ def _attention(
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
     out = checkpoint_name(out, "attn_out")
     d_o = _lora_delta(lora, "attn", "o", out, 2)
-    out = jnp.einsum("bthk,hkd->btd", out, _w(p["o"], "kernel", dt))
+    out = _project(p["o"], out, 2, (cfg.d_model,), "bthk,hkd->btd")
     if d_o is not None:
         out = out + d_o
     if "bias" in p["o"]:
@@ -479,15 +497,16 @@ def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, lora: Any = None) -> jax.Arr
         d = _lora_delta(lora, "mlp", name, inp, 1)
         return y if d is None else y + d
 
-    up = plus(x @ _w(p["up"], "kernel", dt), "up", x)
+    F, D = cfg.d_ff, cfg.d_model
+    up = plus(_project(p["up"], x, 1, (F,), "...d,df->...f"), "up", x)
     if "bias" in p["up"]:
         up = up + p["up"]["bias"].astype(dt)
     if "gate" in p:
-        h = _act(cfg.activation, plus(x @ _w(p["gate"], "kernel", dt), "gate", x)) * up
+        h = _act(cfg.activation, plus(_project(p["gate"], x, 1, (F,), "...d,df->...f"), "gate", x)) * up
     else:
         h = _act(cfg.activation, up)
     h = checkpoint_name(h, "mlp_hidden")
-    out = plus(h @ _w(p["down"], "kernel", dt), "down", h)
+    out = plus(_project(p["down"], h, 1, (D,), "...f,fd->...d"), "down", h)
     if "bias" in p["down"]:
         out = out + p["down"]["bias"].astype(dt)
     return out
@@ -539,8 +558,44 @@ def _unstack(tree: Any, n: int) -> Tuple[Any, ...]:
     return tuple(jax.tree.map(lambda a: a[i], tree) for i in range(n))
 
 
+_FM_PROJECTIONS = (("attn", "q", 1), ("attn", "k", 1), ("attn", "v", 1), ("attn", "o", 2),
+                   ("mlp", "up", 1), ("mlp", "gate", 1), ("mlp", "down", 1))
+
+
+def _feature_major_layer(lp: Params) -> Params:
+    """One layer's projection kernels as [out, in] matrices (:data:`FM_KERNEL`)."""
+    lp = dict(lp)
+    for group, name, n_in in _FM_PROJECTIONS:
+        if group not in lp or name not in lp[group] or "kernel" not in lp[group][name]:
+            continue
+        w = lp[group][name]["kernel"]
+        k_in = math.prod(w.shape[:n_in])
+        sub = {k: v for k, v in lp[group][name].items() if k != "kernel"}
+        sub[FM_KERNEL] = w.reshape(k_in, -1).T
+        lp[group] = dict(lp[group], **{name: sub})
+    return lp
+
+
+#: Key (an empty sub-tree) that :func:`decode_layout` adds to params stored feature-major.
+FM_MARK = "decode_feature_major"
+
+#: Most rows for which :func:`decode_layout` stores the projections feature-major by default.
+FEATURE_MAJOR_MAX_ROWS = 64
+
+
+def default_feature_major(rows: int) -> bool:
+    """Whether :func:`decode_layout` stores the projections feature-major by default: on a
+    CPU backend, for at most :data:`FEATURE_MAJOR_MAX_ROWS` rows
+    (``GFN_JAX_DECODE_FEATURE_MAJOR=0/1`` overrides)."""
+    env = os.environ.get("GFN_JAX_DECODE_FEATURE_MAJOR")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off", "")
+    return jax.default_backend() == "cpu" and rows <= FEATURE_MAJOR_MAX_ROWS
+
+
 def decode_layout(
-    params: Params, cache: KVCache, adapters: Optional[Params] = None
+    params: Params, cache: KVCache, adapters: Optional[Params] = None,
+    feature_major: Optional[bool] = None,
 ) -> Tuple[Params, KVCache, Optional[Params]]:
     """Params, cache and adapters with every per-layer stack split into one array per layer.
 
@@ -555,6 +610,11 @@ def decode_layout(
         raise ValueError("params are already in the decode layout")
     n = jax.tree.leaves(params["layers"])[0].shape[0]
     params = dict(params, layers=_unstack(params["layers"], n))
+    if feature_major is None:
+        feature_major = default_feature_major(cache.valid.shape[0])
+    if feature_major:
+        params["layers"] = tuple(_feature_major_layer(lp) for lp in params["layers"])
+        params[FM_MARK] = {}  # no leaves: tells unembed to use a tied head feature-major
     if not cache.per_layer:
         cache = cache.replace(k=_unstack(cache.k, n), v=_unstack(cache.v, n))
     a = as_adapters(adapters)
@@ -611,7 +671,10 @@ def head_params(cfg: ModelConfig, params: Params) -> Params:
 def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
     dt = hidden.dtype
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and FM_MARK in params:  # the embedding [V, D] is [out, in] already
+        logits = _project({FM_KERNEL: params["embed"]["embedding"]}, hidden, 1,
+                          (cfg.vocab_size,), "")
+    elif cfg.tie_embeddings:
         logits = hidden @ params["embed"]["embedding"].astype(dt).T
     else:
         logits = hidden @ params["lm_head"]["kernel"].astype(dt)
