@@ -5,7 +5,9 @@ one ``decode_step`` for 1, 4, 16 and 32 rows against a cache of P + T slots in t
 layout (the layers under ``lax.scan``: every step slices each layer's weights out of the
 stacks and writes back the whole cache) and in the decoders' per-layer layout
 (``decode_layout``: layers unrolled, weights read in place, each layer's cache donated and
-updated in place); the vocabulary projection; the sampler's log-prob heads with
+updated in place), plain and feature-major (``feature_major=True``: projections stored
+[out, in] and run as ``(W @ x.T).T``, CPU's default for few rows); the vocabulary
+projection, both ways; the sampler's log-prob heads with
 ``jax.random.categorical`` and with its inverse-CDF ``draw``; and the matmuls of one decode
 step's shapes alone (16 rows) with numpy beside them. The share of CPU time the hypervisor
 stole during the run (``/proc/stat``) is printed last: on a shared VM it is what makes
@@ -54,7 +56,8 @@ def main() -> None:
     print(f"prefill (1 prompt): {ms(pf, params, toks):.1f} ms")
     _, cache1 = pf(params, toks)
     step = jax.jit(lambda p, c, tok: tf.decode_step(cfg, p, c, tok))
-    layout = jax.jit(lambda p, c: tf.decode_layout(p, c)[:2])
+    layout = jax.jit(lambda p, c, fm: tf.decode_layout(p, c, feature_major=fm)[:2],
+                     static_argnums=2)
     per_layer = jax.jit(lambda p, c, tok: tf.decode_step(cfg, p, c, tok), donate_argnums=1)
 
     def ms_donated(lp, c):  # the per-layer cache is donated: each call feeds the next its output
@@ -72,14 +75,20 @@ def main() -> None:
         c = _repeat_cache(cache1, rows)
         tok = jnp.full((rows,), 5, jnp.int32)
         stacked = ms(step, params, c, tok)
-        lp, lc = layout(params, c)
+        lp, lc = layout(params, c, False)
+        plain = ms_donated(lp, lc)
+        del lp, lc
+        lp, lc = layout(params, c, True)
         print(f"decode_step, {rows} rows: stacked layout {stacked:.1f} ms, "
-              f"per-layer layout {ms_donated(lp, lc):.1f} ms")
+              f"per-layer layout {plain:.1f} ms, per-layer feature-major "
+              f"{ms_donated(lp, lc):.1f} ms")
         del lp, lc
     K = 16
     h = jnp.ones((K, cfg.d_model), jnp.float32)
+    fm_params = dict(params, **{tf.FM_MARK: {}})  # what the feature-major layout adds
     print(f"vocabulary projection, {K} rows: "
-          f"{ms(jax.jit(lambda p, x: tf.unembed(cfg, p, x)), params, h):.1f} ms")
+          f"{ms(jax.jit(lambda p, x: tf.unembed(cfg, p, x)), params, h):.1f} ms, "
+          f"feature-major {ms(jax.jit(lambda p, x: tf.unembed(cfg, p, x)), fm_params, h):.1f} ms")
     spec = PolicySpec(term_ids=(30,), max_len=T, min_len=T)
 
     def heads(lg, rng, sampler):

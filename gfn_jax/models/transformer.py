@@ -605,7 +605,15 @@ def decode_layout(
     loop (inside the same jitted program): a scanned decode step slices every layer's weights
     out of the stacks at each step and writes back the whole stacked cache, which on CPU
     costs as much as the step's matmuls; unrolled, each weight is read in place and each
-    layer's cache is updated in place. Results are identical to the stacked layout."""
+    layer's cache is updated in place. Results are identical to the stacked layout.
+
+    ``feature_major`` (default :func:`default_feature_major`: on CPU, for at most
+    :data:`FEATURE_MAJOR_MAX_ROWS` rows) also stores every layer projection as an [out, in]
+    matrix (:data:`~gfn_jax.models.adapters.FM_KERNEL`, a transposed copy made here) and
+    runs it, and a tied vocabulary projection, as ``(W @ x.T).T``: XLA:CPU multiplies a few
+    rows by a weight faster in that form (a 16-row SmolLM2-135M decode step 79.5 -> 51.0 ms,
+    ``docs/performance.md``). The results then differ from the stacked layout by rounding
+    only."""
     if isinstance(params["layers"], (tuple, list)):
         raise ValueError("params are already in the decode layout")
     n = jax.tree.leaves(params["layers"])[0].shape[0]
