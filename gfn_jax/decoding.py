@@ -174,7 +174,7 @@ def _beam_jit(
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
     cache = _take_rows(cache, jnp.repeat(jnp.arange(B), K))
-    params, cache, adapters = decode_layout(params, cache, adapters)  # one array per layer
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T)  # per layer
     logits = jnp.repeat(logits_p, K, axis=0)
     is_term = term_id_mask(V, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
@@ -385,7 +385,7 @@ def _greedy_jit(
     T = spec.max_len
     logits, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                             last_only=True)
-    params, cache, adapters = decode_layout(params, cache, adapters)  # one array per layer
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T)  # per layer
     is_term = term_id_mask(cfg.vocab_size, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
 

@@ -213,7 +213,7 @@ def _sample_jit(
                               last_only=True)
     cache = _repeat_cache(cache, num_samples)
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
-    params, cache, adapters = decode_layout(params, cache, adapters)
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T)
     logits = jnp.repeat(logits_p, num_samples, axis=0)
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 

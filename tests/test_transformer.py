@@ -137,6 +137,8 @@ def test_feature_major_default_follows_backend_rows_and_environment(monkeypatch)
     monkeypatch.delenv("GFN_JAX_DECODE_FEATURE_MAJOR", raising=False)
     cpu = jax.default_backend() == "cpu"
     assert tf.default_feature_major(16) is cpu
+    assert tf.default_feature_major(16, steps=tf.FEATURE_MAJOR_MIN_STEPS) is cpu
+    assert tf.default_feature_major(16, steps=tf.FEATURE_MAJOR_MIN_STEPS - 1) is False
     assert tf.default_feature_major(tf.FEATURE_MAJOR_MAX_ROWS + 1) is False
     monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
     assert tf.default_feature_major(16) is False
