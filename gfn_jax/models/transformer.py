@@ -259,20 +259,25 @@ def _w(p: Params, name: str, dtype: Any) -> jax.Array:
     return p[name].astype(dtype)
 
 
-def _project(p: Params, x: jax.Array, n_in: int, out_shape: Tuple[int, ...], eq: str) -> jax.Array:
-    """``x``'s last ``n_in`` axes times the projection ``p`` -> ``[..., *out_shape]``.
+def _feature_major_product(wt: jax.Array, x: jax.Array, n_in: int,
+                           out_shape: Tuple[int, ...]) -> jax.Array:
+    """``x``'s last ``n_in`` axes times the [out, in] matrix ``wt`` -> ``[..., *out_shape]``,
+    as ``(W @ x.T).T`` with the product kept apart from the transpose
+    (``optimization_barrier``): XLA:CPU's kernel for a few rows times a weight runs faster in
+    that form (``docs/performance.md``); fused with the transpose, it picks the slower one."""
+    wt = wt.astype(x.dtype)
+    lead = x.shape[: x.ndim - n_in]
+    y = jax.lax.optimization_barrier(wt @ x.reshape(-1, wt.shape[1]).T)
+    return y.T.reshape(lead + tuple(out_shape))
 
-    ``p["kernel"]`` is used with the einsum ``eq``. A feature-major kernel (``p[FM_KERNEL]``,
-    [out, in], from :func:`decode_layout` on CPU) is used as ``(W @ x.T).T``, with the product
-    kept apart from the transpose (``optimization_barrier``): XLA:CPU's kernel for a few rows
-    times a weight runs faster in that form (``docs/performance.md``)."""
-    dt = x.dtype
+
+def _project(p: Params, x: jax.Array, n_in: int, out_shape: Tuple[int, ...], eq: str) -> jax.Array:
+    """``x``'s last ``n_in`` axes times the projection ``p`` -> ``[..., *out_shape]``:
+    ``p["kernel"]`` with the einsum ``eq``, or a feature-major kernel (``p[FM_KERNEL]``,
+    [out, in], from :func:`decode_layout` on CPU) with :func:`_feature_major_product`."""
     if FM_KERNEL in p:
-        wt = p[FM_KERNEL].astype(dt)
-        lead = x.shape[: x.ndim - n_in]
-        y = jax.lax.optimization_barrier(wt @ x.reshape(-1, wt.shape[1]).T)
-        return y.T.reshape(lead + tuple(out_shape))
-    return jnp.einsum(eq, x, _w(p, "kernel", dt))
+        return _feature_major_product(p[FM_KERNEL], x, n_in, out_shape)
+    return jnp.einsum(eq, x, _w(p, "kernel", x.dtype))
 
 
 def _rope_llama(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -687,8 +692,8 @@ def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
     dt = hidden.dtype
     if cfg.tie_embeddings and FM_MARK in params:  # the embedding [V, D] is [out, in] already
-        logits = _project({FM_KERNEL: params["embed"]["embedding"]}, hidden, 1,
-                          (cfg.vocab_size,), "")
+        logits = _feature_major_product(params["embed"]["embedding"], hidden, 1,
+                                        (cfg.vocab_size,))
     elif cfg.tie_embeddings:
         logits = hidden @ params["embed"]["embedding"].astype(dt).T
     else:
