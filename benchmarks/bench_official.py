@@ -81,7 +81,6 @@ import logging
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -374,14 +373,19 @@ class OursSide:
 # Alternation and the official side's timers
 # ---------------------------------------------------------------------------
 def os_usage() -> Dict[str, float]:
-    """This process's system CPU seconds and minor page faults so far."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return {"sys_s": r.ru_stime, "minor_faults": float(r.ru_minflt)}
+    """This process's CPU time, page faults and peak resident size so far
+    (:func:`gfn_jax.hostmem.process_usage`; imported here, after :func:`import_gfn_jax` has
+    made ``gfn_jax``'s submodules importable)."""
+    from gfn_jax.hostmem import process_usage
+
+    return process_usage()
 
 
 def os_delta(u0: Dict[str, float]) -> Dict[str, float]:
-    u1 = os_usage()
-    return {k: u1[k] - u0[k] for k in u0}
+    """The same counted from ``u0`` (:func:`gfn_jax.hostmem.usage_since`)."""
+    from gfn_jax.hostmem import usage_since
+
+    return usage_since(u0)
 
 
 # ---------------------------------------------------------------------------
@@ -961,7 +965,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def os_line(ours: List[Dict[str, float]], official: List[Dict[str, float]]) -> str:
     """Medians of the system CPU time and minor page faults per step, both sides."""
     def one(rows: List[Dict[str, float]]) -> str:
-        return (f"{statistics.median(r['sys_s'] for r in rows):.2f} s, "
+        return (f"{statistics.median(r['system_cpu_s'] for r in rows):.2f} s, "
                 f"{statistics.median(r['minor_faults'] for r in rows):,.0f} faults")
 
     return ("system CPU time and minor page faults per step (median): ours " + one(ours)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from gfn_jax.hostmem import process_usage, usage_since
 from gfn_jax.profiling import Span, busy_time, kernel_spans, summarize
 
 
@@ -45,13 +45,13 @@ def profile(call, calls: int, trace_dir: str
     (the matmul library's own worker threads count there, though not as spans)."""
     call(0)
     untraced = []
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    u0 = process_usage()
     for i in range(calls):
         t = time.perf_counter()
         call(i)
         untraced.append(time.perf_counter() - t)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    used = usage_since(u0)
+    cpu = used["user_cpu_s"] + used["system_cpu_s"]
     import jax
 
     walls = []

@@ -262,7 +262,8 @@ def test_official_bench_runs_ours_in_a_process_of_its_own():
         for row, usage in zip(alt.ours, alt.ours_os):
             assert row["sampling"] > 0 and row["reward"] > 0 and row["policy"] > 0
             assert row["mean_length"] == 20.0 and "fused" not in row
-            assert set(usage) == {"sys_s", "minor_faults"} and usage["minor_faults"] >= 0
+            assert set(usage) == {"user_cpu_s", "system_cpu_s", "minor_faults",
+                                  "major_faults", "peak_rss_mb"} and usage["minor_faults"] >= 0
     finally:
         worker.close()
     assert worker.proc.returncode == 0
