@@ -137,7 +137,7 @@ def import_gfn_jax() -> types.SimpleNamespace:
     from gfn_jax.optim import build_optimizer
     from gfn_jax.policy import Policy
     from gfn_jax.rollout import Rollouts
-    from gfn_jax.sampling import sample
+    from gfn_jax.sampling import cache_decode_weights, sample
     from gfn_jax.scoring import prompt_groups
     from gfn_jax.step import StepSpec, TrainState, host_hyper, make_train_step
     from gfn_jax.tasks.continuation import penalised_reward_prefixes
@@ -151,6 +151,7 @@ def import_gfn_jax() -> types.SimpleNamespace:
         TrainState=TrainState, host_hyper=host_hyper, make_train_step=make_train_step,
         penalised_reward_prefixes=penalised_reward_prefixes,
         infill_log_reward=infill_log_reward, sample=sample, import_note=note,
+        cache_decode_weights=cache_decode_weights,
         keep_freed_memory=keep_freed_memory)
 
 
@@ -297,6 +298,8 @@ class OursSide:
                              opt_state=tx.init(tp), rng=key)
         self.state = jax.device_put(state, rep)
         self.frozen = jax.device_put({"base": params}, rep)
+        # the frozen base laid out for the sampler once, as the Trainer keeps it (CPU)
+        self.decode_weights = g.cache_decode_weights(self.frozen["base"])
         self.spec = g.PolicySpec(term_ids=(term,), max_len=T, min_len=T)
         term_ids = self.spec.term_ids
         if setting["suffix_len"]:
@@ -343,7 +346,7 @@ class OursSide:
         """The current policy (like ``Trainer.policy``: base weights + current adapters)."""
         return self.g.Policy(model_config=self.cfg, params=self.frozen["base"],
                              adapters=self.ss.adapters(self.state.trainable), spec=self.spec,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, decode_weights=self.decode_weights)
 
     def step(self, i: int) -> Dict[str, float]:
         import jax

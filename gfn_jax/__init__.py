@@ -52,7 +52,7 @@ from gfn_jax.objectives import (
 )
 from gfn_jax.parallel import MeshConfig, make_mesh, to_host
 from gfn_jax.replay import ReplayBuffer
-from gfn_jax.sampling import SampleOutput, sample
+from gfn_jax.sampling import DecodeWeights, SampleOutput, cache_decode_weights, sample
 from gfn_jax.scoring import score_policy, score_reward_prefixes, score_suffix_prefixes
 from gfn_jax.checkpoint import Checkpointer, CheckpointError
 from gfn_jax.tasks import Target, Task, make_task, register_task
@@ -90,6 +90,7 @@ __all__ = [
     "load_hf", "param_axes", "save_hf", "LoraConfig", "init_lora", "merge_lora", "db_loss",
     "init_log_z", "apply_log_z", "ppo_loss", "reinforce_loss", "sft_loss", "subtb_loss",
     "tb_loss", "MeshConfig", "make_mesh", "ReplayBuffer", "SampleOutput", "sample",
+    "DecodeWeights", "cache_decode_weights",
     "score_policy", "score_reward_prefixes", "score_suffix_prefixes", "Checkpointer",
     "CheckpointError", "Task", "Target", "make_task", "register_task", "Trainer", "TrainState",
     "Adapters", "TrainBatch", "LossInputs", "Needs", "Objective", "get_objective",

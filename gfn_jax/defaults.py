@@ -29,6 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
     # the sampler tests "every row done?" once per this many decode steps (1 = every step);
     # same samples, fewer host round trips of the loop condition on a GPU
     c.model.decode_chunk = 1
+    # LoRA on CPU: keep the frozen base's layer weights laid out feature-major for the
+    # sampler once (one more copy of them in memory) instead of a transposed copy per call
+    c.model.cache_decode_weights = True
     c.model.init_seed = 0  # spec == "random" only
     c.model.init_std = 0.02
     c.model.random = ml_collections.ConfigDict(

@@ -28,7 +28,7 @@ from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
 from gfn_jax.models.transformer import init_params
-from gfn_jax.sampling import SampleOutput
+from gfn_jax.sampling import DecodeWeights, SampleOutput
 from gfn_jax.sampling import sample as sample_fn
 from gfn_jax.scoring import score_policy
 
@@ -51,6 +51,9 @@ class Policy:
       tool: the task's sampler tool (spliced tokens are not actions), or None.
       encode_prompt: how prompts become token ids (the task's encoding; default: the
         tokenizer's ``encode``).
+      decode_weights: ``params`` laid out once for the sampler's decode loop
+        (:func:`~gfn_jax.sampling.cache_decode_weights`), or None (laid out per call); used
+        only while made from these very ``params``.
     """
 
     model_config: ModelConfig
@@ -61,6 +64,7 @@ class Policy:
     logit_bias: Optional[jax.Array] = None
     tool: Any = None
     encode_prompt: Optional[Callable[[str], List[int]]] = None
+    decode_weights: Optional[DecodeWeights] = None
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -103,7 +107,7 @@ class Policy:
             jnp.asarray(prompt_mask), self.spec, num_samples=num_samples,
             temperature=temperature, top_k=top_k, top_p=top_p, epsilon=epsilon,
             logit_bias=self.logit_bias, adapters=self.adapters, tool=self.tool,
-            pad_id=self.pad_id)
+            pad_id=self.pad_id, decode_weights=self.decode_weights)
 
     def sample(self, prompts: Sequence[str], n: int, *, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 0,

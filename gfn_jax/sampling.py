@@ -39,10 +39,13 @@ from gfn_jax.models.transformer import (
     check_length,
     decode_layout,
     decode_step,
+    decode_weights,
+    default_feature_major,
     prefill,
 )
 
-__all__ = ["SampleOutput", "Tool", "behaviour_logprobs", "draw", "inverse_cdf", "sample"]
+__all__ = ["DecodeWeights", "SampleOutput", "Tool", "behaviour_logprobs", "cache_decode_weights",
+           "draw", "inverse_cdf", "sample"]
 
 # Incremented each time the sampler is traced (tests use it to check nothing retraces).
 _TRACES = {"sample": 0}
@@ -87,6 +90,46 @@ class SampleOutput:
     prompt_index: jax.Array
     beh_log_pf: jax.Array
     beh_log_pterm: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("feature_major",))
+def _decode_weights_jit(params: Any, feature_major: bool) -> Any:
+    return decode_weights(params, feature_major)
+
+
+class DecodeWeights:
+    """Weights laid out once for the sampler's decode loop, kept across calls.
+
+    On a CPU backend the sampler runs the decode loop's projections feature-major ([out, in]
+    matrices, :func:`~gfn_jax.models.transformer.decode_layout`), which costs a transposed copy
+    of every layer weight on each call (about 130 ms for SmolLM2-135M on 2 cores) and so only
+    pays off for loops of :data:`~gfn_jax.models.transformer.FEATURE_MAJOR_MIN_STEPS` or more.
+    Made once from weights that do not change (a LoRA run's frozen base) and passed to
+    :func:`sample` (``decode_weights=``; ``Policy.decode_weights``; the Trainer keeps one when
+    ``model.cache_decode_weights``), it spares every call that copy, at the price of one more
+    copy of the layer weights in memory. It is used only with the very arrays it was made
+    from (checked by identity), and only by calls that decode feature-major; any other call
+    lays its weights out itself, as without it.
+    """
+
+    def __init__(self, params: Any) -> None:
+        self._source = tuple(jax.tree.leaves(params))
+        laid = _decode_weights_jit(params, True)
+        # only the layers are copies: the embedding, final norm (...) stay the caller's arrays
+        self.weights = dict(laid, **{k: v for k, v in params.items() if k != "layers"})
+
+    def made_from(self, params: Any) -> bool:
+        """Whether these are ``params``' weights (the same arrays, not equal copies)."""
+        leaves = jax.tree.leaves(params)
+        return len(leaves) == len(self._source) and all(
+            a is b for a, b in zip(leaves, self._source))
+
+
+def cache_decode_weights(params: Any) -> Optional[DecodeWeights]:
+    """A :class:`DecodeWeights` of ``params`` where the sampler can decode feature-major (a
+    CPU backend, or ``GFN_JAX_DECODE_FEATURE_MAJOR=1``); None elsewhere, where it would
+    only hold memory."""
+    return DecodeWeights(params) if default_feature_major(1) else None
 
 
 def behaviour_logprobs(
@@ -198,6 +241,7 @@ def _sample_jit(
     logit_bias: Optional[jax.Array],
     adapters: Optional[Any],
     pad_id: jax.Array,
+    laid_out: Optional[Any],
     *,
     cfg: ModelConfig,
     spec: PolicySpec,
@@ -213,7 +257,7 @@ def _sample_jit(
                               last_only=True)
     cache = _repeat_cache(cache, num_samples)
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
-    params, cache, adapters = decode_layout(params, cache, adapters, steps=T)
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out)
     logits = jnp.repeat(logits_p, num_samples, axis=0)
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
@@ -333,6 +377,7 @@ def sample(
     adapters: Optional[Any] = None,
     tool: Optional[Tool] = None,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> SampleOutput:
     """Sample ``num_samples`` trajectories per prompt; see :class:`SampleOutput`.
 
@@ -346,6 +391,8 @@ def sample(
       adapters: optional LoRA adapters for the policy.
       tool: optional hashable :class:`Tool` (a jit static argument).
       pad_id: token written after each row's end.
+      decode_weights: ``params`` laid out for decoding beforehand (:class:`DecodeWeights`);
+        ignored when made from other arrays than ``params``.
 
     Deterministic given ``rng``; one jitted call keyed on cfg/spec/shapes/num_samples/top_k/tool.
     """
@@ -371,6 +418,8 @@ def sample(
         check_bias("logit_bias", logit_bias, cfg.vocab_size),
         adapters,
         jnp.asarray(pad_id, jnp.int32),
+        decode_weights.weights if decode_weights is not None and decode_weights.made_from(params)
+        else None,
         cfg=cfg,
         spec=spec,
         num_samples=int(num_samples),

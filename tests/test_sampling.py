@@ -402,3 +402,53 @@ def test_inverse_cdf_edges_never_return_a_zero_probability_token():
     m5 = 1 / (1 + np.exp(-1) + np.exp(-2))
     np.testing.assert_array_equal(f(jnp.asarray([m5 - 1e-4, 0.5, 0.5]))[0], 5)
     np.testing.assert_array_equal(f(jnp.asarray([m5 + 1e-4, 0.5, 0.5]))[0], 200)
+
+
+def test_decode_weights_made_once_are_what_the_sampler_decodes_with(monkeypatch):
+    """sampling.DecodeWeights (the base laid out feature-major once, kept across calls):
+    samples exactly what the per-call feature-major layout samples; the sampler really
+    decodes with the kept copy (tampering with it changes the log-probs) and only while it
+    was made from the very arrays it is given (equal copies are laid out per call), and only
+    in calls that decode feature-major."""
+    cfg, params, adapters, spec, pt, pm = _gpt2_case()
+    kw = dict(temperature=1.3, epsilon=0.1, adapters=adapters, tool=ForceTwoAfterOne(), pad_id=0)
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "1")
+    kept = sampling.cache_decode_weights(params)
+    assert isinstance(kept, sampling.DecodeWeights) and kept.made_from(params)
+    assert kept.weights["embed"] is params["embed"]  # only the layers are copied
+    ref = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, num_samples=8, **kw)
+    out = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, num_samples=8,
+                 decode_weights=kept, **kw)
+    for name in ("tokens", "lengths", "action_mask"):
+        np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
+    for name in ("log_pf", "log_pterm", "beh_log_pf"):
+        np.testing.assert_allclose(getattr(out, name), getattr(ref, name), atol=1e-6)
+
+    def rescaled(lp):  # every [out, in] projection x 1.5: a visibly different policy
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: a * 1.5 if path[-1].key == tr.FM_KERNEL else a, lp)
+
+    tampered = sampling.DecodeWeights(params)
+    tampered.weights = dict(tampered.weights,
+                            layers=tuple(rescaled(lp) for lp in tampered.weights["layers"]))
+    out = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, num_samples=8,
+                 decode_weights=tampered, **kw)
+    scores = score_policy(cfg, params, np.repeat(pt, 8, 0), np.repeat(pm, 8, 0), out.tokens,
+                          out.lengths, spec, adapters=adapters, action_mask=out.action_mask)
+    # prefill used params, the decode steps the tampered copy: step 0 agrees, later ones not
+    np.testing.assert_allclose(out.log_pf[:, 0], scores.log_pf[:, 0], atol=1e-5)
+    assert np.max(np.abs(np.asarray(out.log_pf) - np.asarray(scores.log_pf))) > 1e-2
+    copies = jax.tree_util.tree_map(jnp.copy, params)  # equal values, other arrays: ignored
+    assert not tampered.made_from(copies)
+    out = sample(cfg, copies, jax.random.PRNGKey(3), pt, pm, spec, num_samples=8,
+                 decode_weights=tampered, **kw)
+    np.testing.assert_allclose(out.log_pf, ref.log_pf, atol=1e-6)
+    # a call that does not decode feature-major lays out params itself (a new num_samples:
+    # the variable is read when the sampler is traced)
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    assert sampling.cache_decode_weights(params) is None
+    plain = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, num_samples=4, **kw)
+    out = sample(cfg, params, jax.random.PRNGKey(3), pt, pm, spec, num_samples=4,
+                 decode_weights=tampered, **kw)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    np.testing.assert_allclose(out.log_pf, plain.log_pf, atol=1e-6)

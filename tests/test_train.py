@@ -20,6 +20,7 @@ from gfn_jax.defaults import validate_config
 from gfn_jax.metrics import read_metrics
 from gfn_jax.models.registry import char_tokenizer
 from gfn_jax.models.config import ModelConfig
+from gfn_jax.sampling import DecodeWeights
 from gfn_jax.tasks.rng import RandomNumberTask, parse_valid_integer
 from gfn_jax.tasks.toy import ToyTask, toy_log_reward_text
 from gfn_jax.train import NonFiniteLossError, Trainer, state_mask_from
@@ -122,6 +123,23 @@ def test_params_are_sharded_by_the_rules(tmp_path):
     spec = q.sharding.spec
     assert tuple(spec)[:3] == (None, "fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+
+
+def test_trainer_lays_out_the_lora_base_once_for_the_sampler(tmp_path, monkeypatch):
+    """With LoRA on CPU every Policy the trainer hands out carries one DecodeWeights of the
+    frozen base, made at first use and kept; none with model.cache_decode_weights off or for
+    full fine-tuning (the weights change every step)."""
+    monkeypatch.delenv("GFN_JAX_DECODE_FEATURE_MAJOR", raising=False)
+    tr = Trainer(toy_config(**{"lora.enabled": True}), str(tmp_path / "lora"), restore=False)
+    first, second = tr.policy, tr.policy
+    assert isinstance(first.decode_weights, DecodeWeights)
+    assert second.decode_weights is first.decode_weights
+    assert first.decode_weights.made_from(tr.frozen["base"])
+    off = Trainer(toy_config(**{"lora.enabled": True, "model.cache_decode_weights": False}),
+                  str(tmp_path / "off"), restore=False)
+    assert off.policy.decode_weights is None
+    full = Trainer(toy_config(**{"lora.enabled": False}), str(tmp_path / "full"), restore=False)
+    assert full.policy.decode_weights is None
 
 
 def test_mesh_devices_picks_the_first_devices_and_names_the_key():

@@ -11,6 +11,7 @@ from gfn_jax.models.transformer import (
     continuation_mask,
     decode_layout,
     decode_step,
+    decode_weights,
     forward,
     init_cache,
     init_params,
@@ -27,7 +28,8 @@ from gfn_jax.models.registry import Model, load
 
 __all__ = [
     "ModelConfig", "CopyBlockMask", "KVCache", "PromptKV", "apply", "causal_mask", "continuation_forward",
-    "continuation_mask", "decode_layout", "decode_step", "forward", "init_cache", "init_params", "param_axes",
+    "continuation_mask", "decode_layout", "decode_step", "decode_weights",
+    "forward", "init_cache", "init_params", "param_axes",
     "param_shapes", "positions_from_mask", "prefill", "prompt_forward", "unembed",
     "load_hf", "save_hf", "load_gguf", "Model", "load",
 ]

@@ -596,7 +596,9 @@ def default_feature_major(rows: int, steps: Optional[int] = None) -> bool:
     """Whether :func:`decode_layout` stores the projections feature-major by default: on a
     CPU backend, for at most :data:`FEATURE_MAJOR_MAX_ROWS` rows and (when the number of
     decode steps is known) at least :data:`FEATURE_MAJOR_MIN_STEPS` steps
-    (``GFN_JAX_DECODE_FEATURE_MAJOR=0/1`` overrides)."""
+    (``GFN_JAX_DECODE_FEATURE_MAJOR=0/1`` overrides). ``steps=None``: the transposed copy is
+    not made per call (weights from :func:`decode_weights`), so the loop's length does not
+    matter."""
     env = os.environ.get("GFN_JAX_DECODE_FEATURE_MAJOR")
     if env is not None:
         return env.strip().lower() not in ("0", "false", "no", "off", "")
@@ -604,9 +606,25 @@ def default_feature_major(rows: int, steps: Optional[int] = None) -> bool:
             and (steps is None or steps >= FEATURE_MAJOR_MIN_STEPS))
 
 
+def decode_weights(params: Params, feature_major: bool = True) -> Params:
+    """The weight half of :func:`decode_layout`: ``params`` with ``"layers"`` split into a
+    tuple of L layer dicts and, with ``feature_major``, every layer projection stored as an
+    [out, in] matrix (a transposed copy) plus the :data:`FM_MARK` key. Made once outside a
+    sampler (``gfn_jax.sampling.DecodeWeights``) it spares each call the copy."""
+    if isinstance(params["layers"], (tuple, list)):
+        raise ValueError("params are already in the decode layout")
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    params = dict(params, layers=_unstack(params["layers"], n))
+    if feature_major:
+        params["layers"] = tuple(_feature_major_layer(lp) for lp in params["layers"])
+        params[FM_MARK] = {}  # no leaves: tells unembed to use a tied head feature-major
+    return params
+
+
 def decode_layout(
     params: Params, cache: KVCache, adapters: Optional[Params] = None,
     feature_major: Optional[bool] = None, steps: Optional[int] = None,
+    laid_out: Optional[Params] = None,
 ) -> Tuple[Params, KVCache, Optional[Params]]:
     """Params, cache and adapters with every per-layer stack split into one array per layer.
 
@@ -625,16 +643,18 @@ def decode_layout(
     runs it, and a tied vocabulary projection, as ``(W @ x.T).T``: XLA:CPU multiplies a few
     rows by a weight faster in that form (a 16-row SmolLM2-135M decode step 79.5 -> 51.0 ms,
     ``docs/performance.md``). The results then differ from the stacked layout by rounding
-    only."""
-    if isinstance(params["layers"], (tuple, list)):
-        raise ValueError("params are already in the decode layout")
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    params = dict(params, layers=_unstack(params["layers"], n))
+    only. ``laid_out``: ``decode_weights(params)`` made beforehand; used instead of a fresh
+    copy when the layout is feature-major (the default rule then ignores ``steps``)."""
     if feature_major is None:
-        feature_major = default_feature_major(cache.valid.shape[0], steps)
-    if feature_major:
-        params["layers"] = tuple(_feature_major_layer(lp) for lp in params["layers"])
-        params[FM_MARK] = {}  # no leaves: tells unembed to use a tied head feature-major
+        feature_major = default_feature_major(cache.valid.shape[0],
+                                              None if laid_out is not None else steps)
+    if feature_major and laid_out is not None:
+        if FM_MARK not in laid_out:
+            raise ValueError("laid_out must come from decode_weights(params, feature_major=True)")
+        params = laid_out
+    else:
+        params = decode_weights(params, feature_major)
+    n = len(params["layers"])
     if not cache.per_layer:
         cache = cache.replace(k=_unstack(cache.k, n), v=_unstack(cache.v, n))
     a = as_adapters(adapters)
