@@ -299,7 +299,8 @@ class OursSide:
         self.state = jax.device_put(state, rep)
         self.frozen = jax.device_put({"base": params}, rep)
         # the frozen base laid out for the sampler once, as the Trainer keeps it (CPU)
-        self.decode_weights = g.cache_decode_weights(self.frozen["base"])
+        self.decode_weights = (g.cache_decode_weights(self.frozen["base"])
+                               if args.decode_weights == "keep" else None)
         self.spec = g.PolicySpec(term_ids=(term,), max_len=T, min_len=T)
         term_ids = self.spec.term_ids
         if setting["suffix_len"]:
@@ -946,6 +947,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="skip the fused step (ours: phases only)")
     p.add_argument("--no-sampler", action="store_true",
                    help="skip sampling alone (ours vs transformers generate)")
+    p.add_argument("--decode-weights", choices=("keep", "per-call"), default="keep",
+                   help="keep: our sampler decodes with the frozen base laid out once "
+                   "(gfn_jax.DecodeWeights, as the Trainer does); per-call: laid out on "
+                   "every sampler call")
     p.add_argument("--matmul-size", type=int, default=1024,
                    help="n of the n x n matmul whose GFLOP/s sets the floor")
     p.add_argument("--seed", type=int, default=0)
