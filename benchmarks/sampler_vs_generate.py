@@ -1,9 +1,14 @@
 """Our jitted sampler against ``transformers`` ``generate`` on SmolLM2-135M, nothing else.
 
 16 samples of one 59-token prompt (random ids), exactly 20 new tokens, float32, no adapters,
-the two sides alternating; prints every call's time and the medians. It needs no snapshot of
-the official code (``bench_official.py``'s sampler section does the same with LoRA on both
-sides), so it is the quick way to check the sampler-vs-generate ratio on a machine:
+the sides alternating; prints every call's time and the medians. Ours runs twice: as a bare
+``sample`` call, which lays the weights out for its decode loop itself, and with the weights
+laid out once beforehand (``gfn_jax.DecodeWeights``, what the Trainer keeps for a LoRA run's
+frozen base; on CPU it spares each call a transposed copy of the layer weights). It needs no
+snapshot of the official code (``bench_official.py``'s sampler section does the same with
+LoRA on both sides), so it is the quick way to check the sampler-vs-generate ratio on a
+machine; ``--no-generate`` times ours only, ``--rows`` / ``--prompt`` / ``--new`` change the
+shape (the main job's: ``--rows 32 --prompt 20 --new 4``):
 
     python benchmarks/sampler_vs_generate.py --steps 3
 """
@@ -22,34 +27,65 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="timed calls per side after 1 warm-up")
     ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=16, help="samples of the prompt")
+    ap.add_argument("--prompt", type=int, default=59, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=20, help="new tokens per sample (exactly)")
+    ap.add_argument("--no-generate", action="store_true", help="ours only (no torch)")
     args = ap.parse_args()
 
     import jax
     import jax.numpy as jnp
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from gfn_jax import sampling
+    from gfn_jax.baselines import hardware
     from gfn_jax.logprobs import PolicySpec
     from gfn_jax.models import hf, registry
 
-    K, P, T = 16, 59, 20
+    K, P, T = args.rows, args.prompt, args.new
     m = registry.load("smollm2-135m", dtype="float32")
+    prompt = np.random.default_rng(0).integers(100, 1000, P).tolist()
+    toks = jnp.asarray([prompt], jnp.int32)
+    spec = PolicySpec(term_ids=(30,), max_len=T, min_len=T)
+    kept = sampling.cache_decode_weights(m.params)  # None off CPU: then both are the same
+
+    def ours_with(weights):
+        def call(i: int) -> float:
+            t = time.perf_counter()
+            out = sampling.sample(m.config, m.params, jax.random.PRNGKey(i), toks,
+                                  jnp.ones_like(toks), spec, num_samples=K,
+                                  decode_weights=weights)
+            jax.block_until_ready(out.tokens)
+            return time.perf_counter() - t
+        return call
+
+    sides = {"ours": ours_with(None), "ours, weights kept": ours_with(kept)}
+    if not args.no_generate:
+        sides["generate"] = generate_side(m, hf, args, prompt, K, T)
+    times = {k: [] for k in sides}
+    for i in range(1 + args.steps):
+        for k, call in sides.items():
+            times[k].append(call(i))
+        print(f"call {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+              flush=True)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    line = (f"{K} x {T} new tokens from a {P}-token prompt, float32, {hardware()}: " + ", ".join(f"{k} {v:.3f} s ({1e3 * v / T:.0f} ms per decode step)"
+                                          for k, v in med.items()))
+    if "generate" in med:
+        line += "; generate / ours = " + ", ".join(
+            f"{med['generate'] / med[k]:.2f} ({k})" for k in ("ours", "ours, weights kept"))
+    print(line)
+
+
+def generate_side(m, hf, args, prompt, K: int, T: int):
+    """A timed call of ``transformers`` ``generate`` on the same model, exported to HF."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     out_dir = tempfile.mkdtemp(prefix="smollm2-hf-")
     hf.save_hf(m.config, m.params, out_dir)
     pol = AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
     torch.set_num_threads(args.torch_threads)
-    prompt = np.random.default_rng(0).integers(100, 1000, P).tolist()
-    toks = jnp.asarray([prompt], jnp.int32)
-    spec = PolicySpec(term_ids=(30,), max_len=T, min_len=T)
     ids = torch.tensor([prompt])
-
-    def ours(i: int) -> float:
-        t = time.perf_counter()
-        out = sampling.sample(m.config, m.params, jax.random.PRNGKey(i), toks,
-                              jnp.ones_like(toks), spec, num_samples=K)
-        jax.block_until_ready(out.tokens)
-        return time.perf_counter() - t
 
     def generate(i: int) -> float:
         torch.manual_seed(i)
@@ -60,17 +96,7 @@ def main() -> None:
                          top_p=1.0, temperature=1.0, pad_token_id=0)
         return time.perf_counter() - t
 
-    times = {"ours": [], "generate": []}
-    for i in range(1 + args.steps):
-        times["ours"].append(ours(i))
-        times["generate"].append(generate(i))
-        print(f"call {i}: ours {times['ours'][-1]:.2f} s, generate "
-              f"{times['generate'][-1]:.2f} s", flush=True)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    print(f"{K} x {T} new tokens from a {P}-token prompt, float32, jax {jax.__version__}, "
-          f"torch {torch.__version__}: ours {med['ours']:.2f} s "
-          f"({1e3 * med['ours'] / T:.0f} ms per decode step), generate "
-          f"{med['generate']:.2f} s; generate / ours = {med['generate'] / med['ours']:.2f}")
+    return generate
 
 
 if __name__ == "__main__":
