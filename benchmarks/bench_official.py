@@ -463,7 +463,7 @@ class OursWorker:
         self.rf, self.wf = os.fdopen(p_read, "r"), os.fdopen(p_write, "w")
         self.last_os: Dict[str, float] = {}
         self.losses: List[float] = []
-        keys = ("preset", "lora_rank", "lora_alpha", "no_fused", "seed", "malloc")
+        keys = ("preset", "lora_rank", "lora_alpha", "no_fused", "seed", "malloc", "decode_weights")
         _send(self.wf, {"args": {k: getattr(args, k) for k in keys}, "setting": setting,
                         "prompt": prompt, "suffix": suffix, "term": term, "total": total})
         ready = self._answer()

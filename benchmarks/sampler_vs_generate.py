@@ -68,8 +68,9 @@ def main() -> None:
         print(f"call {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    line = (f"{K} x {T} new tokens from a {P}-token prompt, float32, {hardware()}: " + ", ".join(f"{k} {v:.3f} s ({1e3 * v / T:.0f} ms per decode step)"
-                                          for k, v in med.items()))
+    line = (f"{K} x {T} new tokens from a {P}-token prompt, float32, {hardware()}: "
+            + ", ".join(f"{k} {v:.3f} s ({1e3 * v / T:.0f} ms per decode step)"
+                        for k, v in med.items()))
     if "generate" in med:
         line += "; generate / ours = " + ", ".join(
             f"{med['generate'] / med[k]:.2f} ({k})" for k in ("ours", "ours, weights kept"))

@@ -114,9 +114,9 @@ class DecodeWeights:
 
     def __init__(self, params: Any) -> None:
         self._source = tuple(jax.tree.leaves(params))
-        laid = _decode_weights_jit(params, True)
-        # only the layers are copies: the embedding, final norm (...) stay the caller's arrays
-        self.weights = dict(laid, **{k: v for k, v in params.items() if k != "layers"})
+        # only the layers are copied: the embedding, final norm (...) stay the caller's arrays
+        laid = _decode_weights_jit({"layers": params["layers"]}, True)
+        self.weights = dict(params, **laid)
 
     def made_from(self, params: Any) -> bool:
         """Whether these are ``params``' weights (the same arrays, not equal copies)."""
