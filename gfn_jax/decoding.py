@@ -53,7 +53,7 @@ from gfn_jax.models.transformer import (
     decode_step,
     prefill,
 )
-from gfn_jax.sampling import SampleOutput, sample
+from gfn_jax.sampling import DecodeWeights, SampleOutput, kept_weights, sample
 
 __all__ = [
     "DecodeOutput",
@@ -159,6 +159,7 @@ def _beam_jit(
     length_penalty: jax.Array,
     diversity_strength: jax.Array,
     pad_id: jax.Array,
+    laid_out: Optional[Any],
     *,
     cfg: ModelConfig,
     spec: PolicySpec,
@@ -174,7 +175,8 @@ def _beam_jit(
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
     cache = _take_rows(cache, jnp.repeat(jnp.arange(B), K))
-    params, cache, adapters = decode_layout(params, cache, adapters, steps=T)  # per layer
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T,  # per layer
+                                            laid_out=laid_out)
     logits = jnp.repeat(logits_p, K, axis=0)
     is_term = term_id_mask(V, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
@@ -268,7 +270,8 @@ def _beam_jit(
 
 
 def _beam(cfg, params, prompt_tokens, prompt_mask, spec, *, num_beams, num_groups, num_return,
-          logit_bias, adapters, length_penalty, diversity_strength, pad_id) -> DecodeOutput:
+          logit_bias, adapters, length_penalty, diversity_strength, pad_id,
+          decode_weights) -> DecodeOutput:
     prompt_tokens, prompt_mask = _check_prompts(cfg, prompt_tokens, prompt_mask, spec)
     num_beams, num_groups, num_return = int(num_beams), int(num_groups), int(num_return)
     if num_beams < 1 or num_return < 1 or num_groups < 1:
@@ -287,6 +290,7 @@ def _beam(cfg, params, prompt_tokens, prompt_mask, spec, *, num_beams, num_group
         jnp.asarray(length_penalty, jnp.float32),
         jnp.asarray(diversity_strength, jnp.float32),
         jnp.asarray(pad_id, jnp.int32),
+        kept_weights(decode_weights, params),
         cfg=cfg,
         spec=spec,
         num_beams=num_beams,
@@ -308,6 +312,7 @@ def beam_search(
     adapters: Optional[Any] = None,
     length_penalty: Any = 0.0,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> DecodeOutput:
     """The ``num_return`` best finished sequences per prompt found by beam search.
 
@@ -319,6 +324,8 @@ def beam_search(
       logit_bias, adapters: part of the policy, as in :func:`gfn_jax.sampling.sample`.
       length_penalty: the pool ranks by ``score / (n + 1) ** length_penalty`` (traced).
       pad_id: token written after each sequence's end.
+      decode_weights: ``params`` laid out for decoding beforehand, as in
+        :func:`gfn_jax.sampling.sample` (kept across the calls of a loop over prompts).
 
     Returns a :class:`DecodeOutput` (``groups`` all 0). Exact when ``num_beams >= num_return``
     and ``num_beams`` is at least the number of allowed prefixes of each length below
@@ -326,7 +333,8 @@ def beam_search(
     """
     return _beam(cfg, params, prompt_tokens, prompt_mask, spec, num_beams=num_beams,
                  num_groups=1, num_return=num_return, logit_bias=logit_bias, adapters=adapters,
-                 length_penalty=length_penalty, diversity_strength=0.0, pad_id=pad_id)
+                 length_penalty=length_penalty, diversity_strength=0.0, pad_id=pad_id,
+                 decode_weights=decode_weights)
 
 
 def diverse_beam_search(
@@ -344,6 +352,7 @@ def diverse_beam_search(
     adapters: Optional[Any] = None,
     length_penalty: Any = 0.0,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> DecodeOutput:
     """Diverse beam search (Vijayakumar et al., 2016) with a Hamming diversity penalty.
 
@@ -362,7 +371,8 @@ def diverse_beam_search(
     return _beam(cfg, params, prompt_tokens, prompt_mask, spec, num_beams=num_beams,
                  num_groups=num_groups, num_return=num_return, logit_bias=logit_bias,
                  adapters=adapters, length_penalty=length_penalty,
-                 diversity_strength=diversity_strength, pad_id=pad_id)
+                 diversity_strength=diversity_strength, pad_id=pad_id,
+                 decode_weights=decode_weights)
 
 
 # ---------------------------------------------------------------------------
@@ -376,6 +386,7 @@ def _greedy_jit(
     logit_bias: Optional[jax.Array],
     adapters: Optional[Any],
     pad_id: jax.Array,
+    laid_out: Optional[Any],
     *,
     cfg: ModelConfig,
     spec: PolicySpec,
@@ -385,7 +396,8 @@ def _greedy_jit(
     T = spec.max_len
     logits, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                             last_only=True)
-    params, cache, adapters = decode_layout(params, cache, adapters, steps=T)  # per layer
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T,  # per layer
+                                            laid_out=laid_out)
     is_term = term_id_mask(cfg.vocab_size, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
 
@@ -446,6 +458,7 @@ def greedy(
     logit_bias: Optional[jax.Array] = None,
     adapters: Optional[Any] = None,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> DecodeOutput:
     """Greedy decoding: at each prefix take the most likely action of the constrained policy,
     where ⊤ is one action with probability q(⊤) (the sum over the termination ids; ⊤ wins a
@@ -460,6 +473,7 @@ def greedy(
         check_bias("logit_bias", logit_bias, cfg.vocab_size),
         adapters,
         jnp.asarray(pad_id, jnp.int32),
+        kept_weights(decode_weights, params),
         cfg=cfg,
         spec=spec,
     )
@@ -483,9 +497,10 @@ def _from_samples(out: SampleOutput, batch: int) -> DecodeOutput:
 
 
 def _sample(cfg, params, rng, prompt_tokens, prompt_mask, spec, num_samples, logit_bias,
-            adapters, pad_id, **behaviour) -> DecodeOutput:
+            adapters, pad_id, decode_weights, **behaviour) -> DecodeOutput:
     out = sample(cfg, params, rng, prompt_tokens, prompt_mask, spec, num_samples=num_samples,
-                 logit_bias=logit_bias, adapters=adapters, pad_id=pad_id, **behaviour)
+                 logit_bias=logit_bias, adapters=adapters, pad_id=pad_id,
+                 decode_weights=decode_weights, **behaviour)
     return _from_samples(out, jnp.shape(prompt_tokens)[0])
 
 
@@ -501,10 +516,11 @@ def sample_pure(
     logit_bias: Optional[jax.Array] = None,
     adapters: Optional[Any] = None,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> DecodeOutput:
     """``num_samples`` ancestral samples per prompt from the policy itself (sampling order)."""
     return _sample(cfg, params, rng, prompt_tokens, prompt_mask, spec, num_samples, logit_bias,
-                   adapters, pad_id)
+                   adapters, pad_id, decode_weights)
 
 
 def sample_tempered(
@@ -520,11 +536,12 @@ def sample_tempered(
     logit_bias: Optional[jax.Array] = None,
     adapters: Optional[Any] = None,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> DecodeOutput:
     """Samples from the policy's logits divided by ``temperature``; ``scores`` are log q
     under the untempered policy."""
     return _sample(cfg, params, rng, prompt_tokens, prompt_mask, spec, num_samples, logit_bias,
-                   adapters, pad_id, temperature=temperature)
+                   adapters, pad_id, decode_weights, temperature=temperature)
 
 
 def sample_nucleus(
@@ -540,9 +557,10 @@ def sample_nucleus(
     logit_bias: Optional[jax.Array] = None,
     adapters: Optional[Any] = None,
     pad_id: int = 0,
+    decode_weights: Optional[DecodeWeights] = None,
 ) -> DecodeOutput:
     """Nucleus (top-p) samples: at each step the smallest set of most likely token ids whose
     probability reaches ``p`` (see :func:`gfn_jax.sampling.behaviour_logprobs`); ``scores``
     are log q under the unrestricted policy."""
     return _sample(cfg, params, rng, prompt_tokens, prompt_mask, spec, num_samples, logit_bias,
-                   adapters, pad_id, top_p=p)
+                   adapters, pad_id, decode_weights, top_p=p)

@@ -125,6 +125,14 @@ class DecodeWeights:
             a is b for a, b in zip(leaves, self._source))
 
 
+def kept_weights(decode_weights: Optional[DecodeWeights], params: Any) -> Optional[Any]:
+    """``decode_weights.weights`` when they were made from ``params``, else None (the
+    decoder then lays ``params`` out itself)."""
+    if decode_weights is not None and decode_weights.made_from(params):
+        return decode_weights.weights
+    return None
+
+
 def cache_decode_weights(params: Any) -> Optional[DecodeWeights]:
     """A :class:`DecodeWeights` of ``params`` where the sampler can decode feature-major (a
     CPU backend, or ``GFN_JAX_DECODE_FEATURE_MAJOR=1``); None elsewhere, where it would
@@ -418,8 +426,7 @@ def sample(
         check_bias("logit_bias", logit_bias, cfg.vocab_size),
         adapters,
         jnp.asarray(pad_id, jnp.int32),
-        decode_weights.weights if decode_weights is not None and decode_weights.made_from(params)
-        else None,
+        kept_weights(decode_weights, params),
         cfg=cfg,
         spec=spec,
         num_samples=int(num_samples),

@@ -402,3 +402,39 @@ def test_llama_without_bias_or_adapters_matches_the_scorer():
     want = [np.asarray(sg.log_pf)[b, : gl[b]].sum() + np.asarray(sg.log_pterm)[b, gl[b]]
             for b in range(2)]
     np.testing.assert_allclose(np.asarray(g.scores)[:, 0], want, atol=1e-5)
+
+
+def test_decoders_decode_with_weights_laid_out_once(monkeypatch):
+    """``decode_weights`` (sampling.DecodeWeights, the weights laid out feature-major once):
+    greedy, beam search and the sampling wrappers still give the exact-enumeration answers,
+    and they really decode with the kept copy (a tampered copy moves greedy's scores)."""
+    from gfn_jax import sampling
+
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "1")
+    kept = sampling.cache_decode_weights(PARAMS)
+    kw = dict(logit_bias=BIAS, adapters=ADAPTERS, pad_id=PAD)
+    out = greedy(CFG, PARAMS, PT, PM, SPEC, decode_weights=kept, **kw)
+    for b in range(B):
+        z, score = _greedy_path(STEPS[b])
+        assert _rows(out, b) == [z]
+        np.testing.assert_allclose(out.scores[b, 0], score, atol=1e-5)
+    out = beam_search(CFG, PARAMS, PT, PM, SPEC, num_beams=9, num_return=5, decode_weights=kept,
+                      **kw)
+    for b in range(B):
+        want = _best(SEQS[b], 5)
+        assert _rows(out, b) == want
+        np.testing.assert_allclose(out.scores[b], [SEQS[b][z] for z in want], atol=1e-5)
+    out = sample_pure(CFG, PARAMS, jax.random.PRNGKey(4), PT, PM, SPEC, num_samples=16,
+                      decode_weights=kept, **kw)
+    for b in range(B):
+        np.testing.assert_allclose(out.scores[b], [SEQS[b][z] for z in _rows(out, b)], atol=1e-5)
+
+    tampered = sampling.DecodeWeights(PARAMS)
+    tampered.weights = dict(tampered.weights, layers=tuple(
+        jax.tree_util.tree_map_with_path(
+            lambda path, a: a * 1.5 if path[-1].key == tr.FM_KERNEL else a, lp)
+        for lp in tampered.weights["layers"]))
+    out = greedy(CFG, PARAMS, PT, PM, SPEC, decode_weights=tampered, **kw)
+    got = [float(out.scores[b, 0]) for b in range(B)]
+    want = [SEQS[b].get(_rows(out, b)[0], np.inf) for b in range(B)]
+    assert max(abs(g - w) for g, w in zip(got, want)) > 1e-2
