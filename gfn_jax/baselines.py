@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import dataclasses
 import os
 import platform
 import sys
@@ -34,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gfn_jax import decoding
-from gfn_jax.sampling import cache_decode_weights
 
 __all__ = ["METHODS", "decode", "run_methods", "evaluate_methods", "main"]
 
@@ -59,15 +57,6 @@ def _records(policy: Any, prompt: str, out: decoding.DecodeOutput, method: str
     return recs
 
 
-def _with_kept_weights(policy: Any, calls: int) -> Any:
-    """``policy`` with its weights laid out for decoding once
-    (:func:`~gfn_jax.sampling.cache_decode_weights`) when it will make several decoder calls
-    and has none yet: each call would otherwise lay them out itself."""
-    if calls > 1 and policy.decode_weights is None:
-        return dataclasses.replace(policy, decode_weights=cache_decode_weights(policy.params))
-    return policy
-
-
 def decode(policy: Any, prompts: Sequence[str], method: str, n: int, *, seed: int = 0,
            temperature: float = 0.8, top_p: float = 0.95, diversity: float = 1.0
            ) -> List[Dict[str, Any]]:
@@ -80,7 +69,7 @@ def decode(policy: Any, prompts: Sequence[str], method: str, n: int, *, seed: in
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     cfg, spec = policy.model_config, policy.spec
-    policy = _with_kept_weights(policy, len(prompts))
+    policy = policy.for_decoding(len(prompts), int(n))  # one decoder call per prompt
     common = dict(logit_bias=policy.logit_bias, adapters=policy.adapters, pad_id=policy.pad_id,
                   decode_weights=policy.decode_weights)
     key = jax.random.PRNGKey(seed)
@@ -117,7 +106,7 @@ def decode(policy: Any, prompts: Sequence[str], method: str, n: int, *, seed: in
 def run_methods(policy: Any, prompts: Sequence[str], n: int,
                 methods: Sequence[str] = METHODS, **kw: Any) -> Dict[str, List[Dict[str, Any]]]:
     """{method: samples} for each method (see :func:`decode` for ``kw``)."""
-    policy = _with_kept_weights(policy, len(prompts) * len(methods))
+    policy = policy.for_decoding(len(prompts) * len(methods), int(n))
     return {m: decode(policy, prompts, m, n, **kw) for m in methods}
 
 

@@ -27,8 +27,8 @@ from gfn_jax.models import registry
 from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
-from gfn_jax.models.transformer import init_params
-from gfn_jax.sampling import DecodeWeights, SampleOutput
+from gfn_jax.models.transformer import default_feature_major, init_params
+from gfn_jax.sampling import DecodeWeights, SampleOutput, cache_decode_weights
 from gfn_jax.sampling import sample as sample_fn
 from gfn_jax.scoring import score_policy
 
@@ -98,6 +98,16 @@ class Policy:
         return left_pad(ids, int(length or max(len(x) for x in ids)), self.pad_id)
 
     # ------------------------------------------------------------------ sampling
+    def for_decoding(self, calls: int, rows: int) -> "Policy":
+        """This policy, or a copy carrying its weights laid out for decoding once
+        (:func:`~gfn_jax.sampling.cache_decode_weights`) when it is about to make ``calls``
+        > 1 decoder calls of ``rows`` rows that would each lay them out themselves (on CPU,
+        at most :data:`~gfn_jax.models.transformer.FEATURE_MAJOR_MAX_ROWS` rows) and it
+        carries none yet."""
+        if calls > 1 and self.decode_weights is None and default_feature_major(rows):
+            return dataclasses.replace(self, decode_weights=cache_decode_weights(self.params))
+        return self
+
     def draw(self, prompt_tokens: Any, prompt_mask: Any, rng: jax.Array, num_samples: int,
              *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              epsilon: float = 0.0) -> SampleOutput:
@@ -119,6 +129,7 @@ class Policy:
             raise ValueError(f"the number of samples must be >= 1, got {n}")
         bs = int(batch_size) or int(n)
         ids = self.encode(prompts)
+        pol = self.for_decoding(len(prompts) * -(-int(n) // bs), min(bs, int(n)))
         out: List[Dict[str, Any]] = []
         key = jax.random.PRNGKey(seed)
         bar = _bar(len(prompts) * n, desc, progress)
@@ -129,9 +140,9 @@ class Policy:
                 while left > 0:
                     k = min(bs, left)
                     key, sub = jax.random.split(key)
-                    out += self._records([p], self.draw(toks, mask, sub, k,
-                                                        temperature=temperature, top_k=top_k,
-                                                        top_p=top_p))
+                    out += self._records([p], pol.draw(toks, mask, sub, k,
+                                                       temperature=temperature, top_k=top_k,
+                                                       top_p=top_p))
                     left -= k
                     bar.update(k)
         finally:
@@ -144,7 +155,10 @@ class Policy:
         """``num`` samples in all, ``batch_size`` of each prompt in turn (cycling)."""
         if int(num) < 1:
             raise ValueError(f"the number of samples must be >= 1, got {num}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids = self.encode(prompts)
+        pol = self.for_decoding(-(-int(num) // int(batch_size)), min(int(batch_size), int(num)))
         out: List[Dict[str, Any]] = []
         key = jax.random.PRNGKey(seed)
         bar = _bar(num, desc, progress and num >= 2 * batch_size)
@@ -155,8 +169,8 @@ class Policy:
                 pi = c % len(ids)
                 k = min(int(batch_size), num - len(out))
                 toks, mask = self.pad([ids[pi]])
-                out += self._records([prompts[pi]], self.draw(toks, mask, sub, k,
-                                                              temperature=temperature))
+                out += self._records([prompts[pi]], pol.draw(toks, mask, sub, k,
+                                                             temperature=temperature))
                 bar.update(k)
                 c += 1
         finally:
