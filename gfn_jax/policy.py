@@ -37,6 +37,12 @@ Params = Any
 __all__ = ["Policy", "load_policy", "load_run", "load_base_model", "run_config", "left_pad"]
 
 
+#: Fewest decoder calls for which :meth:`Policy.for_decoding` lays the weights out once: the
+#: copy's program compiles once (~2 s for SmolLM2-135M on 2 cores, then cached) and each
+#: call saves ~0.1 s (``docs/performance.md``).
+MIN_CALLS_TO_KEEP = 4
+
+
 @dataclasses.dataclass
 class Policy:
     """q(Z | X): a model, its adapters and the task's constraints.
@@ -100,11 +106,13 @@ class Policy:
     # ------------------------------------------------------------------ sampling
     def for_decoding(self, calls: int, rows: int) -> "Policy":
         """This policy, or a copy carrying its weights laid out for decoding once
-        (:func:`~gfn_jax.sampling.cache_decode_weights`) when it is about to make ``calls``
-        > 1 decoder calls of ``rows`` rows that would each lay them out themselves (on CPU,
-        at most :data:`~gfn_jax.models.transformer.FEATURE_MAJOR_MAX_ROWS` rows) and it
-        carries none yet."""
-        if calls > 1 and self.decode_weights is None and default_feature_major(rows):
+        (:func:`~gfn_jax.sampling.cache_decode_weights`) when it is about to make at least
+        :data:`MIN_CALLS_TO_KEEP` decoder calls of ``rows`` rows that would each lay them out
+        themselves (on CPU, at most
+        :data:`~gfn_jax.models.transformer.FEATURE_MAJOR_MAX_ROWS` rows) and it carries none
+        yet."""
+        if (calls >= MIN_CALLS_TO_KEEP and self.decode_weights is None
+                and default_feature_major(rows)):
             return dataclasses.replace(self, decode_weights=cache_decode_weights(self.params))
         return self
 

@@ -73,23 +73,24 @@ def test_policy_errors_are_clear(toy_run):
 
 
 def test_sampling_loops_lay_the_weights_out_once(toy_run, monkeypatch):
-    """Policy.for_decoding: a loop of several sampler calls of few rows gets the weights laid
+    """Policy.for_decoding: a loop of a few sampler calls of few rows gets the weights laid
     out once (DecodeWeights, CPU); one call, calls of more rows than decode feature-major, or
     a policy that already carries a copy are left as they are; samples drawn with the copy
     have the log q that log_prob gives them."""
     from gfn_jax.models.transformer import FEATURE_MAJOR_MAX_ROWS
+    from gfn_jax.policy import MIN_CALLS_TO_KEEP
 
     monkeypatch.delenv("GFN_JAX_DECODE_FEATURE_MAJOR", raising=False)
     policy = gfn_jax.load_policy(toy_run)
     assert policy.decode_weights is None
-    looped = policy.for_decoding(calls=3, rows=8)
+    looped = policy.for_decoding(calls=MIN_CALLS_TO_KEEP, rows=8)
     assert isinstance(looped.decode_weights, gfn_jax.DecodeWeights)
     assert looped.decode_weights.made_from(policy.params)
-    assert looped.for_decoding(3, 8) is looped
-    assert policy.for_decoding(1, 8) is policy
-    assert policy.for_decoding(3, FEATURE_MAJOR_MAX_ROWS + 1) is policy
-    samples = looped.sample(["<s>"], n=24, batch_size=8, seed=5)
-    lq = policy.log_prob(["<s>"] * 24, [r["text"] for r in samples])
+    assert looped.for_decoding(MIN_CALLS_TO_KEEP, 8) is looped
+    assert policy.for_decoding(MIN_CALLS_TO_KEEP - 1, 8) is policy
+    assert policy.for_decoding(MIN_CALLS_TO_KEEP, FEATURE_MAJOR_MAX_ROWS + 1) is policy
+    samples = looped.sample(["<s>"], n=32, batch_size=8, seed=5)
+    lq = policy.log_prob(["<s>"] * 32, [r["text"] for r in samples])
     np.testing.assert_allclose([r["log_q"] for r in samples], lq, atol=1e-4)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         policy.sample_total(["<s>"], 4, batch_size=0)
