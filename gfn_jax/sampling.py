@@ -92,9 +92,7 @@ class SampleOutput:
     beh_log_pterm: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("feature_major",))
-def _decode_weights_jit(params: Any, feature_major: bool) -> Any:
-    return decode_weights(params, feature_major)
+_feature_major_weights = jax.jit(functools.partial(decode_weights, feature_major=True))
 
 
 class DecodeWeights:
@@ -115,7 +113,7 @@ class DecodeWeights:
     def __init__(self, params: Any) -> None:
         self._source = tuple(jax.tree.leaves(params))
         # only the layers are copied: the embedding, final norm (...) stay the caller's arrays
-        laid = _decode_weights_jit({"layers": params["layers"]}, True)
+        laid = _feature_major_weights({"layers": params["layers"]})
         self.weights = dict(params, **laid)
 
     def made_from(self, params: Any) -> bool:

@@ -45,7 +45,7 @@ from gfn_jax.profiling import StepProfiler, describe
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.replay import ReplayBuffer
 from gfn_jax.rollout import BEHAVIOURS, Rollouts
-from gfn_jax.sampling import DecodeWeights, cache_decode_weights
+from gfn_jax.sampling import DecodeWeights
 from gfn_jax.step import (StepSpec, TrainState, host_hyper, make_prepare, make_train_step,
                           state_mask_from)
 from gfn_jax.tasks import make_task
@@ -229,8 +229,9 @@ class Trainer:
         self._step_fn = None
         self._prepare_fn = None
         # the LoRA base laid out for the sampler's decode loop once (CPU), made at first use
+        # where Policy.for_decoding's rule says the sampler's draws will use it
         self._decode_weights: Optional[DecodeWeights] = None
-        self._decode_weights_due = self.use_lora and bool(config.model.cache_decode_weights)
+        self._keep_decode_weights = self.use_lora and bool(config.model.cache_decode_weights)
         targets = None
         if self.source == "data" or config.replay.seed_from_data:
             targets = self.task.targets()
@@ -321,13 +322,17 @@ class Trainer:
     def policy(self) -> Policy:
         """The current policy as a :class:`~gfn_jax.policy.Policy` value."""
         params, adapters = self.policy_params
-        if self._decode_weights_due:
-            self._decode_weights, self._decode_weights_due = cache_decode_weights(params), False
         # the task's spec, bias and tool were read once at start-up: no per-step rebuild
-        return Policy(model_config=self.model_cfg, params=params, adapters=adapters,
-                      spec=self.spec, tokenizer=self.tokenizer, logit_bias=self.logit_bias,
-                      tool=self.tool, encode_prompt=self.task.encode_prompt,
-                      decode_weights=self._decode_weights)
+        policy = Policy(model_config=self.model_cfg, params=params, adapters=adapters,
+                        spec=self.spec, tokenizer=self.tokenizer, logit_bias=self.logit_bias,
+                        tool=self.tool, encode_prompt=self.task.encode_prompt,
+                        decode_weights=self._decode_weights)
+        if self._keep_decode_weights and self._decode_weights is None:
+            tc = self.config.train  # one draw per step, of every prompt's samples
+            policy = policy.for_decoding(int(tc.steps),
+                                         int(tc.prompts_per_batch) * int(tc.samples_per_prompt))
+            self._decode_weights = policy.decode_weights
+        return policy
 
     def _restore(self) -> None:
         abstract = jax.tree_util.tree_map(

@@ -127,8 +127,9 @@ def test_params_are_sharded_by_the_rules(tmp_path):
 
 def test_trainer_lays_out_the_lora_base_once_for_the_sampler(tmp_path, monkeypatch):
     """With LoRA on CPU every Policy the trainer hands out carries one DecodeWeights of the
-    frozen base, made at first use and kept; none with model.cache_decode_weights off or for
-    full fine-tuning (the weights change every step)."""
+    frozen base, made at first use and kept; none with model.cache_decode_weights off, for
+    full fine-tuning (the weights change every step), or when each step's draw has more rows
+    than decode feature-major (the copy would never be used)."""
     monkeypatch.delenv("GFN_JAX_DECODE_FEATURE_MAJOR", raising=False)
     tr = Trainer(toy_config(**{"lora.enabled": True}), str(tmp_path / "lora"), restore=False)
     first, second = tr.policy, tr.policy
@@ -140,6 +141,10 @@ def test_trainer_lays_out_the_lora_base_once_for_the_sampler(tmp_path, monkeypat
     assert off.policy.decode_weights is None
     full = Trainer(toy_config(**{"lora.enabled": False}), str(tmp_path / "full"), restore=False)
     assert full.policy.decode_weights is None
+    wide = Trainer(toy_config(**{"lora.enabled": True, "train.samples_per_prompt": 65}),
+                   str(tmp_path / "wide"), restore=False)
+    assert wide.policy.decode_weights is None
+    assert wide.policy.decode_weights is None  # asked again: still none, nothing was made
 
 
 def test_mesh_devices_picks_the_first_devices_and_names_the_key():
