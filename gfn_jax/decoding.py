@@ -176,7 +176,7 @@ def _beam_jit(
                               last_only=True)
     cache = _take_rows(cache, jnp.repeat(jnp.arange(B), K))
     params, cache, adapters = decode_layout(params, cache, adapters, steps=T,  # per layer
-                                            laid_out=laid_out)
+                                            laid_out=laid_out, layers=cfg.decode_layers)
     logits = jnp.repeat(logits_p, K, axis=0)
     is_term = term_id_mask(V, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
@@ -397,7 +397,7 @@ def _greedy_jit(
     logits, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                             last_only=True)
     params, cache, adapters = decode_layout(params, cache, adapters, steps=T,  # per layer
-                                            laid_out=laid_out)
+                                            laid_out=laid_out, layers=cfg.decode_layers)
     is_term = term_id_mask(cfg.vocab_size, spec.term_ids)
     neg = jnp.float32(-jnp.inf)
 

@@ -29,6 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
     # the sampler tests "every row done?" once per this many decode steps (1 = every step);
     # same samples, fewer host round trips of the loop condition on a GPU
     c.model.decode_chunk = 1
+    # the decoders' layers: "unrolled" over a per-layer copy of the weights made per call
+    # (fastest on CPU; as many bytes again as the layer weights while sampling) or "scanned"
+    # over the stacked weights (no copy; for a model whose second copy would not fit)
+    c.model.decode_layers = "unrolled"
     # LoRA on CPU: keep the frozen base's layer weights laid out feature-major for the
     # sampler once (one more copy of them in memory) instead of a transposed copy per call
     c.model.cache_decode_weights = True

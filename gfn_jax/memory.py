@@ -7,11 +7,17 @@ per-device memory figures, before any weight is loaded.
   :func:`gfn_jax.scoring.score_suffix_prefixes`, the objective's loss, the optimizer of
   :func:`gfn_jax.optim.build_optimizer`) lowered on ``jax.ShapeDtypeStruct`` inputs with their
   shardings on a mesh and compiled; ``compiled.memory_analysis()`` gives the bytes per device.
-* :func:`estimate_from_config` -- the same from a run config (``default_config()`` schema).
+* :func:`estimate_sampler_memory` -- the sampler's program (:func:`gfn_jax.sampling.sample`:
+  prefill, the KV cache of every row, the decode loop; with ``decode_layers="unrolled"`` the
+  per-layer copy of the layer weights it makes) on the same abstract inputs.
+* :func:`estimate_from_config` -- the step from a run config (``default_config()`` schema);
+  :func:`plan_from_config` -- the run's :class:`MemoryPlan`: the step and the larger of its
+  sampler calls (a training draw, an evaluation draw), while the train state is held.
 * :func:`estimate_compiled` -- the figures of any compiled (or lowered) step, e.g. the
   trainer's own.
 * :func:`check_fits` -- raises :class:`DoesNotFitError` naming the config knobs that would
-  make a step fit a device's memory; :func:`device_memory_bytes` reads a device's limit.
+  make a step (or a plan's peak) fit a device's memory; :func:`device_memory_bytes` reads a
+  device's limit.
 
 The figures are what XLA's buffer assignment plans for the compiled program on the backend
 that compiled it: ``argument`` (weights, adapters, optimizer state, batch), ``output``,
@@ -26,10 +32,11 @@ an estimate and leave headroom.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gfn_jax import parallel
 from gfn_jax.batch import TrainBatch
@@ -45,6 +52,9 @@ __all__ = [
     "FIT_KNOBS",
     "estimate_step_memory",
     "estimate_from_config",
+    "estimate_sampler_memory",
+    "MemoryPlan",
+    "plan_from_config",
     "estimate_compiled",
     "check_fits",
     "device_memory_bytes",
@@ -123,6 +133,72 @@ class MemoryEstimate:
 
 class DoesNotFitError(MemoryError):
     """The compiled step needs more memory per device than the device has."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device memory of a training run: its train step and its largest sampler call.
+
+    The sampler runs between steps while the train state stays on the device, so sampling
+    holds the step's arguments (weights, adapters, optimizer state; they include the
+    sampler's own weights) plus the sampler's temporaries and outputs (the KV cache of every
+    row, logits, and with ``model.decode_layers="unrolled"`` a per-layer copy of the layer
+    weights). ``kept_bytes`` is held through the whole run: the decode weights a LoRA run
+    lays out once (``model.cache_decode_weights``, CPU backends). The batch's few bytes are
+    counted in both phases (an upper bound)."""
+
+    step: MemoryEstimate
+    sampler: Optional[MemoryEstimate] = None
+    kept_bytes: int = 0
+    layer_weight_bytes: int = 0  # per device: what the unrolled decode layout copies
+
+    @property
+    def step_bytes(self) -> int:
+        """Peak per device while the step runs."""
+        return self.step.total_bytes + self.kept_bytes
+
+    @property
+    def sampling_bytes(self) -> int:
+        """Peak per device while the sampler runs (0 without a sampler plan)."""
+        if self.sampler is None:
+            return 0
+        sm = self.sampler
+        return (self.step.argument_bytes + self.kept_bytes + sm.temp_bytes
+                + max(sm.output_bytes - sm.alias_bytes, 0) + sm.code_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        """The run's peak per device: the larger phase."""
+        return max(self.step_bytes, self.sampling_bytes)
+
+    @property
+    def knobs(self) -> Mapping[str, Any]:
+        return {**(self.sampler.knobs if self.sampler else {}), **self.step.knobs}
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"step": self.step.as_dict(),
+                "sampler": None if self.sampler is None else self.sampler.as_dict(),
+                "kept_bytes": self.kept_bytes, "layer_weight_bytes": self.layer_weight_bytes,
+                "step_bytes": self.step_bytes, "sampling_bytes": self.sampling_bytes,
+                "total_bytes": self.total_bytes}
+
+    def summary(self) -> str:
+        """The step's line, then the sampling phase's and the run's peak."""
+        lines = [self.step.summary()]
+        if self.kept_bytes:
+            lines.append(f"decode weights kept for the sampler: {format_bytes(self.kept_bytes)} "
+                         f"per device through the run (model.cache_decode_weights)")
+        if self.sampler is not None:
+            sm = self.sampler
+            rows = sm.knobs.get("sampler.rows", "?")
+            lines.append(
+                f"sampling memory per device: {format_bytes(self.sampling_bytes)} (train state "
+                f"held {format_bytes(self.step.argument_bytes)}, sampler temporaries "
+                f"{format_bytes(sm.temp_bytes)} for {rows} rows, decode layers "
+                f"{sm.knobs.get('model.decode_layers', '?')})")
+            lines.append(f"peak per device: {format_bytes(self.total_bytes)} "
+                         f"({'sampling' if self.sampling_bytes > self.step_bytes else 'train step'})")
+        return "\n".join(lines)
 
 
 def _stat(ma: Any, name: str) -> int:
@@ -204,6 +280,26 @@ def abstract_batch(batch_size: int, prompt_len: int, traj_len: int,
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _abstract_weights(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Sequence[Any],
+                      lora: Optional[lora_lib.LoraConfig]) -> Tuple[Any, Any]:
+    """(base params, LoRA adapter tree or None) as sharded ``ShapeDtypeStruct`` leaves."""
+    p_shapes = param_shapes(model_cfg)
+    base = _with_shardings(p_shapes, parallel.tree_shardings(param_axes(model_cfg), p_shapes,
+                                                             mesh, rules))
+    if lora is None:
+        return base, None
+    t_shapes = jax.eval_shape(
+        lambda: lora_lib.init_lora(model_cfg, p_shapes, lora, jax.random.PRNGKey(0))["tree"])
+    t_axes = lora_lib.lora_axes(model_cfg, lora)["tree"]
+    return base, _with_shardings(t_shapes, parallel.tree_shardings(t_axes, t_shapes, mesh, rules))
+
+
+def _device_bytes(tree: Any) -> int:
+    """Bytes per device of sharded ``ShapeDtypeStruct`` leaves (the largest shard)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
 
 
 def opt_state_shardings(tx: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -321,16 +417,10 @@ def estimate_step_memory(
     rep = parallel.replicated(mesh)
 
     # parameters and trainable tree
-    p_shapes = param_shapes(model_cfg)
-    p_sh = parallel.tree_shardings(param_axes(model_cfg), p_shapes, mesh, rules)
-    base = _with_shardings(p_shapes, p_sh)
+    base, adapter_tree = _abstract_weights(model_cfg, mesh, rules, lora if use_lora else None)
     frozen: Dict[str, Any] = {}
     if use_lora:
-        t_shapes = jax.eval_shape(
-            lambda: lora_lib.init_lora(model_cfg, p_shapes, lora, jax.random.PRNGKey(0))["tree"])
-        t_axes = lora_lib.lora_axes(model_cfg, lora)["tree"]
-        trainable = _with_shardings(t_shapes, parallel.tree_shardings(t_axes, t_shapes, mesh,
-                                                                      rules))
+        trainable = adapter_tree
         frozen["base"] = base
     else:
         trainable = base
@@ -403,6 +493,67 @@ def estimate_step_memory(
     return estimate_compiled(_compile(lowered, mesh, compiler_options), mesh, all_knobs)
 
 
+def estimate_sampler_memory(
+    model_cfg: ModelConfig,
+    *,
+    prompts: int,
+    num_samples: int,
+    prompt_len: int,
+    traj_len: int,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Optional[Sequence[Any]] = None,
+    lora: Optional[lora_lib.LoraConfig] = None,
+    term_ids: Sequence[int] = (0,),
+    min_len: int = 0,
+    logit_bias: bool = False,
+    kept_decode_weights: bool = False,
+    knobs: Optional[Mapping[str, Any]] = None,
+    compiler_options: Optional[Mapping[str, Any]] = None,
+) -> MemoryEstimate:
+    """Compile the sampler (:func:`gfn_jax.sampling.sample`) on abstract shapes and return its
+    per-device memory: ``prompts`` prompts of ``prompt_len`` tokens, ``num_samples`` samples
+    of each, up to ``traj_len`` new tokens; the weights sharded as the train state holds them
+    (``mesh``, ``rules``), with ``lora`` adapters when given. ``kept_decode_weights``: the
+    sampler gets the layer weights laid out beforehand (``gfn_jax.sampling.DecodeWeights``,
+    an argument here, not a temporary). The temporaries hold the KV cache of every row
+    (``prompts * num_samples`` rows of ``prompt_len + traj_len`` slots, all layers) and, with
+    ``model_cfg.decode_layers == "unrolled"``, the per-layer copy of the layer weights that
+    the decode loop reads."""
+    from gfn_jax import sampling
+    from gfn_jax.models.transformer import decode_weights
+
+    if mesh is None:
+        mesh = parallel.make_mesh(parallel.MeshConfig())
+    rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
+    base, tree = _abstract_weights(model_cfg, mesh, rules, lora)
+    rep = parallel.replicated(mesh)
+    S = jax.ShapeDtypeStruct
+    adapters = None if tree is None else {"scale": S((), jnp.float32, sharding=rep),
+                                          "tree": tree}
+    laid_out = None
+    if kept_decode_weights and model_cfg.decode_layers == "unrolled":
+        layers = jax.eval_shape(lambda p: decode_weights({"layers": p}, True), base["layers"])
+        laid_out = dict(base, **jax.tree_util.tree_map(
+            lambda x: S(x.shape, x.dtype), layers))
+    B, P = int(prompts), int(prompt_len)
+    spec = PolicySpec(term_ids=tuple(int(t) for t in term_ids), max_len=int(traj_len),
+                      min_len=int(min_len))
+    scalar = S((), jnp.float32)
+    bias = S((model_cfg.vocab_size,), jnp.float32) if logit_bias else None
+    lowered = sampling._sample_jit.lower(
+        base, S((2,), jnp.uint32), S((B, P), jnp.int32), S((B, P), jnp.int32), scalar, scalar,
+        scalar, None, bias, adapters, S((), jnp.int32), laid_out, cfg=model_cfg, spec=spec,
+        num_samples=int(num_samples), top_k=0, tool=None)
+    all_knobs = {"sampler.rows": B * int(num_samples), "sampler.prompts": B,
+                 "task.max_len": int(traj_len), "prompt_len": P,
+                 "model.decode_layers": model_cfg.decode_layers,
+                 "model.dtype": model_cfg.dtype, "model.param_dtype": model_cfg.param_dtype,
+                 "mesh.data": int(mesh.shape["data"]), "mesh.fsdp": int(mesh.shape["fsdp"]),
+                 "mesh.tensor": int(mesh.shape["tensor"])}
+    all_knobs.update(knobs or {})
+    return estimate_compiled(_compile(lowered, mesh, compiler_options), mesh, all_knobs)
+
+
 def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
                          devices: Optional[Sequence[Any]] = None,
                          reward_prompt_len: Optional[int] = None, suffix_len: int = 0,
@@ -448,6 +599,53 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
         num_groups=int(t.prompts_per_batch), knobs=knobs)
 
 
+def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
+                     devices: Optional[Sequence[Any]] = None,
+                     reward_prompt_len: Optional[int] = None, suffix_len: int = 0,
+                     term_ids: Optional[Sequence[int]] = None,
+                     logit_bias: bool = False) -> MemoryPlan:
+    """The run's :class:`MemoryPlan`: :func:`estimate_from_config`'s step, and the sampler
+    for the larger of a training draw (``train.prompts_per_batch`` prompts x
+    ``train.samples_per_prompt`` samples) and an evaluation draw (one prompt x
+    ``min(eval.batch_size, eval.num_samples)`` samples, when ``eval.num_samples`` > 0; a task
+    that evaluates without sampling makes this an upper bound), on the same mesh, with the
+    decode weights the trainer keeps (LoRA with ``model.cache_decode_weights``, where the
+    sampler decodes feature-major: CPU backends)."""
+    from gfn_jax.defaults import mesh_devices, mesh_rules
+    from gfn_jax.policy import keeps_decode_weights
+
+    step = estimate_from_config(config, model_cfg, prompt_len, devices=devices,
+                                reward_prompt_len=reward_prompt_len, suffix_len=suffix_len,
+                                term_ids=term_ids, logit_bias=logit_bias)
+    t, e, mc = config.train, config.eval, config.mesh
+    train_draw = (int(t.prompts_per_batch), int(t.samples_per_prompt))
+    draw, which = train_draw, "train.prompts_per_batch x train.samples_per_prompt"
+    eval_rows = min(int(e.batch_size), int(e.num_samples)) if int(e.num_samples) > 0 else 0
+    if eval_rows > train_draw[0] * train_draw[1]:
+        draw, which = (1, eval_rows), "eval.batch_size"
+    use_lora = bool(config.lora.enabled)
+    lora = None
+    if use_lora:
+        lc = config.lora
+        lora = lora_lib.LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+                                   targets=tuple(lc.targets))
+    keep = (use_lora and bool(config.model.get("cache_decode_weights", True))
+            and keeps_decode_weights(model_cfg, int(t.steps), train_draw[0] * train_draw[1]))
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
+                              mesh_devices(config, devices))
+    rules = mesh_rules(config)
+    base, _ = _abstract_weights(model_cfg, mesh, rules, None)
+    layer_bytes = _device_bytes(base["layers"])
+    sampler = estimate_sampler_memory(
+        model_cfg, prompts=draw[0], num_samples=draw[1], prompt_len=prompt_len,
+        traj_len=int(config.task.max_len), mesh=mesh, rules=rules, lora=lora,
+        term_ids=tuple(term_ids) if term_ids is not None else (model_cfg.vocab_size - 1,),
+        min_len=int(config.task.get("min_len", 0) or 0), logit_bias=logit_bias,
+        kept_decode_weights=keep, knobs={"sampler.rows_from": which})
+    return MemoryPlan(step=step, sampler=sampler, kept_bytes=layer_bytes if keep else 0,
+                      layer_weight_bytes=layer_bytes)
+
+
 # ---------------------------------------------------------------------------
 # Fit check
 # ---------------------------------------------------------------------------
@@ -470,11 +668,13 @@ def _knob(est: MemoryEstimate, key: str) -> str:
     return "" if v is None else f" (now {v!r})"
 
 
-def check_fits(estimate: MemoryEstimate, device_bytes: Optional[float],
+def check_fits(estimate: Any, device_bytes: Optional[float],
                headroom: float = 0.9) -> None:
-    """Raise :class:`DoesNotFitError` when ``estimate.total_bytes`` exceeds ``headroom`` x
-    ``device_bytes`` (nothing when ``device_bytes`` is None: unknown limit). The message
-    gives the parts of the footprint and the config knobs that reduce each."""
+    """Raise :class:`DoesNotFitError` when ``estimate.total_bytes`` (a step's
+    :class:`MemoryEstimate` or a run's :class:`MemoryPlan`, whose peak is the larger of its
+    step and sampling phases) exceeds ``headroom`` x ``device_bytes`` (nothing when
+    ``device_bytes`` is None: unknown limit). The message gives the parts of the footprint
+    and the config knobs that reduce each."""
     if device_bytes is None:
         return
     if not 0 < headroom <= 1:
@@ -483,6 +683,11 @@ def check_fits(estimate: MemoryEstimate, device_bytes: Optional[float],
     need = estimate.total_bytes
     if need <= budget:
         return
+    if isinstance(estimate, MemoryPlan):
+        if estimate.sampling_bytes > estimate.step_bytes:
+            raise DoesNotFitError(_sampling_does_not_fit(estimate, budget, device_bytes,
+                                                         headroom))
+        estimate = estimate.step
     e = estimate
     state_like = e.argument_bytes
     act_like = e.temp_bytes + max(e.output_bytes - e.alias_bytes, 0)
@@ -510,3 +715,42 @@ def check_fits(estimate: MemoryEstimate, device_bytes: Optional[float],
         f"state, batch) {format_bytes(e.argument_bytes)}, temporaries (activations, "
         f"gradients) {format_bytes(e.temp_bytes)}, outputs {format_bytes(e.output_bytes)} "
         f"({format_bytes(e.alias_bytes)} donated). To fit, in order of effect:\n{lines}")
+
+
+def _sampling_does_not_fit(plan: MemoryPlan, budget: float, device_bytes: float,
+                           headroom: float) -> str:
+    sm, st = plan.sampler, plan.step
+    assert sm is not None
+    k = lambda key: key + _knob(sm, key)  # noqa: E731
+    unrolled = sm.knobs.get("model.decode_layers") == "unrolled"
+    copy = plan.layer_weight_bytes if unrolled else 0
+    first = [(max(sm.temp_bytes - copy, 0),
+              f"draw fewer rows per sampler call ({sm.knobs.get('sampler.rows', '?')} now, from "
+              f"{sm.knobs.get('sampler.rows_from', '?')}): every row holds a KV cache of every "
+              f"layer (the temporaries other than the weight copy: "
+              f"{format_bytes(max(sm.temp_bytes - copy, 0))})")]
+    if unrolled:
+        first.append((copy, f"set model.decode_layers='scanned' (now 'unrolled'): the decode "
+                            f"loop then reads the stacked weights instead of a per-layer copy of "
+                            f"them, {format_bytes(copy)} per device"))
+    if plan.kept_bytes:
+        first.append((plan.kept_bytes, f"set model.cache_decode_weights=False: frees the kept "
+                                       f"decode weights, {format_bytes(plan.kept_bytes)} per "
+                                       f"device"))
+    knobs = [text for _, text in sorted(first, key=lambda x: -x[0])]
+    knobs += [
+        f"lower {k('task.max_len')} (the cache's length; prompt length "
+        f"{sm.knobs.get('prompt_len', '?')})",
+        f"shard weights and optimizer state over more devices: raise {k('mesh.fsdp')}",
+        f"use bfloat16: {k('model.dtype')} and model.param_dtype{_knob(sm, 'model.param_dtype')}",
+    ]
+    lines = "\n".join(f"  - {x}" for x in knobs)
+    return (f"sampling needs {format_bytes(plan.sampling_bytes)} per device but "
+            f"{format_bytes(budget)} is available ({headroom:.0%} of "
+            f"{format_bytes(float(device_bytes))}): the train state held through it "
+            f"{format_bytes(st.argument_bytes)}, the sampler's temporaries (KV cache, logits"
+            f"{', the per-layer weight copy' if sm.knobs.get('model.decode_layers') == 'unrolled' else ''}) "
+            f"{format_bytes(sm.temp_bytes)}"
+            f"{f', kept decode weights {format_bytes(plan.kept_bytes)}' if plan.kept_bytes else ''}"
+            f". The train step itself needs {format_bytes(plan.step_bytes)}. To fit, in order of "
+            f"effect:\n{lines}")

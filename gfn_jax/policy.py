@@ -43,6 +43,13 @@ __all__ = ["Policy", "load_policy", "load_run", "load_base_model", "run_config",
 MIN_CALLS_TO_KEEP = 4
 
 
+def keeps_decode_weights(model_cfg: ModelConfig, calls: int, rows: int) -> bool:
+    """Whether a loop of ``calls`` decoder calls of ``rows`` rows lays the weights out once
+    (:meth:`Policy.for_decoding`'s rule; the memory planner counts the copy by it)."""
+    return (calls >= MIN_CALLS_TO_KEEP and model_cfg.decode_layers == "unrolled"
+            and default_feature_major(rows))
+
+
 @dataclasses.dataclass
 class Policy:
     """q(Z | X): a model, its adapters and the task's constraints.
@@ -110,9 +117,8 @@ class Policy:
         :data:`MIN_CALLS_TO_KEEP` decoder calls of ``rows`` rows that would each lay them out
         themselves (on CPU, at most
         :data:`~gfn_jax.models.transformer.FEATURE_MAJOR_MAX_ROWS` rows) and it carries none
-        yet."""
-        if (calls >= MIN_CALLS_TO_KEEP and self.decode_weights is None
-                and default_feature_major(rows)):
+        yet. Never with ``decode_layers="scanned"``, whose decoders copy no weight."""
+        if self.decode_weights is None and keeps_decode_weights(self.model_config, calls, rows):
             return dataclasses.replace(self, decode_weights=cache_decode_weights(self.params))
         return self
 
@@ -273,6 +279,16 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 # ---------------------------------------------------------------------------- loading
+def _run_options(m: Any) -> Dict[str, Any]:
+    """The ``ModelConfig`` fields a run's ``config.model`` sets on top of the architecture
+    (keys that older run configs lack take their defaults)."""
+    return dict(remat=bool(m.remat), remat_policy=m.get("remat_policy", ""),
+                logits_chunk=int(m.get("logits_chunk", 0)),
+                share_prompt=bool(m.get("share_prompt", True)),
+                decode_chunk=int(m.get("decode_chunk", 1)),
+                decode_layers=str(m.get("decode_layers", "unrolled")))
+
+
 def load_base_model(config: Any, task: Any) -> Tuple[ModelConfig, Params, Tokenizer]:
     """The model named by ``config.model`` (``spec='random'`` builds one from
     ``config.model.random`` with the task's tokenizer): (config, params, tokenizer)."""
@@ -282,19 +298,11 @@ def load_base_model(config: Any, task: Any) -> Tuple[ModelConfig, Params, Tokeni
         kw = dict(m.random.to_dict())
         if tok is not None and not kw.get("vocab_size"):
             kw["vocab_size"] = tok.vocab_size
-        cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                          remat_policy=m.get("remat_policy", ""),
-                          logits_chunk=m.get("logits_chunk", 0),
-                          share_prompt=bool(m.get("share_prompt", True)),
-                          decode_chunk=int(m.get("decode_chunk", 1)), **kw)
+        cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, **_run_options(m), **kw)
         params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std)
         return cfg, params, tok
     model = registry.load(m.spec, dtype=m.param_dtype)
-    cfg = model.config.replace(dtype=m.dtype, remat=m.remat,
-                               remat_policy=m.get("remat_policy", ""),
-                               logits_chunk=m.get("logits_chunk", 0),
-                               share_prompt=bool(m.get("share_prompt", True)),
-                               decode_chunk=int(m.get("decode_chunk", 1)))
+    cfg = model.config.replace(dtype=m.dtype, **_run_options(m))
     tok = model.tokenizer or task.build_tokenizer()
     if tok is None:
         raise ValueError(f"model.spec={m.spec!r} has no tokenizer and task "

@@ -546,7 +546,7 @@ MISSING = "<missing>"
 # Changing these is allowed on resume (they do not change what the run computes).
 HARMLESS_KEYS = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
                  "train.on_nan", "eval.*", "progress", "mesh.*", "model.share_prompt",
-                 "model.decode_chunk", "model.cache_decode_weights", "train.profile_start",
+                 "model.decode_chunk", "model.decode_layers", "model.cache_decode_weights", "train.profile_start",
                  "train.profile_steps")
 # Changing these makes the saved state unusable (other shapes/tree): a new workdir is needed.
 STRUCTURAL_KEYS = ("model.spec", "model.random.*", "model.param_dtype", "lora.enabled",

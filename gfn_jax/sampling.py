@@ -2,7 +2,8 @@
 
 :func:`sample` prefills the (left-padded) prompts once, repeats the KV cache ``num_samples``
 times, splits weights and cache into one array per layer
-(:func:`~gfn_jax.models.transformer.decode_layout`) and decodes with ``lax.while_loop`` over
+(:func:`~gfn_jax.models.transformer.decode_layout`; not with ``ModelConfig.decode_layers
+= "scanned"``, which keeps them stacked and copies no weight) and decodes with ``lax.while_loop`` over
 :func:`gfn_jax.models.transformer.decode_step` (static shapes, early exit once every row has
 terminated; each token drawn by exact inverse-CDF sampling, :func:`draw`). Tokens are drawn from a
 *behaviour* distribution (temperature, top-k, top-p, epsilon-uniform mixing, an additive
@@ -263,7 +264,8 @@ def _sample_jit(
                               last_only=True)
     cache = _repeat_cache(cache, num_samples)
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
-    params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out)
+    params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out,
+                                            layers=cfg.decode_layers)
     logits = jnp.repeat(logits_p, num_samples, axis=0)
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 

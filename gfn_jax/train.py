@@ -264,14 +264,15 @@ class Trainer:
                                   self.prompt_stream.suffix_len)
 
     def _plan_memory(self, devices: Optional[List[Any]]) -> Any:
-        """Compile the step ahead of time on abstract shapes and check its per-device memory
-        against the device (``memory.estimate``: auto = on accelerators only)."""
+        """Compile the step and the sampler ahead of time on abstract shapes and check the
+        run's per-device peak against the device (``memory.estimate``: auto = on
+        accelerators only)."""
         mc = self.config.memory
         if mc.estimate == "never" or (mc.estimate == "auto" and jax.default_backend() == "cpu"):
             return None
         from gfn_jax import memory
 
-        est = memory.estimate_from_config(
+        est = memory.plan_from_config(
             self.config, self.model_cfg, self.prompt_len, devices=devices,
             reward_prompt_len=self.reward_prompt_len, term_ids=self.spec.term_ids,
             logit_bias=self.logit_bias is not None,

@@ -255,6 +255,29 @@ def test_greedy_is_the_argmax_path():
             np.testing.assert_allclose(out.scores[b, 0], seqs[b][z], atol=1e-5)
 
 
+def test_scanned_decode_layers_are_exact_too():
+    """ModelConfig.decode_layers="scanned" (the layers under lax.scan over the stacked weights,
+    the stacked cache written in place, which beam search reorders every step): beam search
+    with enough beams and greedy still give the exact enumeration's sequences and scores."""
+    cfg = CFG.replace(decode_layers="scanned")
+    n = 5
+    out = beam_search(cfg, PARAMS, PT, PM, SPEC, num_beams=9, num_return=n, logit_bias=BIAS,
+                      adapters=ADAPTERS, pad_id=PAD)
+    _check_pad(out)
+    for b in range(B):
+        want = _best(SEQS[b], n)
+        assert _rows(out, b) == want
+        np.testing.assert_allclose(out.scores[b], [SEQS[b][z] for z in want], atol=1e-5)
+    for offset in (0.0, 2.5):
+        bias = _term_bias(offset)
+        steps, seqs = _reference(ADAPTERS, bias)
+        out = greedy(cfg, PARAMS, PT, PM, SPEC, logit_bias=bias, adapters=ADAPTERS, pad_id=PAD)
+        for b in range(B):
+            z, score = _greedy_path(steps[b])
+            assert _rows(out, b) == [z], (offset, b)
+            np.testing.assert_allclose(out.scores[b, 0], seqs[b][z], atol=1e-5)
+
+
 def _np_diverse(b, groups, per_group, strength):
     """Reference diverse beam search on the exact table: the finished sequences per group."""
     beams = [[((), 0.0, 0.0)] for _ in range(groups)]  # (prefix, true, search)

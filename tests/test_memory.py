@@ -329,3 +329,117 @@ def test_estimate_plans_the_shared_prompt_program_the_trainer_runs():
     e = memory.estimate_from_config(config, cfg, 48, devices=jax.devices()[:1],
                                     term_ids=(255,))
     assert e.knobs["model.share_prompt"] is False
+
+
+def _sampler_cfg(**kw):
+    # layer weights (1.0 MiB in float32) far larger than the KV cache and logits below
+    return ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=4, n_heads=4,
+                       n_kv_heads=2, d_ff=256, max_seq_len=64, tie_embeddings=False, **kw)
+
+
+def test_sampler_estimate_counts_the_kv_cache_and_the_decode_layout_copy(monkeypatch):
+    """The sampler's compiled memory against closed forms: its arguments are the weights (and
+    adapters); its temporaries hold the KV cache of every row (2 L rows (P + T) K Dh floats);
+    the unrolled decode layout adds a copy of the layer weights, which "scanned" does not
+    make; weights laid out beforehand are an argument instead of a temporary."""
+    from gfn_jax.models import param_shapes
+
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    cfg = _sampler_cfg()
+    mesh = parallel.make_mesh(parallel.MeshConfig(), jax.devices()[:1])
+    kw = dict(prompts=2, num_samples=8, prompt_len=16, traj_len=8, mesh=mesh, term_ids=(255,))
+    shapes = param_shapes(cfg)
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    weights, layers = nbytes(shapes), nbytes(shapes["layers"])
+    kv = 2 * cfg.n_layers * 16 * (16 + 8) * cfg.n_kv_heads * cfg.head_dim * 4
+    unrolled = memory.estimate_sampler_memory(cfg, **kw)
+    scanned = memory.estimate_sampler_memory(cfg.replace(decode_layers="scanned"), **kw)
+    for e in (unrolled, scanned):
+        assert weights <= e.argument_bytes <= weights + 4096
+        assert e.temp_bytes >= kv
+        assert e.knobs["sampler.rows"] == 16
+    # scanned: the cache, logits and one layer's weights sliced per scan step (L = 4 here)
+    assert scanned.temp_bytes < kv + layers / 2, (scanned.temp_bytes, kv, layers)
+    assert unrolled.temp_bytes - scanned.temp_bytes >= 0.7 * layers
+    assert (unrolled.knobs["model.decode_layers"], scanned.knobs["model.decode_layers"]) == (
+        "unrolled", "scanned")
+    # twice the rows: the cache (not the weights' copy) doubles
+    wide = memory.estimate_sampler_memory(cfg.replace(decode_layers="scanned"),
+                                          **dict(kw, num_samples=16))
+    assert wide.temp_bytes >= scanned.temp_bytes + kv * 0.95
+    # weights laid out once (feature-major, as a LoRA run keeps them on CPU): an argument
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "1")
+    per_call = memory.estimate_sampler_memory(cfg, **kw)
+    kept = memory.estimate_sampler_memory(cfg, kept_decode_weights=True, **kw)
+    assert kept.argument_bytes - per_call.argument_bytes >= layers
+    assert per_call.temp_bytes - kept.temp_bytes >= 0.95 * layers
+    # LoRA adapters are arguments too
+    lc = lora_lib.LoraConfig(rank=4, targets=("layers/attn/(q|v)/kernel",))
+    with_lora = memory.estimate_sampler_memory(cfg.replace(decode_layers="scanned"), lora=lc,
+                                               **kw)
+    adapters = nbytes(jax.eval_shape(lambda: lora_lib.init_lora(
+        cfg, shapes, lc, jax.random.PRNGKey(0))["tree"]))
+    assert with_lora.argument_bytes - scanned.argument_bytes >= adapters
+
+
+def test_run_plan_takes_the_larger_phase_and_names_the_sampling_knobs(monkeypatch):
+    """plan_from_config plans the sampler for the larger of the training and evaluation
+    draws; the run's peak is the larger of the step and sampling phases; a plan whose
+    sampling phase does not fit names the sampler's knobs, the largest saving first, and one
+    whose step does not fit names the step's."""
+    from gfn_jax.defaults import default_config
+
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    cfg = _sampler_cfg()
+    config = default_config()
+    config.lora.rank = 4
+    config.task.max_len = 8
+    config.train.prompts_per_batch, config.train.samples_per_prompt = 2, 4
+    config.eval.num_samples, config.eval.batch_size = 0, 500
+    devs = jax.devices()[:1]
+    plan = memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,))
+    assert plan.sampler.knobs["sampler.rows"] == 8
+    assert plan.sampler.knobs["sampler.rows_from"].startswith("train.prompts_per_batch")
+    assert plan.kept_bytes == 0  # no feature-major decoding here: nothing kept
+    assert plan.total_bytes == max(plan.step_bytes, plan.sampling_bytes)
+    assert plan.sampling_bytes >= plan.step.argument_bytes + plan.sampler.temp_bytes
+    with pytest.raises(memory.DoesNotFitError, match="the train step needs"):
+        memory.check_fits(plan, plan.step_bytes / 2)  # the step is the larger phase here
+    config.eval.num_samples = 400  # an evaluation draw of 400 rows of one prompt is larger
+    plan = memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,))
+    assert plan.sampler.knobs["sampler.rows"] == 400
+    assert plan.sampler.knobs["sampler.rows_from"] == "eval.batch_size"
+    assert plan.sampling_bytes > plan.step_bytes
+    assert "peak per device" in plan.summary() and "(sampling)" in plan.summary()
+    with pytest.raises(memory.DoesNotFitError) as err:
+        memory.check_fits(plan, plan.step_bytes / 0.9 + 1)  # the step fits, sampling does not
+    msg = str(err.value)
+    assert msg.startswith("sampling needs")
+    knobs = [line for line in msg.splitlines() if line.startswith("  - ")]
+    # 400 rows' KV cache (9.8 MB) saves more than dropping the 1.0 MiB per-layer copy
+    assert "400 now" in knobs[0] and "model.decode_layers='scanned'" in knobs[1]
+    assert any("task.max_len (now 8)" in k for k in knobs)
+    memory.check_fits(plan, plan.total_bytes / 0.9 + 1)  # fits: no error
+    scanned = memory.plan_from_config(config, cfg.replace(decode_layers="scanned"), 16,
+                                      devices=devs, term_ids=(255,))
+    assert plan.sampling_bytes - scanned.sampling_bytes >= 0.7 * plan.layer_weight_bytes
+    assert "decode_layers" not in str(_fit_error(scanned, scanned.step_bytes / 0.9 + 1))
+    # where the sampler decodes feature-major (CPU's default for few rows), a LoRA run keeps
+    # the laid-out layer weights through the run: counted in both phases, and named
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "1")
+    kept = memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,))
+    assert kept.kept_bytes == kept.layer_weight_bytes > 0  # made for the 8-row training draws
+    assert kept.step_bytes == kept.step.total_bytes + kept.kept_bytes
+    assert kept.sampling_bytes > kept.step_bytes  # the 400-row evaluation draw still dominates
+    assert "model.cache_decode_weights=False" in str(_fit_error(kept, kept.step_bytes / 0.9 + 1))
+    config.model.cache_decode_weights = False
+    assert memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,)).kept_bytes == 0
+    config.model.cache_decode_weights = True
+    assert memory.plan_from_config(config, cfg.replace(decode_layers="scanned"), 16,
+                                   devices=devs, term_ids=(255,)).kept_bytes == 0
+
+
+def _fit_error(plan, device_bytes):
+    with pytest.raises(memory.DoesNotFitError) as err:
+        memory.check_fits(plan, device_bytes)
+    return err.value

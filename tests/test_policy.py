@@ -2,6 +2,7 @@
 log-probabilities agree with each other and with exact enumeration; the README's library
 example runs as written; the package runs from a non-editable install."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -89,6 +90,10 @@ def test_sampling_loops_lay_the_weights_out_once(toy_run, monkeypatch):
     assert looped.for_decoding(MIN_CALLS_TO_KEEP, 8) is looped
     assert policy.for_decoding(MIN_CALLS_TO_KEEP - 1, 8) is policy
     assert policy.for_decoding(MIN_CALLS_TO_KEEP, FEATURE_MAJOR_MAX_ROWS + 1) is policy
+    # decoders that scan the stacked weights copy none: nothing to keep
+    scanned = dataclasses.replace(
+        policy, model_config=policy.model_config.replace(decode_layers="scanned"))
+    assert scanned.for_decoding(MIN_CALLS_TO_KEEP, 8) is scanned
     samples = looped.sample(["<s>"], n=32, batch_size=8, seed=5)
     lq = policy.log_prob(["<s>"] * 32, [r["text"] for r in samples])
     np.testing.assert_allclose([r["log_q"] for r in samples], lq, atol=1e-4)

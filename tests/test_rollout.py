@@ -176,8 +176,9 @@ def test_posterior_diagnostics_closed_form():
 
 
 def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys):
-    """memory.estimate=always compiles the step on abstract shapes first; a config that does
-    not fit the planned device memory is refused before training, naming what to change."""
+    """memory.estimate=always compiles the step and the sampler on abstract shapes first; a
+    config that does not fit the planned device memory is refused before training, naming
+    what to change (here the sampler's evaluation draw of 5,000 rows is the larger phase)."""
     from gfn_jax import cli
 
     tr = Trainer(toy_config(**{"memory.estimate": "always"}), str(tmp_path / "a"),
@@ -187,5 +188,7 @@ def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys):
                    "--workdir", str(tmp_path / "b"), "--config.memory.estimate=always",
                    "--config.memory.device_gb=0.000001", "--config.train.steps=1"])
     err = capsys.readouterr().err
-    assert rc == 1 and "train.samples_per_prompt" in err and "Traceback" not in err
+    assert rc == 1 and "Traceback" not in err
+    assert "sampling needs" in err and "(5000 now, from eval.batch_size)" in err
+    assert "model.decode_layers='scanned'" in err
     assert not os.path.exists(tmp_path / "b" / "checkpoints")

@@ -344,6 +344,45 @@ def test_decode_chunk_gives_the_same_samples(term_bias):
         dataclasses.replace(cfg, decode_chunk=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_scanned_decode_layers_sample_what_the_unrolled_layout_samples(monkeypatch, chunk):
+    """ModelConfig.decode_layers="scanned": the decode loop runs the layers under lax.scan
+    over the stacked weights and writes the stacked cache in place, instead of a per-layer
+    copy. On a three-layer llama with LoRA on every layer, a tool and biases, it samples the
+    unrolled layout's tokens (projections stored plain, so only the layer loop differs), its
+    log-probs are the one-pass scorer's, and a kept copy of the weights is not used."""
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    cfg = ModelConfig(family="llama", vocab_size=V, d_model=16, n_layers=3, n_heads=4,
+                      n_kv_heads=2, d_ff=32, max_seq_len=24, decode_chunk=chunk)
+    params = tr.init_params(cfg, jax.random.PRNGKey(4), std=0.5)
+    adapters = _adapters(cfg, jax.random.PRNGKey(5))
+    _, _, _, spec, pt, pm = _gpt2_case()
+    bias = np.zeros(V, np.float32)
+    bias[1] = 1.0
+    kw = dict(num_samples=8, temperature=1.2, epsilon=0.05, logit_bias=bias, adapters=adapters,
+              tool=ForceTwoAfterOne(), pad_id=0)
+    ref = sample(cfg, params, jax.random.PRNGKey(6), pt, pm, spec, **kw)
+    scanned = cfg.replace(decode_layers="scanned")
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "1")  # a kept copy would be used...
+    kept = sampling.DecodeWeights(params)
+    tampered = dict(kept.weights, layers=jax.tree.map(lambda a: a * 0.0, kept.weights["layers"]))
+    object.__setattr__(kept, "weights", tampered)  # ...and would change every score
+    out = sample(scanned, params, jax.random.PRNGKey(6), pt, pm, spec, decode_weights=kept, **kw)
+    lens = np.asarray(ref.lengths)
+    assert lens.min() < spec.max_len and lens.max() == spec.max_len  # rows end at many steps
+    for name in ("tokens", "lengths", "action_mask", "prompt_index"):
+        np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
+    for name in ("log_pf", "log_pterm", "beh_log_pf", "beh_log_pterm"):
+        np.testing.assert_allclose(getattr(out, name), getattr(ref, name), atol=1e-5,
+                                   err_msg=name)
+    sc = score_policy(cfg, params, np.repeat(pt, 8, 0), np.repeat(pm, 8, 0), out.tokens,
+                      out.lengths, spec, logit_bias=bias, adapters=adapters,
+                      action_mask=out.action_mask)
+    np.testing.assert_allclose(out.log_pf, sc.log_pf, atol=1e-5)
+    with pytest.raises(ValueError, match="decode_layers"):
+        cfg.replace(decode_layers="stacked")
+
+
 def test_bad_sampler_inputs_raise():
     spec = CASES[0][1]
     with pytest.raises(ValueError, match="temperature"):

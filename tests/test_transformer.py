@@ -235,6 +235,13 @@ def test_decode_layout_matches_forward_and_stacked_cache(models, name, feature_m
         np.testing.assert_allclose(jnp.stack(cache.v), stacked.v, atol=tol, rtol=0)
         np.testing.assert_array_equal(cache.valid, stacked.valid)
         assert int(cache.index) == int(stacked.index) == P + N
+    # decode_layers="scanned" keeps the stacked weights and cache (decode_step above then
+    # writes the cache in place); an unknown layout is refused
+    c = _prefill(cfg, params, PROMPT, PROMPT_MASK, P + N)[1]
+    same = decode_layout(params, c, adapters, layers="scanned")
+    assert same[0] is params and same[1] is c and same[2] is adapters
+    with pytest.raises(ValueError, match="unrolled"):
+        decode_layout(params, c, layers="stacked")
     # a second conversion is refused rather than silently mis-sliced
     lp, c, _ = decode_layout(params, _prefill(cfg, params, PROMPT, PROMPT_MASK, P + N)[1])
     with pytest.raises(ValueError, match="already in the decode layout"):

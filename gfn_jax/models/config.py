@@ -59,6 +59,11 @@ REMAT_POLICIES = (
     "save_mlp_hidden",
 )
 
+#: ``ModelConfig.decode_layers``: the decode loop's layers unrolled over a per-layer copy of
+#: the weights (faster on CPU, one more copy of the layer weights in memory) or scanned over
+#: the stacked weights (no copy).
+DECODE_LAYERS = ("unrolled", "scanned")
+
 #: ``ModelConfig.logits_chunk == 0`` (auto): the scorers split the positions into chunks so
 #: that one chunk's float32 logits, over the whole batch, take at most this many bytes.
 AUTO_LOGITS_CHUNK_BYTES = 256 * 2**20
@@ -99,6 +104,13 @@ class ModelConfig:
     # samples; at most decode_chunk - 1 wasted steps once all rows are done. On a GPU each
     # test of a while loop's condition copies it to the host and waits for the device.
     decode_chunk: int = 1
+    # How the decoders (sampler, beam search) run the layers in their decode loop:
+    # "unrolled" splits the stacked layer weights into one array per layer once per call (a
+    # copy of every layer weight, held through the loop) and runs the layers unrolled, each
+    # weight read in place; "scanned" runs them under lax.scan over the stacked weights, with
+    # the cache updated in place, and copies no weight (one layer's slice at a time), for
+    # models whose second copy of the layer weights would not fit (DECODE_LAYERS).
+    decode_layers: str = "unrolled"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -140,6 +152,9 @@ class ModelConfig:
         if int(self.decode_chunk) != self.decode_chunk or self.decode_chunk < 1:
             raise ValueError(f"decode_chunk must be a positive number of decode steps, got "
                              f"{self.decode_chunk!r}")
+        if self.decode_layers not in DECODE_LAYERS:
+            raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got "
+                             f"{self.decode_layers!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16")

@@ -460,7 +460,18 @@ def _attention(
     q = _rope(cfg, q, positions)
     k = _rope(cfg, k, positions)
     new_kv = None
-    if kv is not None:
+    if kv is not None and len(kv) == 3:
+        # the stacked [L, B, S, K, Dh] cache carried through the layer scan: write this
+        # layer's new keys/values in place, then read the layer back
+        ck, cv, layer = kv
+        zero = jnp.zeros((), jnp.int32)
+        at = (layer.astype(jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
+        new_kv = (ck, cv)
+        k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(dt)
+        v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(dt)
+    elif kv is not None:
         ck, cv = kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
@@ -625,8 +636,14 @@ def decode_layout(
     params: Params, cache: KVCache, adapters: Optional[Params] = None,
     feature_major: Optional[bool] = None, steps: Optional[int] = None,
     laid_out: Optional[Params] = None,
+    layers: str = "unrolled",
 ) -> Tuple[Params, KVCache, Optional[Params]]:
     """Params, cache and adapters with every per-layer stack split into one array per layer.
+
+    ``layers="scanned"`` (``ModelConfig.decode_layers``) returns them unchanged: the decode
+    loop then runs the layers under ``lax.scan`` over the stacked weights and writes the
+    stacked cache in place, with no copy of the weights (the split below is one, held
+    through the loop: as many bytes again as the layer weights).
 
     ``params["layers"]`` (and the adapters' ``"layers"`` tree) become tuples of L layer
     dicts and the cache's k/v tuples of L arrays; :func:`apply` / :func:`decode_step` then
@@ -645,6 +662,10 @@ def decode_layout(
     ``docs/performance.md``). The results then differ from the stacked layout by rounding
     only. ``laid_out``: ``decode_weights(params)`` made beforehand; used instead of a fresh
     copy when the layout is feature-major (the default rule then ignores ``steps``)."""
+    if layers == "scanned":
+        return params, cache, adapters
+    if layers != "unrolled":
+        raise ValueError(f"layers must be 'unrolled' or 'scanned', got {layers!r}")
     if feature_major is None:
         feature_major = default_feature_major(cache.valid.shape[0],
                                               None if laid_out is not None else steps)
@@ -847,9 +868,21 @@ def _layers(
     policy_name = cfg.effective_remat_policy
     if policy_name != "none":
         body = jax.checkpoint(body, policy=remat_policy(policy_name), prevent_cse=False)
-    if not isinstance(layers, (tuple, list)):
-        x, new_kv = jax.lax.scan(body, x,
-                                 (layers, layer_adapters, cache_kv, prefix_kv, layer_rngs))
+    if not isinstance(layers, (tuple, list)) and cache_kv is None:
+        x, new_kv = jax.lax.scan(body, x, (layers, layer_adapters, None, prefix_kv, layer_rngs))
+    elif not isinstance(layers, (tuple, list)):
+        # the stacked cache rides in the carry and each layer writes only its new slots into
+        # it (in place), rather than the scan rebuilding the whole cache as its output
+        def cached(carry, xs):
+            h, ck, cv = carry
+            lp, la, layer, pkv, lrng = xs
+            h, (ck, cv) = body(h, (lp, la, (ck, cv, layer), pkv, lrng))
+            return (h, ck, cv), None
+
+        n = jax.tree.leaves(layers)[0].shape[0]
+        (x, ck, cv), _ = jax.lax.scan(cached, (x,) + tuple(cache_kv), (
+            layers, layer_adapters, jnp.arange(n, dtype=jnp.int32), prefix_kv, layer_rngs))
+        new_kv = (ck, cv)
     else:  # the decode layout (decode_layout): one weight array per layer, unrolled
         if layer_adapters is not None and not isinstance(layer_adapters, (tuple, list)):
             layer_adapters = _unstack(layer_adapters, len(layers))
