@@ -8,12 +8,15 @@
 #      steps: fewer device-to-host waits), and the 8B LoRA run with it;
 #   3. the 1B run with XLA's command buffers (CUDA graphs) extended to while loops and
 #      conditionals;
-#   4. the 1B run with the vocabulary log-softmax unchunked (model.logits_chunk=-1).
+#   4. the 1B run with the vocabulary log-softmax unchunked (model.logits_chunk=-1);
+#   5. the 8B LoRA run with model.decode_layers=scanned (the decode loop scans the stacked
+#      weights instead of a per-layer copy: its peak memory, 28.1 GiB on 2026-12-04 against
+#      16.1 GiB for the train step, and what the scan costs per decode step).
 # The baselines without variants are the 2026-12-04 figures (docs/gpu/); run 1 repeats the
 # 1B one (its timings are taken before the traced call).
 #
 # Device machine, from the repository root, with ml_collections' wheel carried (see
-# benchmarks/README.md); about 5 minutes on an H200:
+# benchmarks/README.md); about 6 minutes on an H200 (an estimate: it has never run):
 #     OUT=$OUT bash benchmarks/gpu_ab.sh
 # CPU smoke with tiny shapes:
 #     SMOKE=1 OUT=/tmp/gpu_ab bash benchmarks/gpu_ab.sh
@@ -45,6 +48,7 @@ if [ "${SMOKE:-0}" != 1 ]; then  # a GPU flag: XLA:CPU would reject it
     variant "_cmdbuf" "llama1b_full" XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$CMDBUF"
 fi
 variant "_nochunk" "llama1b_full" EXTRA="--config.model.logits_chunk=-1"
+variant "_scanned" "llama8b_lora8" EXTRA="--config.model.decode_layers=scanned"
 
 for phase in sampling reward train_step; do  # run 1's traces, one file each
     f=$(find "$WORK/traces" -path "*/$phase/*" -name "*.trace.json.gz" 2>/dev/null | head -n 1)

@@ -13,6 +13,11 @@ shardings and compiled; XLA's ``memory_analysis()`` gives the bytes per device
 * A Llama-3-8B shape (V = 128,256) with the vocabulary log-softmax chunked (auto) and
   unchunked (``logits_chunk=-1``): the temporaries with and without [B, T+1, V] float32
   logits.
+* The sampling phase (``--only sampler``): the sampler's program
+  (:func:`gfn_jax.memory.estimate_sampler_memory`) for a step's draw, with the decode loop's
+  layers unrolled over a per-layer copy of the weights and scanned over the stacked weights
+  (``model.decode_layers``), beside the train step; the run's peak is the larger phase
+  (:class:`gfn_jax.memory.MemoryPlan`).
 
 The compile uses whatever backend JAX has; on a CPU host the figures are the CPU backend's
 buffer assignment for the same program (not a GPU's: fusion differs, and the CPU backend may
@@ -21,6 +26,7 @@ CPU devices (set before JAX starts).
 
     python benchmarks/memory_plan.py                  # everything, 8 virtual devices
     python benchmarks/memory_plan.py --only llama3 --json plan.json
+    python benchmarks/memory_plan.py --only sampler
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=8,
                     help="virtual CPU devices (XLA_FLAGS, CPU only); default 8")
-    ap.add_argument("--only", choices=("gptj", "llama3", "all"), default="all")
+    ap.add_argument("--only", choices=("gptj", "llama3", "sampler", "all"), default="all")
     ap.add_argument("--device-gb", type=float, default=80.0,
                     help="device memory the plan is checked against (GB = 1e9 bytes)")
     ap.add_argument("--json", default="", help="write every figure to this file")
@@ -108,7 +114,7 @@ def _estimate(model_cfg, s, n_dev, mc, shared=True):
     e = memory.estimate_step_memory(
         model_cfg, batch_size=s["rows"], prompt_len=s["P"], traj_len=s["T"], mesh=mesh,
         config=cfg, term_ids=(198,), min_len=s["min_len"], reward_prompt_len=s.get("Pr"),
-        suffix_len=s.get("suffix", 0), group_size=s["rows"] if shared else 1,
+        suffix_len=s.get("suffix", 0), group_size=s.get("group", s["rows"]) if shared else 1,
         knobs={"train.samples_per_prompt": s["rows"], "train.prompts_per_batch": 1,
                "train.grad_accum": s["grad_accum"]})
     return e, time.perf_counter() - t0
@@ -169,9 +175,61 @@ def main() -> None:
         logits = s["rows"] * (s["T"] + 1) * LLAMA3_8B.vocab_size * 4
         print(f"\none [B, T+1, V] float32 logits array: {logits / GB:.2f} GB")
 
+    if args.only in ("sampler", "all"):
+        sampler_plans(args, n, out)
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
+
+
+SAMPLER_HEADER = ("| setting | mesh | decode layers | layer weights GB | sampler temporaries GB | "
+                  "sampling phase GB | train step GB | peak GB / device | fits {gb:.0f} GB | "
+                  "compile s |\n|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+
+
+def sampler_plans(args, n, out) -> None:
+    """The sampling phase beside the train step, both decode layouts (see the docstring)."""
+    llama = dict(rows=16, prompts=4, grad_accum=1, P=64, T=32, min_len=0, rank=8, alpha=16.0,
+                 dropout=0.0, targets=("q", "k", "v", "o"))
+    cases = [("GPT-J 6B, subjectivity (§4.3), remat none", GPTJ_6B,
+              GPTJ_SETTINGS["subjectivity (§4.3)"], ("1 device", "8: fsdp=8")),
+             ("GPT-J 6B, arithmetic (§4.4), remat none", GPTJ_6B,
+              GPTJ_SETTINGS["arithmetic (§4.4)"], ("1 device",)),
+             ("Llama-3-8B shape, 4 prompts x 16 samples, remat full", LLAMA3_8B.replace(
+                 remat_policy="full"), llama, ("1 device",))]
+    print("\nThe sampling phase beside the train step (SubTB, LoRA as above; sampling holds "
+          "the step's arguments plus the sampler's temporaries):\n")
+    print(SAMPLER_HEADER.format(gb=args.device_gb))
+    for name, model_cfg, s, meshes in cases:
+        for mesh_name in meshes:
+            n_dev, mc = MESHES[mesh_name]
+            if n_dev > n:
+                continue
+            mesh = parallel.make_mesh(mc, jax.devices()[:n_dev])
+            step, step_secs = _estimate(  # every prompt's samples: one group each
+                model_cfg, dict(s, rows=s["rows"] * s.get("prompts", 1), group=s["rows"]),
+                n_dev, mc)
+            lc = _config(s).lora
+            lora = LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+                              targets=tuple(lc.targets))
+            layer_bytes = memory.layer_weight_bytes(model_cfg, mesh)
+            for layers in ("unrolled", "scanned"):
+                t0 = time.perf_counter()
+                sm = memory.estimate_sampler_memory(
+                    model_cfg.replace(decode_layers=layers), prompts=s.get("prompts", 1),
+                    num_samples=s["rows"], prompt_len=s["P"], traj_len=s["T"], mesh=mesh,
+                    lora=lora, term_ids=(198,), min_len=s["min_len"])
+                secs = step_secs + time.perf_counter() - t0
+                plan = memory.MemoryPlan(step=step, sampler=sm, layer_weight_bytes=layer_bytes)
+                fits = plan.total_bytes <= args.device_gb * GB
+                print(f"| {name} | {mesh_name} | {layers} | {layer_bytes / GB:.2f} | "
+                      f"{sm.temp_bytes / GB:.2f} | {plan.sampling_bytes / GB:.2f} | "
+                      f"{plan.step_bytes / GB:.2f} | {plan.total_bytes / GB:.2f} | "
+                      f"{'yes' if fits else 'NO'} | {secs:.0f} |", flush=True)
+                out["rows"].append({"model": name, "setting": f"sampling, {layers}",
+                                    "mesh": mesh_name, **s, **plan.as_dict(),
+                                    "compile_s": secs})
 
 
 if __name__ == "__main__":

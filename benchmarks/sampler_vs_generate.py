@@ -8,7 +8,9 @@ frozen base; on CPU it spares each call a transposed copy of the layer weights).
 snapshot of the official code (``bench_official.py``'s sampler section does the same with
 LoRA on both sides), so it is the quick way to check the sampler-vs-generate ratio on a
 machine; ``--no-generate`` times ours only, ``--rows`` / ``--prompt`` / ``--new`` change the
-shape (the main job's: ``--rows 32 --prompt 20 --new 4``):
+shape (the main job's: ``--rows 32 --prompt 20 --new 4``); ``--scanned`` also times ours with
+``decode_layers="scanned"`` (the layers under ``lax.scan`` over the stacked weights: no copy of
+them):
 
     python benchmarks/sampler_vs_generate.py --steps 3
 """
@@ -31,6 +33,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=59, help="prompt tokens")
     ap.add_argument("--new", type=int, default=20, help="new tokens per sample (exactly)")
     ap.add_argument("--no-generate", action="store_true", help="ours only (no torch)")
+    ap.add_argument("--scanned", action="store_true",
+                    help="also ours with model.decode_layers='scanned'")
     args = ap.parse_args()
 
     import jax
@@ -48,10 +52,10 @@ def main() -> None:
     spec = PolicySpec(term_ids=(30,), max_len=T, min_len=T)
     kept = sampling.cache_decode_weights(m.params)  # None off CPU: then both are the same
 
-    def ours_with(weights):
+    def ours_with(weights, cfg=m.config):
         def call(i: int) -> float:
             t = time.perf_counter()
-            out = sampling.sample(m.config, m.params, jax.random.PRNGKey(i), toks,
+            out = sampling.sample(cfg, m.params, jax.random.PRNGKey(i), toks,
                                   jnp.ones_like(toks), spec, num_samples=K,
                                   decode_weights=weights)
             jax.block_until_ready(out.tokens)
@@ -59,6 +63,8 @@ def main() -> None:
         return call
 
     sides = {"ours": ours_with(None), "ours, weights kept": ours_with(kept)}
+    if args.scanned:
+        sides["ours, layers scanned"] = ours_with(None, m.config.replace(decode_layers="scanned"))
     if not args.no_generate:
         sides["generate"] = generate_side(m, hf, args, prompt, K, T)
     times = {k: [] for k in sides}
@@ -73,7 +79,7 @@ def main() -> None:
                         for k, v in med.items()))
     if "generate" in med:
         line += "; generate / ours = " + ", ".join(
-            f"{med['generate'] / med[k]:.2f} ({k})" for k in ("ours", "ours, weights kept"))
+            f"{med['generate'] / med[k]:.2f} ({k})" for k in med if k != "generate")
     print(line)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "estimate_sampler_memory",
     "MemoryPlan",
     "plan_from_config",
+    "layer_weight_bytes",
     "estimate_compiled",
     "check_fits",
     "device_memory_bytes",
@@ -296,10 +297,14 @@ def _abstract_weights(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Se
     return base, _with_shardings(t_shapes, parallel.tree_shardings(t_axes, t_shapes, mesh, rules))
 
 
-def _device_bytes(tree: Any) -> int:
-    """Bytes per device of sharded ``ShapeDtypeStruct`` leaves (the largest shard)."""
+def layer_weight_bytes(model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                       rules: Optional[Sequence[Any]] = None) -> int:
+    """Bytes per device of the stacked layer weights under ``mesh`` (their largest shards):
+    what the unrolled decode layout copies, and what a kept :class:`DecodeWeights` holds."""
+    rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
+    base, _ = _abstract_weights(model_cfg, mesh, rules, None)
     return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree))
+               for x in jax.tree_util.tree_leaves(base["layers"]))
 
 
 def opt_state_shardings(tx: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -634,8 +639,7 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
     mesh = parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
                               mesh_devices(config, devices))
     rules = mesh_rules(config)
-    base, _ = _abstract_weights(model_cfg, mesh, rules, None)
-    layer_bytes = _device_bytes(base["layers"])
+    layer_bytes = layer_weight_bytes(model_cfg, mesh, rules)
     sampler = estimate_sampler_memory(
         model_cfg, prompts=draw[0], num_samples=draw[1], prompt_len=prompt_len,
         traj_len=int(config.task.max_len), mesh=mesh, rules=rules, lora=lora,

@@ -145,6 +145,16 @@ def test_trainer_lays_out_the_lora_base_once_for_the_sampler(tmp_path, monkeypat
                    str(tmp_path / "wide"), restore=False)
     assert wide.policy.decode_weights is None
     assert wide.policy.decode_weights is None  # asked again: still none, nothing was made
+    # model.decode_layers reaches the model config; scanned decoders copy no weight, so
+    # nothing is kept, and a training step samples and trains with them
+    scanned = Trainer(toy_config(**{"lora.enabled": True, "model.decode_layers": "scanned"}),
+                      str(tmp_path / "scanned"), restore=False)
+    assert scanned.model_cfg.decode_layers == "scanned"
+    assert scanned.policy.decode_weights is None
+    batch, kind = scanned.make_batch(0)
+    assert kind == "on_policy" and batch.tokens.shape[0] == 64
+    metrics, _ = scanned.train_step(batch)
+    assert np.isfinite(float(metrics["loss"]))
 
 
 def test_mesh_devices_picks_the_first_devices_and_names_the_key():
