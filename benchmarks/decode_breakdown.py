@@ -3,7 +3,8 @@
 Times, each jitted alone (median of ``--reps`` calls after a warm-up): the prompt prefill;
 one ``decode_step`` for 1, 4, 16 and 32 rows against a cache of P + T slots in the stacked
 layout (the layers under ``lax.scan``: every step slices each layer's weights out of the
-stacks and writes back the whole cache) and in the decoders' per-layer layout
+stacks; jitted alone without donation, the call also copies the cache it returns) and in
+the decoders' per-layer layout
 (``decode_layout``: layers unrolled, weights read in place, each layer's cache donated and
 updated in place), plain and feature-major (``feature_major=True``: projections stored
 [out, in] and run as ``(W @ x.T).T``, CPU's default for few rows); the vocabulary

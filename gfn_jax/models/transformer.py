@@ -649,9 +649,10 @@ def decode_layout(
     dicts and the cache's k/v tuples of L arrays; :func:`apply` / :func:`decode_step` then
     run the layers unrolled instead of under ``lax.scan``. Call it once before a decode
     loop (inside the same jitted program): a scanned decode step slices every layer's weights
-    out of the stacks at each step and writes back the whole stacked cache, which on CPU
-    costs as much as the step's matmuls; unrolled, each weight is read in place and each
-    layer's cache is updated in place. Results are identical to the stacked layout.
+    out of the stacks at each step; unrolled, each weight is read in place and each layer's
+    cache is updated in place. On CPU the unrolled loop is the faster one (SmolLM2-135M, 16
+    rows x 20 steps: 1.41-1.45 s against 1.70 s scanned, ``docs/performance.md``). Results
+    are identical to the stacked layout.
 
     ``feature_major`` (default :func:`default_feature_major`: on CPU, for at most
     :data:`FEATURE_MAJOR_MAX_ROWS` rows and, given the loop's ``steps``, at least
