@@ -383,6 +383,30 @@ def test_scanned_decode_layers_sample_what_the_unrolled_layout_samples(monkeypat
         cfg.replace(decode_layers="stacked")
 
 
+def test_scanned_decode_layers_under_a_sharded_mesh(monkeypatch):
+    """The in-place cache write of the scanned layers under a 2 x 2 x 2 mesh (weights and
+    adapters sharded by the rules, kv heads over "tensor"): the same samples as one device."""
+    from gfn_jax import parallel
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    cfg = ModelConfig(family="llama", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, d_ff=64, max_seq_len=24, decode_layers="scanned")
+    params = tr.init_params(cfg, jax.random.PRNGKey(7), std=0.5)
+    _, _, _, spec, pt, pm = _gpt2_case()
+    kw = dict(num_samples=4, temperature=1.1, pad_id=0)
+    ref = sample(cfg.replace(decode_layers="unrolled"), params, jax.random.PRNGKey(8), pt, pm,
+                 spec, **kw)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = jax.device_put(params, parallel.tree_shardings(tr.param_axes(cfg), params, mesh))
+    out = sample(cfg, sharded, jax.random.PRNGKey(8), pt, pm, spec, **kw)
+    assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_allclose(out.log_pf, ref.log_pf, atol=1e-5)
+
+
 def test_bad_sampler_inputs_raise():
     spec = CASES[0][1]
     with pytest.raises(ValueError, match="temperature"):
