@@ -289,9 +289,12 @@ def _run_options(m: Any) -> Dict[str, Any]:
                 decode_layers=str(m.get("decode_layers", "unrolled")))
 
 
-def load_base_model(config: Any, task: Any) -> Tuple[ModelConfig, Params, Tokenizer]:
+def load_base_model(config: Any, task: Any,
+                    host: bool = False) -> Tuple[ModelConfig, Params, Tokenizer]:
     """The model named by ``config.model`` (``spec='random'`` builds one from
-    ``config.model.random`` with the task's tokenizer): (config, params, tokenizer)."""
+    ``config.model.random`` with the task's tokenizer): (config, params, tokenizer).
+    ``host``: a loaded model's params stay numpy arrays in host memory
+    (:func:`gfn_jax.models.registry.load`), for placing with their shardings."""
     m = config.model
     if m.spec == "random":
         tok = task.build_tokenizer()
@@ -301,7 +304,7 @@ def load_base_model(config: Any, task: Any) -> Tuple[ModelConfig, Params, Tokeni
         cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, **_run_options(m), **kw)
         params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std)
         return cfg, params, tok
-    model = registry.load(m.spec, dtype=m.param_dtype)
+    model = registry.load(m.spec, dtype=m.param_dtype, host=host)
     cfg = model.config.replace(dtype=m.dtype, **_run_options(m))
     tok = model.tokenizer or task.build_tokenizer()
     if tok is None:

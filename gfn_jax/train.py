@@ -95,7 +95,11 @@ class Trainer:
 
         # --- task, model, policy constraints --------------------------------
         self.task = make_task(config.task, config.data.root)
-        self.model_cfg, base_params, self.tokenizer = load_base_model(config, self.task)
+        # a loaded model stays in host memory until it is placed with its shardings below:
+        # no device holds the whole model on the way (a model sharded over the mesh may not
+        # fit one device)
+        self.model_cfg, base_params, self.tokenizer = load_base_model(config, self.task,
+                                                                      host=True)
         self.task.setup(self.model_cfg, self.tokenizer)
         self.spec = self.task.policy_spec()
         bias = self.task.policy_logit_bias()
@@ -132,6 +136,10 @@ class Trainer:
                                       for k, p in enumerate(reward_prompts)]
             self.reward_prompt_len = max(len(p) for p in self.reward_prompt_ids)
 
+        # the memory plan, from shapes alone: a config that cannot fit is refused here,
+        # before the weights are placed and the optimizer state is made on the devices
+        self.memory_estimate = self._plan_memory(devices)
+
         # --- parameters and their shardings ---------------------------------
         self.base_shardings = parallel.tree_shardings(
             param_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh, self.rules)
@@ -144,7 +152,7 @@ class Trainer:
         reward_key: Optional[str] = None
         uses_reward_model = needs.reward and self.task.needs_reward_model()
         if config.reward.model:
-            rm = registry.load(config.reward.model, dtype=config.model.param_dtype)
+            rm = registry.load(config.reward.model, dtype=config.model.param_dtype, host=True)
             if rm.config.vocab_size != self.model_cfg.vocab_size:
                 raise ValueError(f"reward.model={config.reward.model!r} has a vocabulary of "
                                  f"{rm.config.vocab_size} tokens, the policy "
@@ -214,8 +222,6 @@ class Trainer:
         self._final_log_r: Any = None  # the jitted seeding reward, built on first use
         if restore and self.ckpt.latest_step() is not None:
             self._restore()
-
-        self.memory_estimate = self._plan_memory(devices)
         self.step_spec = StepSpec(
             model_cfg=self.model_cfg, objective=self.objective, options=self.options,
             spec=self.spec, reward_fn=self._task_reward, logit_bias=self.logit_bias,

@@ -320,12 +320,20 @@ def test_registry_unknown_name_lists_names():
 def test_registry_gguf_path(files):
     m = registry.load(files["quant"][0])
     assert isinstance(m, registry.Model) and m.config.tie_embeddings and m.tokenizer is not None
+    # host=True (the trainer's path): the same values as numpy arrays, in the asked dtype
+    for dtype in (None, "bfloat16"):
+        h = registry.load(files["quant"][0], dtype=dtype, host=True)
+        d = registry.load(files["quant"][0], dtype=dtype)
+        for a, b in zip(jax.tree_util.tree_leaves(h.params), jax.tree_util.tree_leaves(d.params)):
+            assert type(a) is np.ndarray and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, np.asarray(b))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
 def test_tiny_models(family):
     a = registry.load(f"tiny-{family}")
-    b = registry.load(f"TINY-{family}")
+    b = registry.load(f"TINY-{family}", host=True)
+    assert all(type(x) is np.ndarray for x in jax.tree_util.tree_leaves(b.params))
     assert a.config.family == family and a.config.d_model <= 64 and a.config.n_layers <= 2
     assert a.config.vocab_size == a.tokenizer.vocab_size == 257
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):

@@ -144,6 +144,13 @@ def test_bfloat16_checkpoint(hf_models, tmp_path):
     np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"], np.float32), ref)
     cfg32, params32, _ = load_hf(str(tmp_path), dtype="float32")
     assert params32["layers"]["attn"]["q"]["kernel"].dtype == jnp.float32
+    # host=True (the trainer's path): the same values as numpy arrays, never on a device
+    for kw in ({}, {"dtype": "float32"}):
+        _, host, _ = load_hf(str(tmp_path), host=True, **kw)
+        dev = params if not kw else params32
+        for a, b in zip(jax.tree_util.tree_leaves(host), jax.tree_util.tree_leaves(dev)):
+            assert type(a) is np.ndarray and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, np.asarray(b))
     # bf16 weights upcast to f32 match the bf16 torch model run in f32.
     ref_logits = _torch_logits(bf.float(), TOKENS, MASK)
     assert _max_err(_forward(cfg32, params32, TOKENS, MASK), ref_logits) <= TOL

@@ -102,7 +102,14 @@ class _ContextTask(Task):
         return r.log_pz + r.log_pterm
 
 
-def test_separate_reward_model_and_reward_context(tmp_path):
+def test_separate_reward_model_and_reward_context(tmp_path, monkeypatch):
+    from gfn_jax import parallel
+
+    placed = []  # what the trainer places with shardings: loaded weights come from the host
+    real = parallel.shard_params
+    monkeypatch.setattr(parallel, "shard_params",
+                        lambda tree, sh: placed.append(jax.tree_util.tree_leaves(tree))
+                        or real(tree, sh))
     register_task("ctx_test", _ContextTask)
     reward = tiny_model("llama", seed=7)
     rdir = str(tmp_path / "reward_model")
@@ -114,6 +121,12 @@ def test_separate_reward_model_and_reward_context(tmp_path):
     with c.unlocked():
         c.task = {"name": "ctx_test", "max_len": 4}
     tr = Trainer(c, str(tmp_path / "run"), restore=False)
+    # the policy base (a registered model) and the reward model (an HF directory) reach
+    # their shardings as numpy arrays: no device held either whole on the way
+    assert len(placed) >= 2
+    for leaves in placed[:2]:
+        assert all(type(x) is np.ndarray for x in leaves)
+    assert isinstance(tr.frozen["base"]["embed"]["embedding"], jax.Array)
     batch, _ = tr.make_batch(0)
     _, log_r_final = tr.train_step(batch, 1.0, step=0)
     tok = reward.tokenizer
@@ -175,7 +188,7 @@ def test_posterior_diagnostics_closed_form():
     assert float(d["iw_log_z"]) == pytest.approx(2.0, abs=1e-5)
 
 
-def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys):
+def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys, monkeypatch):
     """memory.estimate=always compiles the step and the sampler on abstract shapes first; a
     config that does not fit the planned device memory is refused before training, naming
     what to change (here the sampler's evaluation draw of 5,000 rows is the larger phase)."""
@@ -191,4 +204,16 @@ def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys):
     assert rc == 1 and "Traceback" not in err
     assert "sampling needs" in err and "(5000 now, from eval.batch_size)" in err
     assert "model.decode_layers='scanned'" in err
+    # the plan comes before anything large is placed on the devices: a config that cannot
+    # fit is refused before the optimizer state is made
+    import gfn_jax.train as train_mod
+    from gfn_jax.memory import DoesNotFitError
+
+    def no_optimizer(*a, **k):
+        raise AssertionError("the optimizer was built before the memory plan refused the run")
+
+    monkeypatch.setattr(train_mod, "build_optimizer", no_optimizer)
+    with pytest.raises(DoesNotFitError):
+        Trainer(toy_config(**{"memory.estimate": "always", "memory.device_gb": 1e-6}),
+                str(tmp_path / "c"), restore=False)
     assert not os.path.exists(tmp_path / "b" / "checkpoints")

@@ -168,7 +168,7 @@ def tokenizer_from_metadata(meta: Dict[str, Any], path: str = "<gguf>") -> Optio
 # Public entry point
 # ---------------------------------------------------------------------------
 def load_gguf(
-    path: str, dtype: Optional[str] = None
+    path: str, dtype: Optional[str] = None, host: bool = False
 ) -> Tuple[ModelConfig, Params, Optional[Tokenizer]]:
     """Load a Llama-family GGUF file.
 
@@ -176,6 +176,8 @@ def load_gguf(
       path: the ``.gguf`` file.
       dtype: parameter and compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``);
         None keeps float32. Quantized tensors are dequantized to float32 first.
+      host: keep the params as numpy arrays in host memory (for ``jax.device_put`` with
+        their shardings: no device ever holds the whole model); default jax arrays.
 
     Returns ``(config, params, tokenizer)``; params are jax arrays in the layout of
     :func:`gfn_jax.models.transformer.init_params` (tokenizer None if the file has none).
@@ -272,7 +274,7 @@ def load_gguf(
     if dtype is not None:
         name = dtype_name(dtype)
         cfg = cfg.replace(dtype=name, param_dtype=name)
-    params = cast_params(params, cfg.params_dtype)
+    params = cast_params(params, cfg.params_dtype, host=host)
     tokenizer = tokenizer_from_metadata(meta, path)
     return cfg, params, tokenizer
 
@@ -287,9 +289,13 @@ def dtype_name(dtype: Any) -> str:
         raise ValueError(f"unknown dtype {dtype!r}") from e
 
 
-def cast_params(params: Params, dtype: Any) -> Params:
-    """Every leaf of a nested-dict parameter tree as a jax array of ``dtype``."""
+def cast_params(params: Params, dtype: Any, host: bool = False) -> Params:
+    """Every leaf of a nested-dict parameter tree as a jax array of ``dtype`` (with ``host``,
+    a numpy array in host memory: nothing is placed on a device)."""
     import jax
     import jax.numpy as jnp
 
+    if host:
+        dt = np.dtype(jnp.dtype(dtype))  # bfloat16 through ml_dtypes
+        return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dt, copy=False), params)
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)

@@ -488,7 +488,7 @@ def _get_path(tree: Params, path: Path) -> Any:
 
 
 def load_hf(
-    path: str, dtype: Optional[str] = None
+    path: str, dtype: Optional[str] = None, host: bool = False
 ) -> Tuple[ModelConfig, Params, Optional[Tokenizer]]:
     """Load a Hugging Face causal-LM directory.
 
@@ -497,6 +497,8 @@ def load_hf(
         ``model.safetensors.index.json``), optionally ``tokenizer.json``.
       dtype: parameter and compute dtype (float32 / bfloat16 / float16); None keeps the
         checkpoint's dtype.
+      host: return the params as numpy arrays in host memory (for ``jax.device_put`` with
+        their shardings: no device ever holds the whole model); default jax arrays.
 
     Returns ``(config, params, tokenizer_or_None)``.
     """
@@ -541,7 +543,8 @@ def load_hf(
     ]
     if unused:
         warnings.warn(f"load_hf: ignoring {len(unused)} unmapped tensors in {path}: {unused[:5]}")
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if not host:
+        params = jax.tree_util.tree_map(jnp.asarray, params)
     return cfg, params, Tokenizer.from_hf_dir(path)
 
 

@@ -77,20 +77,23 @@ def _is_gguf_file(path: str) -> bool:
         return False
 
 
-def load(spec: str, dtype: Optional[str] = None) -> Model:
+def load(spec: str, dtype: Optional[str] = None, host: bool = False) -> Model:
     """Load a model from a HF directory, a ``.gguf`` file or a registered name.
 
     ``dtype`` (e.g. ``"bfloat16"``) sets both the parameter and compute dtype; None keeps
-    the source's (float32 for GGUF, cached and tiny models).
+    the source's (float32 for GGUF, cached and tiny models). ``host``: the params as numpy
+    arrays in host memory, for placing them with their shardings (``jax.device_put``), so
+    that no device holds the whole model on the way (the trainer's path); default jax
+    arrays on the default device.
     """
     spec = os.fspath(spec)
     if os.path.isdir(spec):
         from gfn_jax.models.hf import load_hf  # lazy: pulls in torch-free HF readers
 
-        cfg, params, tok = load_hf(spec, dtype=dtype)
+        cfg, params, tok = load_hf(spec, dtype=dtype, host=host)
         return Model(cfg, params, tok)
     if spec.lower().endswith(".gguf") or (os.path.isfile(spec) and _is_gguf_file(spec)):
-        cfg, params, tok = load_gguf(spec, dtype=dtype)
+        cfg, params, tok = load_gguf(spec, dtype=dtype, host=host)
         return Model(cfg, params, tok)
     builder = _REGISTRY.get(spec.lower())
     if builder is None:
@@ -101,7 +104,11 @@ def load(spec: str, dtype: Optional[str] = None) -> Model:
             f"unknown model {spec!r}: {where}, and not a registered name; "
             f"registered names: {registered_names()}"
         )
-    return builder(dtype)
+    model = builder(dtype)
+    if host:  # the registered models are small: built on the device, then brought back
+        model = Model(model.config, cast_params(model.params, model.config.params_dtype,
+                                                host=True), model.tokenizer)
+    return model
 
 
 # ---------------------------------------------------------------------------
