@@ -289,12 +289,14 @@ def _run_options(m: Any) -> Dict[str, Any]:
                 decode_layers=str(m.get("decode_layers", "unrolled")))
 
 
-def load_base_model(config: Any, task: Any,
-                    host: bool = False) -> Tuple[ModelConfig, Params, Tokenizer]:
+def load_base_model(config: Any, task: Any, host: bool = False,
+                    shardings: Optional[Callable[[ModelConfig], Any]] = None,
+                    ) -> Tuple[ModelConfig, Params, Tokenizer]:
     """The model named by ``config.model`` (``spec='random'`` builds one from
     ``config.model.random`` with the task's tokenizer): (config, params, tokenizer).
     ``host``: a loaded model's params stay numpy arrays in host memory
-    (:func:`gfn_jax.models.registry.load`), for placing with their shardings."""
+    (:func:`gfn_jax.models.registry.load`), for placing with their shardings;
+    ``shardings(model_config)``: a random model is drawn directly in these shardings."""
     m = config.model
     if m.spec == "random":
         tok = task.build_tokenizer()
@@ -302,7 +304,8 @@ def load_base_model(config: Any, task: Any,
         if tok is not None and not kw.get("vocab_size"):
             kw["vocab_size"] = tok.vocab_size
         cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, **_run_options(m), **kw)
-        params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std)
+        params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std,
+                             out_shardings=None if shardings is None else shardings(cfg))
         return cfg, params, tok
     model = registry.load(m.spec, dtype=m.param_dtype, host=host)
     cfg = model.config.replace(dtype=m.dtype, **_run_options(m))

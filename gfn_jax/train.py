@@ -95,11 +95,12 @@ class Trainer:
 
         # --- task, model, policy constraints --------------------------------
         self.task = make_task(config.task, config.data.root)
-        # a loaded model stays in host memory until it is placed with its shardings below:
-        # no device holds the whole model on the way (a model sharded over the mesh may not
-        # fit one device)
-        self.model_cfg, base_params, self.tokenizer = load_base_model(config, self.task,
-                                                                      host=True)
+        # a loaded model stays in host memory until it is placed with its shardings below,
+        # and a random one is drawn shard by shard: no device holds the whole model on the
+        # way (a model sharded over the mesh may not fit one device)
+        self.model_cfg, base_params, self.tokenizer = load_base_model(
+            config, self.task, host=True, shardings=lambda cfg: parallel.tree_shardings(
+                param_axes(cfg), param_shapes(cfg), self.mesh, self.rules))
         self.task.setup(self.model_cfg, self.tokenizer)
         self.spec = self.task.policy_spec()
         bias = self.task.policy_logit_bias()

@@ -116,13 +116,31 @@ def test_sharded_step_matches_single_device(tmp_path, objective, lora, meshes):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
-def test_params_are_sharded_by_the_rules(tmp_path):
+def test_params_are_sharded_by_the_rules(tmp_path, monkeypatch):
+    import gfn_jax.policy as policy_mod
+
+    drawn = []
+    real_init = policy_mod.init_params
+    monkeypatch.setattr(policy_mod, "init_params",
+                        lambda *a, **k: drawn.append(k.get("out_shardings")) or real_init(*a, **k))
     cfg = toy_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     tr = Trainer(cfg, str(tmp_path), restore=False)
+    # the random model was drawn in its shardings, not on one device and then split
+    assert len(drawn) == 1 and drawn[0] is not None
+    q_sh = drawn[0]["layers"]["attn"]["q"]["kernel"]
+    assert q_sh.mesh.devices.size == 8 and tuple(q_sh.spec)[:3] == (None, "fsdp", "tensor")
     q = tr.state.trainable["layers"]["attn"]["q"]["kernel"]  # [L, D, H, Dh]
     spec = q.sharding.spec
     assert tuple(spec)[:3] == (None, "fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    # the random model was drawn shard by shard (init_params with out_shardings): the same
+    # values as one device's unsharded draw
+    from gfn_jax.models import init_params
+
+    ref = init_params(tr.model_cfg, jax.random.PRNGKey(cfg.model.init_seed),
+                      std=cfg.model.init_std)
+    for a, b in zip(jax.tree_util.tree_leaves(tr.state.trainable), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_trainer_lays_out_the_lora_base_once_for_the_sampler(tmp_path, monkeypatch):

@@ -201,11 +201,14 @@ def param_axes(cfg: ModelConfig) -> Params:
     return jax.tree_util.tree_map(lambda s: s[1], _spec(cfg), is_leaf=_is_spec_leaf)
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02,
+                out_shardings: Any = None) -> Params:
     """Random parameters: N(0, std) kernels/embeddings, unit norm scales, zero biases.
 
     One jitted program draws every leaf (eagerly, each distinct leaf shape would compile a
-    program of its own)."""
+    program of its own). ``out_shardings`` (a tree of shardings like the params): each
+    device draws only its shards, so none holds the whole model; the values are those of
+    the unsharded draw (JAX's partitionable threefry)."""
     spec = _spec(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)
 
@@ -223,7 +226,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
             out.append(x)
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    return jax.jit(draw)(rng)
+    return jax.jit(draw, out_shardings=out_shardings)(rng)
 
 
 # ---------------------------------------------------------------------------
