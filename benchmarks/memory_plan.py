@@ -63,7 +63,7 @@ import jax  # noqa: E402
 from gfn_jax import memory, parallel  # noqa: E402
 from gfn_jax.defaults import default_config  # noqa: E402
 from gfn_jax.models import ModelConfig  # noqa: E402
-from gfn_jax.models.lora import LoraConfig  # noqa: E402
+from gfn_jax.policy import lora_config  # noqa: E402
 
 GB = 1e9
 
@@ -210,9 +210,7 @@ def sampler_plans(args, n, out) -> None:
             step, step_secs = _estimate(  # every prompt's samples: one group each
                 model_cfg, dict(s, rows=s["rows"] * s.get("prompts", 1), group=s["rows"]),
                 n_dev, mc)
-            lc = _config(s).lora
-            lora = LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                              targets=tuple(lc.targets))
+            lora = lora_config(_config(s))
             layer_bytes = memory.layer_weight_bytes(model_cfg, mesh)
             for layers in ("unrolled", "scanned"):
                 t0 = time.perf_counter()

@@ -172,10 +172,6 @@ class MemoryPlan:
         """The run's peak per device: the larger phase."""
         return max(self.step_bytes, self.sampling_bytes)
 
-    @property
-    def knobs(self) -> Mapping[str, Any]:
-        return {**(self.sampler.knobs if self.sampler else {}), **self.step.knobs}
-
     def as_dict(self) -> Dict[str, Any]:
         return {"step": self.step.as_dict(),
                 "sampler": None if self.sampler is None else self.sampler.as_dict(),
@@ -405,6 +401,7 @@ def estimate_step_memory(
     from gfn_jax.defaults import default_config
     from gfn_jax.objective_registry import get_objective
     from gfn_jax.optim import build_optimizer
+    from gfn_jax.policy import lora_config
     from gfn_jax.step import StepSpec, TrainState, make_train_step
 
     config = default_config() if config is None else config
@@ -413,9 +410,7 @@ def estimate_step_memory(
     rules = parallel.DEFAULT_RULES if rules is None else tuple(rules)
     use_lora = bool(config.lora.enabled) if use_lora is None else bool(use_lora)
     if use_lora and lora is None:
-        lc = config.lora
-        lora = lora_lib.LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                                   targets=tuple(lc.targets))
+        lora = lora_config(config)
     objective = get_objective(config.objective.name)
     options = dict(config.objective.to_dict())
     needs = objective.any_needs(options)
@@ -617,7 +612,7 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
     decode weights the trainer keeps (LoRA with ``model.cache_decode_weights``, where the
     sampler decodes feature-major: CPU backends)."""
     from gfn_jax.defaults import mesh_devices, mesh_rules
-    from gfn_jax.policy import keeps_decode_weights
+    from gfn_jax.policy import keeps_decode_weights, lora_config
 
     step = estimate_from_config(config, model_cfg, prompt_len, devices=devices,
                                 reward_prompt_len=reward_prompt_len, suffix_len=suffix_len,
@@ -629,11 +624,7 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
     if eval_rows > train_draw[0] * train_draw[1]:
         draw, which = (1, eval_rows), "eval.batch_size"
     use_lora = bool(config.lora.enabled)
-    lora = None
-    if use_lora:
-        lc = config.lora
-        lora = lora_lib.LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                                   targets=tuple(lc.targets))
+    lora = lora_config(config) if use_lora else None
     keep = (use_lora and bool(config.model.get("cache_decode_weights", True))
             and keeps_decode_weights(model_cfg, int(t.steps), train_draw[0] * train_draw[1]))
     mesh = parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
@@ -723,16 +714,18 @@ def check_fits(estimate: Any, device_bytes: Optional[float],
 
 def _sampling_does_not_fit(plan: MemoryPlan, budget: float, device_bytes: float,
                            headroom: float) -> str:
+    """The message of a plan whose sampling phase does not fit: its parts, then the knobs,
+    the three that free the most first (by the bytes each would free)."""
     sm, st = plan.sampler, plan.step
     assert sm is not None
     k = lambda key: key + _knob(sm, key)  # noqa: E731
     unrolled = sm.knobs.get("model.decode_layers") == "unrolled"
     copy = plan.layer_weight_bytes if unrolled else 0
-    first = [(max(sm.temp_bytes - copy, 0),
-              f"draw fewer rows per sampler call ({sm.knobs.get('sampler.rows', '?')} now, from "
-              f"{sm.knobs.get('sampler.rows_from', '?')}): every row holds a KV cache of every "
-              f"layer (the temporaries other than the weight copy: "
-              f"{format_bytes(max(sm.temp_bytes - copy, 0))})")]
+    rest = max(sm.temp_bytes - copy, 0)  # the KV cache, logits and the like
+    first = [(rest, f"draw fewer rows per sampler call ({sm.knobs.get('sampler.rows', '?')} "
+                    f"now, from {sm.knobs.get('sampler.rows_from', '?')}): every row holds a KV "
+                    f"cache of every layer (the temporaries other than the weight copy: "
+                    f"{format_bytes(rest)})")]
     if unrolled:
         first.append((copy, f"set model.decode_layers='scanned' (now 'unrolled'): the decode "
                             f"loop then reads the stacked weights instead of a per-layer copy of "
@@ -741,20 +734,19 @@ def _sampling_does_not_fit(plan: MemoryPlan, budget: float, device_bytes: float,
         first.append((plan.kept_bytes, f"set model.cache_decode_weights=False: frees the kept "
                                        f"decode weights, {format_bytes(plan.kept_bytes)} per "
                                        f"device"))
-    knobs = [text for _, text in sorted(first, key=lambda x: -x[0])]
-    knobs += [
+    knobs = [text for _, text in sorted(first, key=lambda x: -x[0])] + [
         f"lower {k('task.max_len')} (the cache's length; prompt length "
         f"{sm.knobs.get('prompt_len', '?')})",
         f"shard weights and optimizer state over more devices: raise {k('mesh.fsdp')}",
         f"use bfloat16: {k('model.dtype')} and model.param_dtype{_knob(sm, 'model.param_dtype')}",
     ]
+    parts = [f"the train state held through it {format_bytes(st.argument_bytes)}",
+             f"the sampler's temporaries (KV cache, logits"
+             f"{', the per-layer weight copy' if unrolled else ''}) {format_bytes(sm.temp_bytes)}"]
+    if plan.kept_bytes:
+        parts.append(f"kept decode weights {format_bytes(plan.kept_bytes)}")
     lines = "\n".join(f"  - {x}" for x in knobs)
     return (f"sampling needs {format_bytes(plan.sampling_bytes)} per device but "
             f"{format_bytes(budget)} is available ({headroom:.0%} of "
-            f"{format_bytes(float(device_bytes))}): the train state held through it "
-            f"{format_bytes(st.argument_bytes)}, the sampler's temporaries (KV cache, logits"
-            f"{', the per-layer weight copy' if sm.knobs.get('model.decode_layers') == 'unrolled' else ''}) "
-            f"{format_bytes(sm.temp_bytes)}"
-            f"{f', kept decode weights {format_bytes(plan.kept_bytes)}' if plan.kept_bytes else ''}"
-            f". The train step itself needs {format_bytes(plan.step_bytes)}. To fit, in order of "
-            f"effect:\n{lines}")
+            f"{format_bytes(float(device_bytes))}): {', '.join(parts)}. The train step itself "
+            f"needs {format_bytes(plan.step_bytes)}. To fit, in order of effect:\n{lines}")
