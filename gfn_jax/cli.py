@@ -1,4 +1,4 @@
-"""Command line: ``gfn-jax train | sample | eval | convert | bench | sweep | report``.
+"""Command line: ``gfn-jax train | sample | eval | convert | bench | plan | sweep | report``.
 
 Every command takes ``--help``; expected errors (configuration, paths, data, checkpoints,
 model files) print one line saying what is wrong, where and what to do (the traceback with
@@ -24,6 +24,8 @@ commands:
   sweep     expand a config over a grid of keys: run, emit launch commands, summarize
   report    collect run directories into tables and plots (a results report)
   bench     time one training step's phases of a config: ms, tokens/s, FLOPs, MFU
+  plan      the per-device memory of a config's train step and sampler, from shapes alone
+            (no weights read); fails naming the keys to change where it does not fit
 
 examples:
   gfn-jax train --config configs/rng.py --workdir runs/rng --config.train.steps=10
@@ -31,6 +33,7 @@ examples:
   gfn-jax eval --workdir runs/rng --num 10000
   gfn-jax convert --workdir runs/rng --out exported/rng
   gfn-jax bench --config configs/rng.py --steps 5 --json bench.json
+  gfn-jax plan --config configs/rng.py --config.memory.device_gb=80
 """
 
 EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 3
@@ -96,6 +99,18 @@ def _define_convert(fv: flags.FlagValues, argv: List[str]) -> None:
     flags.DEFINE_string("out", None, "output Hugging Face directory (new or empty)",
                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory", flag_values=fv)
+    _common(fv)
+
+
+def _define_plan(fv: flags.FlagValues, argv: List[str]) -> None:
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file (configs/*.py); override any key with "
+        "--config.KEY=VALUE (e.g. --config.memory.device_gb=80 --config.mesh.fsdp=8)",
+        flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("json", None, "write the plan's figures to this JSON file",
+                        flag_values=fv)
     _common(fv)
 
 
@@ -415,12 +430,35 @@ def cmd_bench(fv: flags.FlagValues) -> int:
     return 0
 
 
+def cmd_plan(fv: flags.FlagValues) -> int:
+    _need(fv, "config")
+    from gfn_jax.defaults import validate_config
+    from gfn_jax.rundir import atomic_write_file, check_writable
+    from gfn_jax.train import _jsonable, plan_run
+
+    config = fv.config
+    validate_config(config)
+    if fv.json:
+        check_writable(fv.json, flag="--json")
+    plan = plan_run(config)  # prints the plan; raises DoesNotFitError naming the knobs
+    limit = float(config.memory.device_gb) * 1e9
+    print("fits" + (f" {float(config.memory.headroom):.0%} of {config.memory.device_gb} GB"
+                    if limit else " (the device reports no memory limit: nothing to check "
+                    "against; pass --config.memory.device_gb)"))
+    if fv.json:
+        with atomic_write_file(fv.json, flag="--json") as f:
+            f.write(json.dumps(_jsonable(plan.as_dict()), indent=2))
+        print(f"wrote {fv.json}")
+    return 0
+
+
 COMMANDS: Dict[str, tuple] = {
     "train": (_define_train, cmd_train),
     "sample": (_define_sample, cmd_sample),
     "eval": (_define_eval, cmd_eval),
     "convert": (_define_convert, cmd_convert),
     "bench": (_define_bench, cmd_bench),
+    "plan": (_define_plan, cmd_plan),
 }
 
 

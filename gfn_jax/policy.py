@@ -289,31 +289,59 @@ def _run_options(m: Any) -> Dict[str, Any]:
                 decode_layers=str(m.get("decode_layers", "unrolled")))
 
 
-def load_base_model(config: Any, task: Any, host: bool = False,
-                    shardings: Optional[Callable[[ModelConfig], Any]] = None,
-                    ) -> Tuple[ModelConfig, Params, Tokenizer]:
-    """The model named by ``config.model`` (``spec='random'`` builds one from
-    ``config.model.random`` with the task's tokenizer): (config, params, tokenizer).
-    ``host``: a loaded model's params stay numpy arrays in host memory
-    (:func:`gfn_jax.models.registry.load`), for placing with their shardings;
-    ``shardings(model_config)``: a random model is drawn directly in these shardings."""
+def load_model_config(config: Any, task: Any) -> Tuple[ModelConfig, Tokenizer]:
+    """The run's model config and tokenizer, without any weight: ``spec='random'`` from
+    ``config.model.random`` with the task's tokenizer; an HF directory or GGUF file from its
+    config and tokenizer (:func:`gfn_jax.models.registry.load_config`)."""
     m = config.model
     if m.spec == "random":
         tok = task.build_tokenizer()
         kw = dict(m.random.to_dict())
         if tok is not None and not kw.get("vocab_size"):
             kw["vocab_size"] = tok.vocab_size
-        cfg = ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, **_run_options(m), **kw)
-        params = init_params(cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std,
-                             out_shardings=None if shardings is None else shardings(cfg))
-        return cfg, params, tok
-    model = registry.load(m.spec, dtype=m.param_dtype, host=host)
-    cfg = model.config.replace(dtype=m.dtype, **_run_options(m))
-    tok = model.tokenizer or task.build_tokenizer()
+        return ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, **_run_options(m),
+                           **kw), tok
+    cfg, tok = registry.load_config(m.spec, dtype=m.param_dtype)
+    return cfg.replace(dtype=m.dtype, **_run_options(m)), _tokenizer_or_task(config, task, tok)
+
+
+def _tokenizer_or_task(config: Any, task: Any, tok: Optional[Tokenizer]) -> Tokenizer:
+    tok = tok or task.build_tokenizer()
     if tok is None:
-        raise ValueError(f"model.spec={m.spec!r} has no tokenizer and task "
+        raise ValueError(f"model.spec={config.model.spec!r} has no tokenizer and task "
                          f"{config.task.name!r} supplies none")
-    return cfg, model.params, tok
+    return tok
+
+
+def load_base_params(config: Any, model_cfg: ModelConfig, host: bool = False,
+                     shardings: Optional[Callable[[ModelConfig], Any]] = None) -> Params:
+    """The weights of :func:`load_model_config`'s model: a random model drawn (in
+    ``shardings(model_cfg)`` when given: each device draws only its shards), a loaded one
+    read (``host``: kept numpy arrays in host memory, for placing with their shardings)."""
+    m = config.model
+    if m.spec == "random":
+        return init_params(model_cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std,
+                           out_shardings=None if shardings is None else shardings(model_cfg))
+    model = registry.load(m.spec, dtype=m.param_dtype, host=host)
+    loaded = model.config.replace(dtype=m.dtype, **_run_options(m))
+    if loaded != model_cfg:
+        raise ValueError(f"model.spec={m.spec!r} changed while it was being read: its config "
+                         f"is now {loaded}, was {model_cfg}")
+    return model.params
+
+
+def load_base_model(config: Any, task: Any, host: bool = False,
+                    shardings: Optional[Callable[[ModelConfig], Any]] = None,
+                    ) -> Tuple[ModelConfig, Params, Tokenizer]:
+    """The model named by ``config.model``: (config, params, tokenizer), i.e.
+    :func:`load_model_config` then :func:`load_base_params`."""
+    m = config.model
+    if m.spec != "random":  # one read of a loaded model: config, weights and tokenizer
+        model = registry.load(m.spec, dtype=m.param_dtype, host=host)
+        return (model.config.replace(dtype=m.dtype, **_run_options(m)), model.params,
+                _tokenizer_or_task(config, task, model.tokenizer))
+    cfg, tok = load_model_config(config, task)
+    return cfg, load_base_params(config, cfg, host=host, shardings=shardings), tok
 
 
 def run_config(workdir: str) -> Any:

@@ -40,7 +40,7 @@ from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.transformer import param_axes, param_shapes
 from gfn_jax.objective_registry import final_values, get_objective
 from gfn_jax.optim import build_optimizer, reward_temperature, total_updates
-from gfn_jax.policy import Policy, load_base_model, lora_config
+from gfn_jax.policy import Policy, load_base_params, load_model_config, lora_config
 from gfn_jax.profiling import StepProfiler, describe
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.replay import ReplayBuffer
@@ -74,7 +74,11 @@ class Trainer:
     """Builds everything from a config and runs the fine-tuning loop."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 restore: bool = True, devices: Optional[List[Any]] = None) -> None:
+                 restore: bool = True, devices: Optional[List[Any]] = None,
+                 plan_only: bool = False) -> None:
+        """``plan_only``: stop after the memory plan (``memory_estimate``, made whatever
+        ``memory.estimate`` says), before any weight is read; such a Trainer cannot train
+        (:func:`plan_run`)."""
         validate_config(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
@@ -95,12 +99,8 @@ class Trainer:
 
         # --- task, model, policy constraints --------------------------------
         self.task = make_task(config.task, config.data.root)
-        # a loaded model stays in host memory until it is placed with its shardings below,
-        # and a random one is drawn shard by shard: no device holds the whole model on the
-        # way (a model sharded over the mesh may not fit one device)
-        self.model_cfg, base_params, self.tokenizer = load_base_model(
-            config, self.task, host=True, shardings=lambda cfg: parallel.tree_shardings(
-                param_axes(cfg), param_shapes(cfg), self.mesh, self.rules))
+        # the model's config and tokenizer only: its weights are read after the memory plan
+        self.model_cfg, self.tokenizer = load_model_config(config, self.task)
         self.task.setup(self.model_cfg, self.tokenizer)
         self.spec = self.task.policy_spec()
         bias = self.task.policy_logit_bias()
@@ -138,12 +138,19 @@ class Trainer:
             self.reward_prompt_len = max(len(p) for p in self.reward_prompt_ids)
 
         # the memory plan, from shapes alone: a config that cannot fit is refused here,
-        # before the weights are placed and the optimizer state is made on the devices
-        self.memory_estimate = self._plan_memory(devices)
+        # before any weight is read or placed and before the optimizer state is made
+        self.memory_estimate = self._plan_memory(devices, force=plan_only)
+        if plan_only:
+            return
 
         # --- parameters and their shardings ---------------------------------
         self.base_shardings = parallel.tree_shardings(
             param_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh, self.rules)
+        # a loaded model stays in host memory until it is placed with its shardings, and a
+        # random one is drawn shard by shard: no device holds the whole model on the way (a
+        # model sharded over the mesh may not fit one device)
+        base_params = load_base_params(config, self.model_cfg, host=True,
+                                       shardings=lambda _: self.base_shardings)
         base_params = parallel.shard_params(base_params, self.base_shardings)
         self.use_lora = bool(config.lora.enabled)
         rng = jax.random.PRNGKey(config.seed)
@@ -270,12 +277,13 @@ class Trainer:
         self.rollouts.use_prompts(rows.prompts, rows.reward_prompts, rows.suffixes,
                                   self.prompt_stream.suffix_len)
 
-    def _plan_memory(self, devices: Optional[List[Any]]) -> Any:
+    def _plan_memory(self, devices: Optional[List[Any]], force: bool = False) -> Any:
         """Compile the step and the sampler ahead of time on abstract shapes and check the
         run's per-device peak against the device (``memory.estimate``: auto = on
-        accelerators only)."""
+        accelerators only; ``force``: whatever it says)."""
         mc = self.config.memory
-        if mc.estimate == "never" or (mc.estimate == "auto" and jax.default_backend() == "cpu"):
+        if not force and (mc.estimate == "never"
+                          or (mc.estimate == "auto" and jax.default_backend() == "cpu")):
             return None
         from gfn_jax import memory
 
@@ -629,3 +637,16 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def plan_run(config: ml_collections.ConfigDict, devices: Optional[List[Any]] = None) -> Any:
+    """The :class:`~gfn_jax.memory.MemoryPlan` of the run ``config`` describes, on
+    ``devices`` (default the mesh's), without reading any weight: the task, the model's
+    config and tokenizer, the prompt lengths and the mesh are set up as ``gfn-jax train``
+    sets them up, then the train step and the sampler are compiled on abstract shapes
+    (``memory.estimate`` is ignored). Raises :class:`~gfn_jax.memory.DoesNotFitError` where
+    the device's memory (``memory.device_gb``, or what the device reports) is too small."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gfn-jax-plan-") as d:
+        return Trainer(config, d, restore=False, devices=devices, plan_only=True).memory_estimate

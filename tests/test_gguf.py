@@ -324,6 +324,10 @@ def test_registry_gguf_path(files):
     for dtype in (None, "bfloat16"):
         h = registry.load(files["quant"][0], dtype=dtype, host=True)
         d = registry.load(files["quant"][0], dtype=dtype)
+        # the config and tokenizer alone, from the metadata (no tensor read): the same
+        cfg, tok = registry.load_config(files["quant"][0], dtype=dtype)
+        assert cfg == d.config and tok.vocab_size == d.tokenizer.vocab_size
+        assert tok.encode("a b 12") == d.tokenizer.encode("a b 12")
         for a, b in zip(jax.tree_util.tree_leaves(h.params), jax.tree_util.tree_leaves(d.params)):
             assert type(a) is np.ndarray and a.dtype == b.dtype
             np.testing.assert_array_equal(a, np.asarray(b))

@@ -144,7 +144,12 @@ def test_bfloat16_checkpoint(hf_models, tmp_path):
     np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"], np.float32), ref)
     cfg32, params32, _ = load_hf(str(tmp_path), dtype="float32")
     assert params32["layers"]["attn"]["q"]["kernel"].dtype == jnp.float32
-    # host=True (the trainer's path): the same values as numpy arrays, never on a device
+    # host=True (the trainer's path): the same values as numpy arrays, never on a device;
+    # the config alone (no weight read) is the loaded one's
+    from gfn_jax.models.hf import read_hf_config
+
+    assert read_hf_config(str(tmp_path))[0] == cfg
+    assert read_hf_config(str(tmp_path), dtype="float32")[0] == cfg32
     for kw in ({}, {"dtype": "float32"}):
         _, host, _ = load_hf(str(tmp_path), host=True, **kw)
         dev = params if not kw else params32

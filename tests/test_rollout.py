@@ -1,6 +1,7 @@
 """Host-side rollouts and the reward model: replay seeded from data, schedules that count
 optimizer updates, a separate reward checkpoint and a reward context other than the prompt."""
 
+import json
 import os
 
 import jax
@@ -217,3 +218,43 @@ def test_memory_plan_before_training_names_the_knobs(tmp_path, capsys, monkeypat
         Trainer(toy_config(**{"memory.estimate": "always", "memory.device_gb": 1e-6}),
                 str(tmp_path / "c"), restore=False)
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
+
+
+def test_plan_command_reads_no_weights(tmp_path, capsys):
+    """``gfn-jax plan`` sets a run up as train does (task, tokenizer, prompt lengths, mesh)
+    and compiles the step and the sampler on abstract shapes: it works on an HF directory
+    whose weight file is gone (train cannot start there), prints the plan, writes it as
+    JSON, and fails naming the keys when the device memory given is too small."""
+    from gfn_jax import cli
+
+    model = tiny_model("llama", seed=3)
+    hf_dir = str(tmp_path / "hf")
+    save_hf(model.config, model.params, hf_dir, tokenizer=model.tokenizer)
+    own = tmp_path / "own.txt"
+    own.write_text("".join(f"prompt number {i} \n" for i in range(4)))
+    base = ["--config", os.path.join(ROOT, "configs/continuation.py"), "--config.task.num_eval=2",
+            f"--config.model.spec={hf_dir}", "--config.lora.rank=2",
+            f"--config.task.data_path={own}", "--config.task.max_len=3",
+            "--config.task.diversity_encoder=", "--config.train.prompts_per_batch=2",
+            "--config.train.samples_per_prompt=4", "--config.eval.num_samples=0",
+            "--config.mesh.devices=1"]
+    os.remove(os.path.join(hf_dir, "model.safetensors"))
+    out_json = str(tmp_path / "plan.json")
+    capsys.readouterr()
+    assert cli.main(["gfn-jax", "plan", *base, "--config.memory.device_gb=1",
+                     "--json", out_json]) == 0
+    out = capsys.readouterr().out
+    assert "train step memory per device" in out and "sampling memory per device" in out
+    assert "fits 90% of 1.0 GB" in out
+    with open(out_json) as f:
+        plan = json.load(f)
+    assert plan["sampler"]["knobs"]["sampler.rows"] == 8
+    assert plan["total_bytes"] == max(plan["step_bytes"], plan["sampling_bytes"]) > 0
+    # too small a device: refused with the knobs, exit 1, no traceback
+    assert cli.main(["gfn-jax", "plan", *base, "--config.memory.device_gb=0.000001"]) == 1
+    err = capsys.readouterr().err
+    assert "needs" in err and "task.max_len (now 3)" in err and "Traceback" not in err
+    # training does need the weights: a clear error naming the missing file
+    rc = cli.main(["gfn-jax", "train", *base, "--workdir", str(tmp_path / "run"),
+                   "--config.train.steps=1", "--noprogress"])
+    assert rc == 1 and "safetensors" in capsys.readouterr().err

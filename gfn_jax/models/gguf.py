@@ -206,9 +206,7 @@ def load_gguf(
         return arr
 
     embed = get("token_embd.weight")  # [V, D]
-    tok_list = meta.get("tokenizer.ggml.tokens")
-    n_vocab = len(tok_list) if tok_list else int(meta.get("llama.vocab_size", embed.shape[0]))
-    cfg = config_from_metadata(meta, n_vocab, path)
+    cfg = config_from_metadata(meta, _n_vocab(meta, embed.shape[0]), path)
     if embed.shape != (cfg.vocab_size, cfg.d_model):
         raise GGUFError(
             f"{path}: token_embd.weight has shape {embed.shape}, expected "
@@ -277,6 +275,29 @@ def load_gguf(
     params = cast_params(params, cfg.params_dtype, host=host)
     tokenizer = tokenizer_from_metadata(meta, path)
     return cfg, params, tokenizer
+
+
+def _n_vocab(meta: Dict[str, Any], embed_rows: int) -> int:
+    tok_list = meta.get("tokenizer.ggml.tokens")
+    return len(tok_list) if tok_list else int(meta.get("llama.vocab_size", embed_rows))
+
+
+def read_config(path: str, dtype: Optional[str] = None
+                ) -> Tuple[ModelConfig, Optional[Tokenizer]]:
+    """The :class:`ModelConfig` and tokenizer that :func:`load_gguf` would return, from the
+    file's metadata and tensor table alone: no tensor is read or dequantized."""
+    path = os.fspath(path)
+    reader = _open(path)
+    meta = read_metadata(reader)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise GGUFError(f"{path}: tensor 'token_embd.weight' is missing")
+    cfg = config_from_metadata(meta, _n_vocab(meta, shapes["token_embd.weight"][0]), path)
+    cfg = cfg.replace(tie_embeddings="output.weight" not in shapes)
+    if dtype is not None:
+        name = dtype_name(dtype)
+        cfg = cfg.replace(dtype=name, param_dtype=name)
+    return cfg, tokenizer_from_metadata(meta, path)
 
 
 def dtype_name(dtype: Any) -> str:

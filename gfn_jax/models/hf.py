@@ -487,6 +487,13 @@ def _get_path(tree: Params, path: Path) -> Any:
     return tree
 
 
+def read_hf_config(path: str, dtype: Optional[str] = None
+                   ) -> Tuple[ModelConfig, Optional[Tokenizer]]:
+    """The :class:`ModelConfig` and tokenizer that :func:`load_hf` would return, from
+    ``config.json`` and ``tokenizer.json`` alone: no weight is read."""
+    return config_from_hf(_read_config(path), dtype), Tokenizer.from_hf_dir(path)
+
+
 def load_hf(
     path: str, dtype: Optional[str] = None, host: bool = False
 ) -> Tuple[ModelConfig, Params, Optional[Tokenizer]]:

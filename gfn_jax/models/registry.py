@@ -111,6 +111,22 @@ def load(spec: str, dtype: Optional[str] = None, host: bool = False) -> Model:
     return model
 
 
+def load_config(spec: str, dtype: Optional[str] = None) -> Tuple[ModelConfig, Optional[Tokenizer]]:
+    """The config and tokenizer :func:`load` would return, without reading the weights of an
+    HF directory or a ``.gguf`` file (a registered model is small: it is built)."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        from gfn_jax.models.hf import read_hf_config
+
+        return read_hf_config(spec, dtype=dtype)
+    if spec.lower().endswith(".gguf") or (os.path.isfile(spec) and _is_gguf_file(spec)):
+        from gfn_jax.models.gguf import read_config
+
+        return read_config(spec, dtype=dtype)
+    model = load(spec, dtype=dtype)
+    return model.config, model.tokenizer
+
+
 # ---------------------------------------------------------------------------
 # Cache helpers
 # ---------------------------------------------------------------------------
