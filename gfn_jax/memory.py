@@ -343,6 +343,12 @@ FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0,
                     "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
+def _shared_knobs(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Dict[str, Any]:
+    """The knobs every estimate records: the dtypes and the mesh's shape."""
+    return {"model.dtype": model_cfg.dtype, "model.param_dtype": model_cfg.param_dtype,
+            **{f"mesh.{a}": int(mesh.shape[a]) for a in ("data", "fsdp", "tensor")}}
+
+
 def _compile(lowered: Any, mesh: jax.sharding.Mesh,
              compiler_options: Optional[Mapping[str, Any]]) -> Any:
     if compiler_options is None and mesh.devices.flat[0].platform == "cpu":
@@ -482,9 +488,7 @@ def estimate_step_memory(
         "train.batch_rows": int(batch_size), "task.max_len": T, "prompt_len": int(prompt_len),
         "model.remat_policy": model_cfg.effective_remat_policy,
         "model.logits_chunk": model_cfg.logits_chunk,
-        "model.dtype": model_cfg.dtype, "model.param_dtype": model_cfg.param_dtype,
-        "mesh.data": int(mesh.shape["data"]), "mesh.fsdp": int(mesh.shape["fsdp"]),
-        "mesh.tensor": int(mesh.shape["tensor"]),
+        **_shared_knobs(model_cfg, mesh),
         "lora.rank": int(lora.rank) if use_lora else None,
         "train.grad_accum": int(config.train.grad_accum),
         "model.share_prompt": bool(model_cfg.share_prompt) and int(group_size) > 1,
@@ -547,9 +551,7 @@ def estimate_sampler_memory(
     all_knobs = {"sampler.rows": B * int(num_samples), "sampler.prompts": B,
                  "task.max_len": int(traj_len), "prompt_len": P,
                  "model.decode_layers": model_cfg.decode_layers,
-                 "model.dtype": model_cfg.dtype, "model.param_dtype": model_cfg.param_dtype,
-                 "mesh.data": int(mesh.shape["data"]), "mesh.fsdp": int(mesh.shape["fsdp"]),
-                 "mesh.tensor": int(mesh.shape["tensor"])}
+                 **_shared_knobs(model_cfg, mesh)}
     all_knobs.update(knobs or {})
     return estimate_compiled(_compile(lowered, mesh, compiler_options), mesh, all_knobs)
 
