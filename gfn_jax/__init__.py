@@ -22,6 +22,9 @@ Public API (see ``docs/architecture.md``):
   :class:`Trainer`, :class:`ReplayBuffer`, :class:`Checkpointer`, tasks (:class:`Task`,
   :class:`Target`, :func:`make_task`, :func:`register_task`), parallelism
   (:class:`MeshConfig`, :func:`make_mesh`, :func:`to_host`)
+* memory planning on abstract shapes: :func:`plan_run` (a run config's
+  :class:`MemoryPlan`, no weight read), :func:`estimate_step_memory`,
+  :func:`estimate_sampler_memory`, :class:`MemoryEstimate`, :class:`DoesNotFitError`
 """
 
 __version__ = "0.1.0"
@@ -67,7 +70,14 @@ from gfn_jax.objective_registry import (
 )
 from gfn_jax.policy import Policy, load_policy, load_run
 from gfn_jax.step import StepSpec, TrainState, make_prepare, make_train_step
-from gfn_jax.train import Trainer
+from gfn_jax.train import Trainer, plan_run
+from gfn_jax.memory import (
+    DoesNotFitError,
+    MemoryEstimate,
+    MemoryPlan,
+    estimate_sampler_memory,
+    estimate_step_memory,
+)
 from gfn_jax.decoding import (
     DecodeOutput,
     beam_search,
@@ -101,4 +111,6 @@ __all__ = [
     "CalculatorTool", "evaluate_expression", "enable_compilation_cache",
     "keep_freed_memory",
     "unordered_collectives", "to_host", "StepProfiler", "kernel_spans", "summarize_kernels",
+    "plan_run", "DoesNotFitError", "MemoryEstimate", "MemoryPlan", "estimate_sampler_memory",
+    "estimate_step_memory",
 ]

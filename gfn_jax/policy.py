@@ -34,7 +34,8 @@ from gfn_jax.scoring import score_policy
 
 Params = Any
 
-__all__ = ["Policy", "load_policy", "load_run", "load_base_model", "run_config", "left_pad"]
+__all__ = ["Policy", "load_policy", "load_run", "load_base_model", "load_model_config",
+           "load_base_params", "run_config", "left_pad"]
 
 
 #: Fewest decoder calls for which :meth:`Policy.for_decoding` lays the weights out once: the
@@ -325,16 +326,18 @@ def load_base_params(config: Any, model_cfg: ModelConfig, host: bool = False,
     model = registry.load(m.spec, dtype=m.param_dtype, host=host)
     loaded = model.config.replace(dtype=m.dtype, **_run_options(m))
     if loaded != model_cfg:
-        raise ValueError(f"model.spec={m.spec!r} changed while it was being read: its config "
-                         f"is now {loaded}, was {model_cfg}")
+        raise ValueError(f"model.spec={m.spec!r}: its weights came with another config "
+                         f"({loaded}) than its metadata gave ({model_cfg}); did the files "
+                         f"change while the run started?")
     return model.params
 
 
 def load_base_model(config: Any, task: Any, host: bool = False,
                     shardings: Optional[Callable[[ModelConfig], Any]] = None,
                     ) -> Tuple[ModelConfig, Params, Tokenizer]:
-    """The model named by ``config.model``: (config, params, tokenizer), i.e.
-    :func:`load_model_config` then :func:`load_base_params`."""
+    """The model named by ``config.model``: (config, params, tokenizer). A loaded model is
+    read once (config, weights, tokenizer); a random one is :func:`load_model_config` then
+    :func:`load_base_params`."""
     m = config.model
     if m.spec != "random":  # one read of a loaded model: config, weights and tokenizer
         model = registry.load(m.spec, dtype=m.param_dtype, host=host)
