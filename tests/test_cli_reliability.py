@@ -121,7 +121,8 @@ def no_model(monkeypatch):
         calls.append(a)
         raise AssertionError("a model was loaded before the bad input was rejected")
 
-    monkeypatch.setattr("gfn_jax.train.load_base_model", boom)
+    monkeypatch.setattr("gfn_jax.train.load_model_config", boom)  # the trainer's first read
+    monkeypatch.setattr("gfn_jax.train.load_base_params", boom)
     monkeypatch.setattr("gfn_jax.cli._load_run", boom)
     return calls
 
