@@ -376,6 +376,7 @@ def estimate_step_memory(
     group_size: int = 1,
     knobs: Optional[Mapping[str, Any]] = None,
     compiler_options: Optional[Mapping[str, Any]] = None,
+    reward_model_cfg: Optional[ModelConfig] = None,
 ) -> MemoryEstimate:
     """Compile one train step on abstract shapes and return its per-device memory.
 
@@ -402,6 +403,8 @@ def estimate_step_memory(
       compiler_options: XLA options for the compile; default on CPU
         :data:`FAST_CPU_COMPILE` (LLVM optimisation off: same buffer assignment, about half
         the compile time), none elsewhere.
+      reward_model_cfg: a separate reward model (``reward.model``; same tokenizer): its
+        weights are held beside the policy's and the reward is computed with it.
     """
     from gfn_jax import objectives as obj
     from gfn_jax.defaults import default_config
@@ -425,12 +428,16 @@ def estimate_step_memory(
     # parameters and trainable tree
     base, adapter_tree = _abstract_weights(model_cfg, mesh, rules, lora if use_lora else None)
     frozen: Dict[str, Any] = {}
+    reward_key = "base"
+    if reward_model_cfg is not None:  # as the Trainer holds it: frozen["reward"]
+        frozen["reward"], _ = _abstract_weights(reward_model_cfg, mesh, rules, None)
+        reward_key = "reward"
     if use_lora:
         trainable = adapter_tree
         frozen["base"] = base
     else:
         trainable = base
-        if needs.reference or needs.reward:
+        if needs.reference or (needs.reward and reward_model_cfg is None):
             frozen["base"] = base
     log_z: Dict[str, Any] = {}
     if needs.log_z:
@@ -462,8 +469,8 @@ def estimate_step_memory(
         logit_bias=jnp.zeros((model_cfg.vocab_size,), jnp.float32) if logit_bias else None,
         use_lora=use_lora, lora_scale=float(lora.scale) if use_lora else 1.0,
         lora_dropout=float(lora.dropout) if use_lora else 0.0, num_groups=int(num_groups),
-        reward_key="base" if "base" in frozen else None,
-        reference_key="base" if "base" in frozen else None)
+        reward_key=reward_key if reward_key in frozen else None,
+        reference_key="base" if "base" in frozen else None, reward_model_cfg=reward_model_cfg)
     bsh = parallel.batch_sharding(mesh, 1, rules)
     step = make_train_step(ss, tx, mesh, state_sh, frozen_sh, bsh)
     if int(group_size) < 1 or int(batch_size) % int(group_size):
@@ -592,8 +599,15 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
     # program holds every row's prompt: plan the larger of the two.
     k = int(t.samples_per_prompt)
     group = k if (model_cfg.share_prompt and minibatches == 1 and epochs == 1 and k > 1) else 1
+    reward_model_cfg = None
+    if config.reward.get("model", ""):  # its config only: no weight is read
+        from gfn_jax.models import registry
+
+        rm_cfg, _ = registry.load_config(config.reward.model, dtype=config.model.param_dtype)
+        reward_model_cfg = rm_cfg.replace(dtype=config.model.dtype)
     return estimate_step_memory(
         model_cfg, batch_size=rows // minibatches, group_size=group, prompt_len=prompt_len, traj_len=T,
+        reward_model_cfg=reward_model_cfg,
         mesh=mesh, rules=mesh_rules(config), config=config,
         term_ids=tuple(term_ids) if term_ids is not None else (model_cfg.vocab_size - 1,),
         min_len=int(task.get("min_len", 0) or 0), reward_prompt_len=reward_prompt_len,

@@ -443,3 +443,29 @@ def _fit_error(plan, device_bytes):
     with pytest.raises(memory.DoesNotFitError) as err:
         memory.check_fits(plan, device_bytes)
     return err.value
+
+
+def test_step_estimate_holds_a_separate_reward_model():
+    """With reward.model the trainer holds a second model beside the policy's base and
+    computes the reward with it: the planned step's arguments grow by exactly its weights
+    (LoRA: base + reward; full fine-tuning without a reference: the reward model only)."""
+    from gfn_jax.defaults import default_config
+    from gfn_jax.models import param_shapes
+
+    cfg = _tiny_lora_cfg()
+    reward_cfg = cfg.replace(d_model=48, d_ff=96, n_layers=3)  # same vocabulary
+    nbytes = lambda c: sum(x.size * x.dtype.itemsize  # noqa: E731
+                           for x in jax.tree.leaves(param_shapes(c)))
+    mesh = parallel.make_mesh(parallel.MeshConfig(), jax.devices()[:1])
+    for lora in (True, False):
+        config = default_config()
+        config.lora.enabled, config.lora.rank = lora, 4
+        kw = dict(batch_size=8, prompt_len=8, traj_len=6, mesh=mesh, config=config,
+                  term_ids=(255,))
+        alone = memory.estimate_step_memory(cfg, **kw)
+        with_rm = memory.estimate_step_memory(cfg, reward_model_cfg=reward_cfg, **kw)
+        grew = with_rm.argument_bytes - alone.argument_bytes
+        if lora:
+            assert grew == nbytes(reward_cfg), (grew, nbytes(reward_cfg))
+        else:  # the frozen copy of the base (the default reward) is replaced by the reward model
+            assert grew == nbytes(reward_cfg) - nbytes(cfg), (grew, nbytes(reward_cfg))
