@@ -38,6 +38,22 @@ def _perplexity(logits: np.ndarray, ids: list) -> float:
     return float(jnp.exp(jnp.mean(nll)))
 
 
+def test_config_read_without_weights(model, monkeypatch):
+    """registry.load_config reads the converted directory's config and tokenizer only (the
+    trainer plans memory from it before it reads any weight): the same as load's."""
+    import safetensors.numpy
+
+    def no_weights(*a, **k):
+        raise AssertionError("load_config read the weights")
+
+    monkeypatch.setattr(safetensors.numpy, "load_file", no_weights)
+    for dtype in (None, "bfloat16"):
+        cfg, tok = registry.load_config("smollm2-135m", dtype)
+        assert cfg == (model.config if dtype is None else model.config.replace(
+            dtype=dtype, param_dtype=dtype))
+        assert tok.encode(SENTENCE) == model.tokenizer.encode(SENTENCE)
+
+
 def test_config(model):
     c = model.config
     assert (c.family, c.vocab_size, c.d_model, c.n_layers) == ("llama", 49152, 576, 30)

@@ -48,13 +48,20 @@ class Model:
 
 
 Builder = Callable[[Optional[str]], Model]
+ConfigReader = Callable[[Optional[str]], Tuple[ModelConfig, Optional[Tokenizer]]]
 _REGISTRY: Dict[str, Builder] = {}
+_CONFIG_READERS: Dict[str, ConfigReader] = {}
 
 
-def register(name: str, builder: Builder, aliases: Tuple[str, ...] = ()) -> None:
-    """Register ``builder(dtype) -> Model`` under ``name`` (and ``aliases``), case-insensitive."""
+def register(name: str, builder: Builder, aliases: Tuple[str, ...] = (),
+             config: Optional[ConfigReader] = None) -> None:
+    """Register ``builder(dtype) -> Model`` under ``name`` (and ``aliases``), case-insensitive;
+    ``config(dtype) -> (ModelConfig, tokenizer)`` reads what the builder would return without
+    its weights (:func:`load_config`; without one, the model is built)."""
     for n in (name,) + tuple(aliases):
         _REGISTRY[n.lower()] = builder
+        if config is not None:
+            _CONFIG_READERS[n.lower()] = config
 
 
 def registered_names() -> List[str]:
@@ -62,10 +69,15 @@ def registered_names() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def _config_with_dtype(cfg: ModelConfig, dtype: Optional[str]) -> ModelConfig:
+    if dtype is None:
+        return cfg
+    name = dtype_name(dtype)
+    return cfg.replace(dtype=name, param_dtype=name)
+
+
 def _with_dtype(cfg: ModelConfig, params: Params, dtype: Optional[str]) -> Tuple[ModelConfig, Params]:
-    if dtype is not None:
-        name = dtype_name(dtype)
-        cfg = cfg.replace(dtype=name, param_dtype=name)
+    cfg = _config_with_dtype(cfg, dtype)
     return cfg, cast_params(params, cfg.params_dtype)
 
 
@@ -113,7 +125,8 @@ def load(spec: str, dtype: Optional[str] = None, host: bool = False) -> Model:
 
 def load_config(spec: str, dtype: Optional[str] = None) -> Tuple[ModelConfig, Optional[Tokenizer]]:
     """The config and tokenizer :func:`load` would return, without reading the weights of an
-    HF directory or a ``.gguf`` file (a registered model is small: it is built)."""
+    HF directory, a ``.gguf`` file or a registered model with a config reader (SmolLM2's
+    converted directory); other registered models are small: they are built."""
     spec = os.fspath(spec)
     if os.path.isdir(spec):
         from gfn_jax.models.hf import read_hf_config
@@ -123,6 +136,9 @@ def load_config(spec: str, dtype: Optional[str] = None) -> Tuple[ModelConfig, Op
         from gfn_jax.models.gguf import read_config
 
         return read_config(spec, dtype=dtype)
+    reader = _CONFIG_READERS.get(spec.lower())
+    if reader is not None:
+        return reader(dtype)
     model = load(spec, dtype=dtype)
     return model.config, model.tokenizer
 
@@ -175,15 +191,22 @@ def save_converted(out_dir: str, model: Model) -> None:
         model.tokenizer.save(out_dir)
 
 
+def read_converted_config(path: str, dtype: Optional[str] = None
+                          ) -> Tuple[ModelConfig, Optional[Tokenizer]]:
+    """The config and tokenizer of a directory written by :func:`save_converted` (no weights)."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = ModelConfig.from_dict(json.load(f))
+    return _config_with_dtype(cfg, dtype), Tokenizer.from_hf_dir(path)
+
+
 def load_converted(path: str, dtype: Optional[str] = None) -> Model:
     """Read a directory written by :func:`save_converted`."""
     from safetensors.numpy import load_file
 
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = ModelConfig.from_dict(json.load(f))
+    cfg, tok = read_converted_config(path)
     params = _unflatten(load_file(os.path.join(path, "params.safetensors")))
     cfg, params = _with_dtype(cfg, params, dtype)
-    return Model(cfg, params, Tokenizer.from_hf_dir(path))
+    return Model(cfg, params, tok)
 
 
 def _publish_dir(tmp: str, final: str) -> None:
@@ -276,6 +299,16 @@ def smollm2_gguf_path() -> str:
 
 def smollm2_135m(dtype: Optional[str] = None) -> Model:
     """SmolLM2-135M-Instruct (llama, 30 layers, d_model 576, vocab 49152, tied head)."""
+    return load_converted(_smollm2_converted(), dtype)
+
+
+def smollm2_135m_config(dtype: Optional[str] = None) -> Tuple[ModelConfig, Optional[Tokenizer]]:
+    """:func:`smollm2_135m`'s config and tokenizer, from its converted directory's files."""
+    return read_converted_config(_smollm2_converted(), dtype)
+
+
+def _smollm2_converted() -> str:
+    """The converted SmolLM2 directory in the cache, made from the GGUF file on first use."""
     root = cache_dir()
     final = os.path.join(root, f"smollm2-135m-instruct-q4_1-{SMOLLM2_GGUF_SHA256[:12]}")
     if not os.path.isfile(os.path.join(final, "params.safetensors")):
@@ -290,7 +323,7 @@ def smollm2_135m(dtype: Optional[str] = None) -> Model:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
         _progress("done")
-    return load_converted(final, dtype)
+    return final
 
 
 # ---------------------------------------------------------------------------
@@ -350,6 +383,7 @@ def tiny_model(
     return Model(cfg, params, tok)
 
 
-register("smollm2-135m", smollm2_135m, aliases=("smollm2-135m-instruct",))
+register("smollm2-135m", smollm2_135m, aliases=("smollm2-135m-instruct",),
+         config=smollm2_135m_config)
 for _fam in ("llama", "gpt2", "gptj"):
     register(f"tiny-{_fam}", lambda dtype, _f=_fam: tiny_model(_f, dtype=dtype))
