@@ -434,6 +434,8 @@ def cmd_plan(fv: flags.FlagValues) -> int:
     _need(fv, "config")
     from gfn_jax.defaults import validate_config
     from gfn_jax.rundir import atomic_write_file, check_writable
+    from gfn_jax.defaults import run_mesh
+    from gfn_jax.memory import memory_limit_bytes
     from gfn_jax.train import _jsonable, plan_run
 
     config = fv.config
@@ -441,8 +443,9 @@ def cmd_plan(fv: flags.FlagValues) -> int:
     if fv.json:
         check_writable(fv.json, flag="--json")
     plan = plan_run(config)  # prints the plan; raises DoesNotFitError naming the knobs
-    limit = float(config.memory.device_gb) * 1e9
-    print("fits" + (f" {float(config.memory.headroom):.0%} of {config.memory.device_gb} GB"
+    # what the plan was checked against: memory.device_gb, else what the device reports
+    limit = memory_limit_bytes(config.memory.device_gb, run_mesh(config).devices.flat[0])
+    print("fits" + (f" {float(config.memory.headroom):.0%} of {limit / 1e9:.1f} GB"
                     if limit else " (the device reports no memory limit: nothing to check "
                     "against; pass --config.memory.device_gb)"))
     if fv.json:

@@ -196,6 +196,15 @@ def _mesh_devices_setting(config: ml_collections.ConfigDict) -> int:
     return n
 
 
+def run_mesh(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None) -> Any:
+    """The run's device mesh: ``mesh.data/fsdp/tensor`` over :func:`mesh_devices`."""
+    from gfn_jax import parallel
+
+    mc = config.mesh
+    return parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
+                              mesh_devices(config, devices))
+
+
 def mesh_rules(config: ml_collections.ConfigDict) -> Any:
     """The logical-axis rules table: ``parallel.DEFAULT_RULES`` with ``mesh.rules`` applied."""
     from gfn_jax import parallel

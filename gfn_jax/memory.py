@@ -59,6 +59,7 @@ __all__ = [
     "estimate_compiled",
     "check_fits",
     "device_memory_bytes",
+    "memory_limit_bytes",
     "lm_reward_fn",
     "abstract_batch",
     "format_bytes",
@@ -573,7 +574,7 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
     T = ``task.max_len``; the mesh from ``mesh.*`` and ``mesh.rules`` over ``devices``
     (default: ``mesh.devices``); ``model_cfg`` should carry ``model.dtype`` /
     ``model.remat_policy``."""
-    from gfn_jax.defaults import mesh_devices, mesh_rules
+    from gfn_jax.defaults import mesh_rules, run_mesh
     from gfn_jax.objective_registry import get_objective
 
     t = config.train
@@ -584,9 +585,7 @@ def estimate_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *
     rows = int(t.prompts_per_batch) * int(t.samples_per_prompt)
     if rows % minibatches:
         raise ValueError(f"a batch of {rows} rows does not split into {minibatches} minibatches")
-    mc = config.mesh
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
-                              mesh_devices(config, devices))
+    mesh = run_mesh(config, devices)
     task = config.task
     T = int(task.get("max_len", 0) or 0)
     if T < 1:
@@ -627,24 +626,21 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
     that evaluates without sampling makes this an upper bound), on the same mesh, with the
     decode weights the trainer keeps (LoRA with ``model.cache_decode_weights``, where the
     sampler decodes feature-major: CPU backends)."""
-    from gfn_jax.defaults import mesh_devices, mesh_rules
-    from gfn_jax.policy import keeps_decode_weights, lora_config
+    from gfn_jax.defaults import mesh_rules, run_mesh
+    from gfn_jax.policy import lora_config, run_keeps_decode_weights
 
     step = estimate_from_config(config, model_cfg, prompt_len, devices=devices,
                                 reward_prompt_len=reward_prompt_len, suffix_len=suffix_len,
                                 term_ids=term_ids, logit_bias=logit_bias)
-    t, e, mc = config.train, config.eval, config.mesh
+    t, e = config.train, config.eval
     train_draw = (int(t.prompts_per_batch), int(t.samples_per_prompt))
     draw, which = train_draw, "train.prompts_per_batch x train.samples_per_prompt"
     eval_rows = min(int(e.batch_size), int(e.num_samples)) if int(e.num_samples) > 0 else 0
     if eval_rows > train_draw[0] * train_draw[1]:
         draw, which = (1, eval_rows), "eval.batch_size"
-    use_lora = bool(config.lora.enabled)
-    lora = lora_config(config) if use_lora else None
-    keep = (use_lora and bool(config.model.get("cache_decode_weights", True))
-            and keeps_decode_weights(model_cfg, int(t.steps), train_draw[0] * train_draw[1]))
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
-                              mesh_devices(config, devices))
+    lora = lora_config(config) if config.lora.enabled else None
+    keep = run_keeps_decode_weights(config, model_cfg)
+    mesh = run_mesh(config, devices)
     rules = mesh_rules(config)
     layer_bytes = layer_weight_bytes(model_cfg, mesh, rules)
     sampler = estimate_sampler_memory(
@@ -672,6 +668,12 @@ def device_memory_bytes(device: Any = None) -> Optional[int]:
         return None
     limit = stats.get("bytes_limit") or stats.get("bytes_reservable_limit")
     return int(limit) if limit else None
+
+
+def memory_limit_bytes(device_gb: float, device: Any = None) -> Optional[float]:
+    """The memory a plan is checked against: ``device_gb`` GB (1e9 bytes) when set (> 0),
+    else what ``device`` reports (:func:`device_memory_bytes`; None when unknown: CPU)."""
+    return float(device_gb) * 1e9 or device_memory_bytes(device)
 
 
 def _knob(est: MemoryEstimate, key: str) -> str:

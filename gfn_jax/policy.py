@@ -46,9 +46,20 @@ MIN_CALLS_TO_KEEP = 4
 
 def keeps_decode_weights(model_cfg: ModelConfig, calls: int, rows: int) -> bool:
     """Whether a loop of ``calls`` decoder calls of ``rows`` rows lays the weights out once
-    (:meth:`Policy.for_decoding`'s rule; the memory planner counts the copy by it)."""
+    (:meth:`Policy.for_decoding`'s rule)."""
     return (calls >= MIN_CALLS_TO_KEEP and model_cfg.decode_layers == "unrolled"
             and default_feature_major(rows))
+
+
+def run_keeps_decode_weights(config: Any, model_cfg: ModelConfig) -> bool:
+    """Whether a training run keeps its LoRA base laid out for the sampler: LoRA (the base
+    never changes), ``model.cache_decode_weights``, and :func:`keeps_decode_weights` for
+    ``train.steps`` draws of ``train.prompts_per_batch x train.samples_per_prompt`` rows
+    (the Trainer's rule; the memory planner counts the copy by it)."""
+    t = config.train
+    return (bool(config.lora.enabled) and bool(config.model.get("cache_decode_weights", True))
+            and keeps_decode_weights(model_cfg, int(t.steps),
+                                     int(t.prompts_per_batch) * int(t.samples_per_prompt)))
 
 
 @dataclasses.dataclass
@@ -290,6 +301,11 @@ def _run_options(m: Any) -> Dict[str, Any]:
                 decode_layers=str(m.get("decode_layers", "unrolled")))
 
 
+def _for_run(cfg: ModelConfig, m: Any) -> ModelConfig:
+    """A loaded model's config with the run's compute dtype and options (``config.model``)."""
+    return cfg.replace(dtype=m.dtype, **_run_options(m))
+
+
 def load_model_config(config: Any, task: Any) -> Tuple[ModelConfig, Tokenizer]:
     """The run's model config and tokenizer, without any weight: ``spec='random'`` from
     ``config.model.random`` with the task's tokenizer; an HF directory or GGUF file from its
@@ -303,7 +319,7 @@ def load_model_config(config: Any, task: Any) -> Tuple[ModelConfig, Tokenizer]:
         return ModelConfig(dtype=m.dtype, param_dtype=m.param_dtype, **_run_options(m),
                            **kw), tok
     cfg, tok = registry.load_config(m.spec, dtype=m.param_dtype)
-    return cfg.replace(dtype=m.dtype, **_run_options(m)), _tokenizer_or_task(config, task, tok)
+    return _for_run(cfg, m), _tokenizer_or_task(config, task, tok)
 
 
 def _tokenizer_or_task(config: Any, task: Any, tok: Optional[Tokenizer]) -> Tokenizer:
@@ -324,7 +340,7 @@ def load_base_params(config: Any, model_cfg: ModelConfig, host: bool = False,
         return init_params(model_cfg, jax.random.PRNGKey(m.init_seed), std=m.init_std,
                            out_shardings=None if shardings is None else shardings(model_cfg))
     model = registry.load(m.spec, dtype=m.param_dtype, host=host)
-    loaded = model.config.replace(dtype=m.dtype, **_run_options(m))
+    loaded = _for_run(model.config, m)
     if loaded != model_cfg:
         raise ValueError(f"model.spec={m.spec!r}: its weights came with another config "
                          f"({loaded}) than its metadata gave ({model_cfg}); did the files "
@@ -341,7 +357,7 @@ def load_base_model(config: Any, task: Any, host: bool = False,
     m = config.model
     if m.spec != "random":  # one read of a loaded model: config, weights and tokenizer
         model = registry.load(m.spec, dtype=m.param_dtype, host=host)
-        return (model.config.replace(dtype=m.dtype, **_run_options(m)), model.params,
+        return (_for_run(model.config, m), model.params,
                 _tokenizer_or_task(config, task, model.tokenizer))
     cfg, tok = load_model_config(config, task)
     return cfg, load_base_params(config, cfg, host=host, shardings=shardings), tok

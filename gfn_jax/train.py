@@ -18,6 +18,7 @@ minibatches of updates. Schedules count optimizer updates (:mod:`gfn_jax.optim`)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,12 +41,13 @@ from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.transformer import param_axes, param_shapes
 from gfn_jax.objective_registry import final_values, get_objective
 from gfn_jax.optim import build_optimizer, reward_temperature, total_updates
-from gfn_jax.policy import Policy, load_base_params, load_model_config, lora_config
+from gfn_jax.policy import (Policy, load_base_params, load_model_config, lora_config,
+                            run_keeps_decode_weights)
 from gfn_jax.profiling import StepProfiler, describe
 from gfn_jax.prompt_stream import PromptStream
 from gfn_jax.replay import ReplayBuffer
 from gfn_jax.rollout import BEHAVIOURS, Rollouts
-from gfn_jax.sampling import DecodeWeights
+from gfn_jax.sampling import DecodeWeights, cache_decode_weights
 from gfn_jax.step import (StepSpec, TrainState, host_hyper, make_prepare, make_train_step,
                           state_mask_from)
 from gfn_jax.tasks import make_task
@@ -84,13 +86,9 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         parallel.initialize_distributed()
-        from gfn_jax.defaults import mesh_devices, mesh_rules
+        from gfn_jax.defaults import mesh_rules, run_mesh
 
-        mc = config.mesh
-        self.mesh = parallel.make_mesh(
-            parallel.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor),
-            mesh_devices(config, devices))
-
+        self.mesh = run_mesh(config, devices)
         self.rules = mesh_rules(config)
         self.objective = get_objective(config.objective.name)
         self.options = dict(config.objective.to_dict())
@@ -243,9 +241,9 @@ class Trainer:
         self._step_fn = None
         self._prepare_fn = None
         # the LoRA base laid out for the sampler's decode loop once (CPU), made at first use
-        # where Policy.for_decoding's rule says the sampler's draws will use it
+        # where the sampler's draws will use it (policy.run_keeps_decode_weights)
         self._decode_weights: Optional[DecodeWeights] = None
-        self._keep_decode_weights = self.use_lora and bool(config.model.cache_decode_weights)
+        self._keep_decode_weights = run_keeps_decode_weights(config, self.model_cfg)
         targets = None
         if self.source == "data" or config.replay.seed_from_data:
             targets = self.task.targets()
@@ -294,8 +292,7 @@ class Trainer:
             suffix_len=int(getattr(self.task, "suffix_len", 0) or 0))
         if jax.process_index() == 0:
             print(est.summary())
-        limit = float(mc.device_gb) * 1e9 or memory.device_memory_bytes(
-            self.mesh.devices.flat[0])
+        limit = memory.memory_limit_bytes(mc.device_gb, self.mesh.devices.flat[0])
         memory.check_fits(est, limit, float(mc.headroom))
         return est
 
@@ -344,10 +341,8 @@ class Trainer:
                         tool=self.tool, encode_prompt=self.task.encode_prompt,
                         decode_weights=self._decode_weights)
         if self._keep_decode_weights and self._decode_weights is None:
-            tc = self.config.train  # one draw per step, of every prompt's samples
-            policy = policy.for_decoding(int(tc.steps),
-                                         int(tc.prompts_per_batch) * int(tc.samples_per_prompt))
-            self._decode_weights = policy.decode_weights
+            self._decode_weights = cache_decode_weights(params)
+            policy = dataclasses.replace(policy, decode_weights=self._decode_weights)
         return policy
 
     def _restore(self) -> None:
