@@ -111,6 +111,11 @@ def _define_plan(fv: flags.FlagValues, argv: List[str]) -> None:
         flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("json", None, "write the plan's figures to this JSON file",
                         flag_values=fv)
+    flags.DEFINE_string(
+        "target", None, "plan for this TPU slice instead of this host's devices, compiled by "
+        "the TPU compiler without the hardware (needs pip install \"gfn-jax[tpu]\"): an "
+        "accelerator type (v5p-64, v4-32, v5litepod-8, v6e-16) or a topology (v5p:4x4x2)",
+        flag_values=fv)
     _common(fv)
 
 
@@ -432,27 +437,49 @@ def cmd_bench(fv: flags.FlagValues) -> int:
 
 def cmd_plan(fv: flags.FlagValues) -> int:
     _need(fv, "config")
-    from gfn_jax.defaults import validate_config
-    from gfn_jax.rundir import atomic_write_file, check_writable
-    from gfn_jax.defaults import run_mesh
+    import jax
+
+    from gfn_jax.defaults import mesh_devices, validate_config
     from gfn_jax.memory import memory_limit_bytes
-    from gfn_jax.train import _jsonable, plan_run
+    from gfn_jax.rundir import atomic_write_file, check_writable
+    from gfn_jax.train import _jsonable, plan_devices, plan_run
 
     config = fv.config
     validate_config(config)
     if fv.json:
         check_writable(fv.json, flag="--json")
-    plan = plan_run(config)  # prints the plan; raises DoesNotFitError naming the knobs
+    if fv.target:
+        from gfn_jax.targets import parse_target
+
+        target = parse_target(fv.target)
+        _compile_only_host()
+        print(f"target {target.describe()}; compiled by the TPU compiler on this host")
+        devices = plan_devices(config, target)
+    else:
+        devices = mesh_devices(config) or jax.devices()
+    plan = plan_run(config, devices)  # prints the plan; raises DoesNotFitError naming the knobs
     # what the plan was checked against: memory.device_gb, else what the device reports
-    limit = memory_limit_bytes(config.memory.device_gb, run_mesh(config).devices.flat[0])
+    limit = memory_limit_bytes(config.memory.device_gb, devices[0])
     print("fits" + (f" {float(config.memory.headroom):.0%} of {limit / 1e9:.1f} GB"
                     if limit else " (the device reports no memory limit: nothing to check "
                     "against; pass --config.memory.device_gb)"))
     if fv.json:
         with atomic_write_file(fv.json, flag="--json") as f:
-            f.write(json.dumps(_jsonable(plan.as_dict()), indent=2))
+            f.write(json.dumps(_jsonable(dict(plan.as_dict(), target=fv.target or None)),
+                               indent=2))
         print(f"wrote {fv.json}")
     return 0
+
+
+def _compile_only_host() -> None:
+    """A plan for a target runs nothing: keep JAX's own backend on the CPU (where
+    ``JAX_PLATFORMS`` does not choose), so a host with libtpu but no TPU does not try to
+    start one."""
+    import jax
+    from jax._src import xla_bridge
+
+    if not os.environ.get("JAX_PLATFORMS") and not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
 
 
 COMMANDS: Dict[str, tuple] = {

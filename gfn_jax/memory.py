@@ -43,7 +43,8 @@ from gfn_jax.batch import TrainBatch
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models import lora as lora_lib
 from gfn_jax.models.config import ModelConfig
-from gfn_jax.models.transformer import activation_sharding, param_axes, param_shapes
+from gfn_jax.models.transformer import (activation_sharding, for_backend, param_axes,
+                                         param_shapes)
 from gfn_jax.scoring import score_reward_prefixes, score_suffix_prefixes
 
 __all__ = [
@@ -215,7 +216,8 @@ def estimate_compiled(compiled: Any, mesh: Optional[jax.sharding.Mesh] = None,
     if mesh is not None:
         n = int(mesh.devices.size)
         shape = dict(mesh.shape)
-        backend = mesh.devices.flat[0].platform
+        d0 = mesh.devices.flat[0]
+        backend = d0.platform if d0.platform == "cpu" else f"{d0.platform} ({d0.device_kind})"
     else:
         n, shape, backend = 1, {}, jax.default_backend()
     return MemoryEstimate(
@@ -552,10 +554,15 @@ def estimate_sampler_memory(
                       min_len=int(min_len))
     scalar = S((), jnp.float32)
     bias = S((model_cfg.vocab_size,), jnp.float32) if logit_bias else None
-    lowered = sampling._sample_jit.lower(
-        base, S((2,), jnp.uint32), S((B, P), jnp.int32), S((B, P), jnp.int32), scalar, scalar,
-        scalar, None, bias, adapters, S((), jnp.int32), laid_out, cfg=model_cfg, spec=spec,
-        num_samples=int(num_samples), top_k=0, tool=None)
+    platform = mesh.devices.flat[0].platform
+    fn = sampling._sample_jit
+    if platform != jax.default_backend():  # traced for another platform: not via the cache
+        fn = jax.jit(fn.__wrapped__, static_argnames=sampling.SAMPLE_STATIC_ARGNAMES)
+    with for_backend(platform):  # the decode layout the target's sampler uses
+        lowered = fn.lower(
+            base, S((2,), jnp.uint32), S((B, P), jnp.int32), S((B, P), jnp.int32), scalar,
+            scalar, scalar, None, bias, adapters, S((), jnp.int32), laid_out, cfg=model_cfg,
+            spec=spec, num_samples=int(num_samples), top_k=0, tool=None)
     all_knobs = {"sampler.rows": B * int(num_samples), "sampler.prompts": B,
                  "task.max_len": int(traj_len), "prompt_len": P,
                  "model.decode_layers": model_cfg.decode_layers,
@@ -639,8 +646,9 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
     if eval_rows > train_draw[0] * train_draw[1]:
         draw, which = (1, eval_rows), "eval.batch_size"
     lora = lora_config(config) if config.lora.enabled else None
-    keep = run_keeps_decode_weights(config, model_cfg)
     mesh = run_mesh(config, devices)
+    with for_backend(mesh.devices.flat[0].platform):  # the trainer's rule on those devices
+        keep = run_keeps_decode_weights(config, model_cfg)
     rules = mesh_rules(config)
     layer_bytes = layer_weight_bytes(model_cfg, mesh, rules)
     sampler = estimate_sampler_memory(
@@ -658,16 +666,21 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
 # ---------------------------------------------------------------------------
 def device_memory_bytes(device: Any = None) -> Optional[int]:
     """The memory limit of ``device`` (default: the first device) as its runtime reports it
-    (``memory_stats()["bytes_limit"]``: GPUs, TPUs), or None when unknown (CPU)."""
+    (``memory_stats()["bytes_limit"]``: GPUs, TPUs); for a TPU that reports none (the
+    compile-only devices of :mod:`gfn_jax.targets`) its chip's HBM; None when unknown (CPU)."""
+    from gfn_jax.targets import hbm_bytes_of_kind
+
     device = jax.devices()[0] if device is None else device
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - backends without memory stats
-        return None
-    if not stats:
-        return None
-    limit = stats.get("bytes_limit") or stats.get("bytes_reservable_limit")
-    return int(limit) if limit else None
+        stats = None
+    limit = (stats or {}).get("bytes_limit") or (stats or {}).get("bytes_reservable_limit")
+    if limit:
+        return int(limit)
+    if getattr(device, "platform", "") == "tpu":
+        return hbm_bytes_of_kind(getattr(device, "device_kind", ""))
+    return None
 
 
 def memory_limit_bytes(device_gb: float, device: Any = None) -> Optional[float]:

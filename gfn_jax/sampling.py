@@ -233,9 +233,11 @@ def _repeat_cache(cache: KVCache, n: int) -> KVCache:
     return cache.map_rows(lambda a, axis: jnp.repeat(a, n, axis=axis))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "spec", "num_samples", "top_k", "tool")
-)
+#: :func:`_sample_jit`'s static arguments.
+SAMPLE_STATIC_ARGNAMES = ("cfg", "spec", "num_samples", "top_k", "tool")
+
+
+@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGNAMES)
 def _sample_jit(
     params: Any,
     rng: jax.Array,

@@ -634,14 +634,40 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def plan_run(config: ml_collections.ConfigDict, devices: Optional[List[Any]] = None) -> Any:
+def plan_run(config: ml_collections.ConfigDict, devices: Optional[List[Any]] = None,
+             target: Any = None) -> Any:
     """The :class:`~gfn_jax.memory.MemoryPlan` of the run ``config`` describes, on
     ``devices`` (default the mesh's), without reading any weight: the task, the model's
     config and tokenizer, the prompt lengths and the mesh are set up as ``gfn-jax train``
     sets them up, then the train step and the sampler are compiled on abstract shapes
-    (``memory.estimate`` is ignored). Raises :class:`~gfn_jax.memory.DoesNotFitError` where
-    the device's memory (``memory.device_gb``, or what the device reports) is too small."""
+    (``memory.estimate`` is ignored). ``target`` (a :class:`~gfn_jax.targets.TpuTarget` or
+    its spec, e.g. ``"v5p-64"``): compile for that TPU slice's compile-only devices instead,
+    by the TPU compiler, on whatever host this is (:func:`plan_devices`). Raises
+    :class:`~gfn_jax.memory.DoesNotFitError` where the device's memory
+    (``memory.device_gb``, or what the device reports, or the target chip's HBM) is too
+    small."""
     import tempfile
 
+    if target is not None:
+        devices = plan_devices(config, target)
     with tempfile.TemporaryDirectory(prefix="gfn-jax-plan-") as d:
         return Trainer(config, d, restore=False, devices=devices, plan_only=True).memory_estimate
+
+
+def plan_devices(config: ml_collections.ConfigDict, target: Any) -> List[Any]:
+    """The compile-only devices a plan for ``target`` spans (a TPU slice: every chip, or the
+    first ``mesh.devices`` chips of its first host, as a run there would take them)."""
+    from gfn_jax.defaults import _mesh_devices_setting
+    from gfn_jax.targets import TpuTarget, parse_target
+
+    tgt = target if isinstance(target, TpuTarget) else parse_target(target)
+    devices = tgt.devices()
+    n = _mesh_devices_setting(config)
+    if n:
+        first_host = [d for d in devices if d.process_index == devices[0].process_index]
+        if n > len(first_host):
+            raise ValueError(f"mesh.devices={n} but a host of {tgt.name} has "
+                             f"{len(first_host)} chip(s); set mesh.devices=0 (the whole "
+                             f"slice) or at most {len(first_host)}")
+        devices = first_host[:n]
+    return devices

@@ -606,6 +606,30 @@ FEATURE_MAJOR_MAX_ROWS = 64
 FEATURE_MAJOR_MIN_STEPS = 10
 
 
+_TARGET_BACKEND = threading.local()
+
+
+def target_backend() -> str:
+    """The platform the programs traced now are for: ``jax.default_backend()``, or the one
+    :func:`for_backend` names (a plan compiled for devices this process does not run on,
+    e.g. a TPU slice planned on a CPU host)."""
+    return getattr(_TARGET_BACKEND, "platform", None) or jax.default_backend()
+
+
+@contextlib.contextmanager
+def for_backend(platform: Optional[str]) -> Iterator[None]:
+    """Trace for ``platform`` (``"cpu" | "gpu" | "tpu"``; None: no change) inside the block:
+    the choices made by backend (:func:`default_feature_major`) follow it. The choice is not
+    part of JAX's trace cache: a process that traced the same function and shapes for another
+    platform before reuses that trace."""
+    prev = getattr(_TARGET_BACKEND, "platform", None)
+    _TARGET_BACKEND.platform = platform or prev
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.platform = prev
+
+
 def default_feature_major(rows: int, steps: Optional[int] = None) -> bool:
     """Whether :func:`decode_layout` stores the projections feature-major by default: on a
     CPU backend, for at most :data:`FEATURE_MAJOR_MAX_ROWS` rows and (when the number of
@@ -616,7 +640,7 @@ def default_feature_major(rows: int, steps: Optional[int] = None) -> bool:
     env = os.environ.get("GFN_JAX_DECODE_FEATURE_MAJOR")
     if env is not None:
         return env.strip().lower() not in ("0", "false", "no", "off", "")
-    return (jax.default_backend() == "cpu" and rows <= FEATURE_MAJOR_MAX_ROWS
+    return (target_backend() == "cpu" and rows <= FEATURE_MAJOR_MAX_ROWS
             and (steps is None or steps >= FEATURE_MAJOR_MIN_STEPS))
 
 

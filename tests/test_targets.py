@@ -1,0 +1,167 @@
+"""Compile-only TPU targets: parsing slice names against Cloud TPU's documented slice shapes,
+the TPU compiler's devices on this CPU host (libtpu, no TPU), plans compiled for them, and
+``gfn-jax plan --target``."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gfn_jax import memory, parallel, targets
+from gfn_jax.models import ModelConfig
+from gfn_jax.models.transformer import default_feature_major, for_backend, target_backend
+from gfn_jax.targets import TargetError, parse_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+
+
+@pytest.mark.parametrize("spec, gen, shape, chips, hosts, hbm_gib", [
+    # v4 / v5p names count TensorCores (2 per chip), 4 chips per host
+    ("v4-8", "v4", (2, 2, 1), 4, 1, 32),
+    ("v4-32", "v4", (2, 2, 4), 16, 4, 32),
+    ("v5p-8", "v5p", (2, 2, 1), 4, 1, 95),
+    ("tpu:v5p-128", "v5p", (4, 4, 4), 64, 16, 95),
+    # v5e / v6e names count chips; up to 8 chips on one host, then 4 per host
+    ("v5litepod-8", "v5e", (2, 4), 8, 1, 16),
+    ("V5E-16", "v5e", (4, 4), 16, 4, 16),
+    ("v6e-256", "v6e", (16, 16), 256, 64, 32),
+    ("v6e-1", "v6e", (1, 1), 1, 1, 32),
+    # explicit topologies
+    ("v5p:4x4x2", "v5p", (4, 4, 2), 32, 8, 95),
+    ("tpu:v6e:2x4", "v6e", (2, 4), 8, 1, 32),
+])
+def test_parse_target_matches_cloud_tpu_slices(spec, gen, shape, chips, hosts, hbm_gib):
+    t = parse_target(spec)
+    assert (t.generation, t.shape, t.chips, t.hosts) == (gen, shape, chips, hosts)
+    assert t.hbm_bytes == hbm_gib * GiB
+    assert t.topology_name == f"{gen}:{'x'.join(map(str, shape))}"
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("v5p-12", "not a standard v5p slice"),  # 6 chips
+    ("v5p-7", "not a standard v5p slice"),  # odd core count
+    ("v7x-8", "unknown TPU generation 'v7x'"),
+    ("v5e:2x2x2", "a v5e topology has 2 dimensions"),
+    ("h100", "expected an accelerator type"),
+    ("", "expected an accelerator type"),
+])
+def test_parse_target_rejects_bad_names_saying_what_is_accepted(spec, says):
+    with pytest.raises(TargetError, match=says):
+        parse_target(spec)
+
+
+def test_missing_tpu_compiler_names_the_install(monkeypatch):
+    from jax.experimental import topologies
+
+    def no_libtpu(**kwargs):
+        raise RuntimeError("Unable to find libtpu")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    monkeypatch.setattr(targets, "_has_libtpu", lambda: False)
+    with pytest.raises(TargetError, match=r'pip install "gfn-jax\[tpu\]"'):
+        parse_target("v5e-4").devices()
+
+
+def test_for_backend_sets_the_platform_programs_are_traced_for(monkeypatch):
+    monkeypatch.delenv("GFN_JAX_DECODE_FEATURE_MAJOR", raising=False)
+    assert target_backend() == jax.default_backend() == "cpu"
+    assert default_feature_major(16)  # feature-major decode: a CPU backend's choice
+    with for_backend("tpu"):
+        assert target_backend() == "tpu" and not default_feature_major(16)
+        with for_backend(None):  # None keeps the enclosing platform
+            assert target_backend() == "tpu"
+    assert target_backend() == "cpu" and default_feature_major(16)
+
+
+# --------------------------------------------------------------------------- with libtpu
+needs_libtpu = pytest.mark.skipif(not targets._has_libtpu(),
+                                  reason='needs the TPU compiler: pip install "gfn-jax[tpu]"')
+
+
+@needs_libtpu
+@pytest.mark.parametrize("spec, n, kind, processes", [
+    ("v4-8", 4, "TPU v4", 1),  # megacore: one device per chip
+    ("v5p-16", 8, "TPU v5", 2),
+    ("v5litepod-8", 8, "TPU v5 lite", 1),
+    ("v6e-16", 16, "TPU v6 lite", 4),
+])
+def test_compile_only_devices_of_a_slice(spec, n, kind, processes):
+    devs = parse_target(spec).devices()
+    assert len(devs) == n and {d.device_kind for d in devs} == {kind}
+    assert len({d.process_index for d in devs}) == processes
+    assert {d.platform for d in devs} == {"tpu"}
+    # they report no memory: the chip's HBM is the limit plans are checked against
+    assert memory.device_memory_bytes(devs[0]) == parse_target(spec).hbm_bytes
+
+
+# bf16, 1.09 GB of layer weights (4 x 272 MB): far larger than a TPU core's on-chip memory,
+# where the TPU compiler keeps small temporaries (its figures count device memory, HBM)
+BF16 = ModelConfig(family="llama", vocab_size=512, d_model=4096, n_layers=4, n_heads=32,
+                   n_kv_heads=2, d_ff=8192, max_seq_len=256, tie_embeddings=False,
+                   dtype="bfloat16", param_dtype="bfloat16")
+
+
+@needs_libtpu
+def test_sampler_planned_by_the_tpu_compiler_keeps_bfloat16():
+    """The TPU compiler's plan of a bf16 sampler: its arguments are the bf16 weights (plus
+    tile padding); the unrolled decode loop holds one copy of the layer weights plus the
+    KV cache, scanned layers none. The CPU backend, which widens bf16 matmuls to float32,
+    plans the same program at about 3x the layer weights."""
+    mesh = parallel.make_mesh(parallel.MeshConfig(), parse_target("v5p-8").devices()[:1])
+    weights = sum(int(x.size) * 2 for x in jax.tree_util.tree_leaves(
+        memory._abstract_weights(BF16, mesh, parallel.DEFAULT_RULES, None)[0]))
+    layers = memory.layer_weight_bytes(BF16, mesh)
+    assert layers == 4 * (2 * 4096 * 4096 + 2 * 4096 * 256 + 3 * 4096 * 8192 + 2 * 4096) * 2
+    rows, P, T = 16, 64, 64
+    cache = BF16.n_layers * 2 * rows * (P + T) * BF16.n_kv_heads * BF16.head_dim * 2
+
+    def plan(decode_layers, m):
+        return memory.estimate_sampler_memory(
+            BF16.replace(decode_layers=decode_layers), prompts=1, num_samples=rows,
+            prompt_len=P, traj_len=T, mesh=m)
+
+    unrolled, scanned = plan("unrolled", mesh), plan("scanned", mesh)
+    assert unrolled.backend == scanned.backend == "tpu (TPU v5)"
+    for e in (unrolled, scanned):
+        assert weights <= e.argument_bytes <= weights + 2 ** 20
+    assert layers <= unrolled.temp_bytes <= 1.1 * layers + 4 * cache
+    assert scanned.temp_bytes <= 0.25 * layers
+    cpu = plan("unrolled", parallel.make_mesh(parallel.MeshConfig(), jax.devices()[:1]))
+    assert cpu.temp_bytes > 2.5 * layers > 2 * unrolled.temp_bytes
+
+
+@needs_libtpu
+def test_plan_command_for_a_tpu_slice(tmp_path, capsys):
+    """``gfn-jax plan --target`` compiles a config's step and sampler for a slice's chips:
+    the whole slice is the mesh, the chip's HBM the limit; ``mesh.devices`` picks chips of
+    one host; a bad target or too many chips is a one-line error."""
+    from gfn_jax import cli
+
+    base = ["--config", os.path.join(ROOT, "configs/toy_exact.py"), "--config.eval.num_samples=64"]
+    out_json = str(tmp_path / "plan.json")
+    capsys.readouterr()
+    assert cli.main(["gfn-jax", "plan", *base, "--target", "v5p-16", "--json", out_json]) == 0
+    out = capsys.readouterr().out
+    assert "target v5p-16: 8 x TPU v5 chip(s), topology v5p:2x2x2, 2 host(s)" in out
+    assert "on 8 device(s), mesh data=8" in out and "compiled for tpu (TPU v5)" in out
+    assert f"fits 90% of {95 * GiB / 1e9:.1f} GB" in out
+    with open(out_json) as f:
+        plan = json.load(f)
+    assert plan["target"] == "v5p-16" and plan["step"]["num_devices"] == 8
+    assert plan["sampler"]["backend"] == "tpu (TPU v5)"
+
+    assert cli.main(["gfn-jax", "plan", *base, "--target", "v5e-4",
+                     "--config.mesh.devices=2"]) == 0
+    assert "on 2 device(s)" in capsys.readouterr().out
+    assert cli.main(["gfn-jax", "plan", *base, "--target", "v5p-16",
+                     "--config.mesh.devices=5"]) == 1
+    assert "a host of v5p-16 has 4 chip(s)" in capsys.readouterr().err
+    assert cli.main(["gfn-jax", "plan", *base, "--target", "v5p-12"]) == 1
+    err = capsys.readouterr().err
+    assert "not a standard v5p slice" in err and "Traceback" not in err
+    # nothing ran on a TPU: this process's own devices are still the CPU's
+    assert jax.default_backend() == "cpu"
+    assert jnp.ones(2).devices() == {jax.devices()[0]}
