@@ -558,11 +558,13 @@ def estimate_sampler_memory(
     fn = sampling._sample_jit
     if platform != jax.default_backend():  # traced for another platform: not via the cache
         fn = jax.jit(fn.__wrapped__, static_argnames=sampling.SAMPLE_STATIC_ARGNAMES)
-    with for_backend(platform):  # the decode layout the target's sampler uses
+    # the decode layout the target's sampler uses; rows split over the mesh as the trainer's
+    with for_backend(platform):
         lowered = fn.lower(
             base, S((2,), jnp.uint32), S((B, P), jnp.int32), S((B, P), jnp.int32), scalar,
             scalar, scalar, None, bias, adapters, S((), jnp.int32), laid_out, cfg=model_cfg,
-            spec=spec, num_samples=int(num_samples), top_k=0, tool=None)
+            spec=spec, num_samples=int(num_samples), top_k=0, tool=None,
+            shard=(mesh, rules))
     all_knobs = {"sampler.rows": B * int(num_samples), "sampler.prompts": B,
                  "task.max_len": int(traj_len), "prompt_len": P,
                  "model.decode_layers": model_cfg.decode_layers,

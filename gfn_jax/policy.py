@@ -12,6 +12,7 @@ buffer or mesh, so ``gfn-jax sample / eval / convert`` and library users load on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ from gfn_jax.models import registry
 from gfn_jax.models.adapters import Adapters
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
-from gfn_jax.models.transformer import default_feature_major, init_params
+from gfn_jax.models.transformer import activation_sharding, default_feature_major, init_params
 from gfn_jax.sampling import DecodeWeights, SampleOutput, cache_decode_weights
 from gfn_jax.sampling import sample as sample_fn
 from gfn_jax.scoring import score_policy
@@ -79,6 +80,10 @@ class Policy:
       decode_weights: ``params`` laid out once for the sampler's decode loop
         (:func:`~gfn_jax.sampling.cache_decode_weights`), or None (laid out per call); used
         only while made from these very ``params``.
+      shard: ``(mesh, rules)`` the sampler splits each draw's rows over (the mesh's batch
+        axes; :func:`~gfn_jax.models.transformer.activation_sharding`), so that a row is
+        sampled on one device instead of on every device the weights are replicated over;
+        None: no constraint (the trainer's policies carry its mesh).
     """
 
     model_config: ModelConfig
@@ -90,6 +95,7 @@ class Policy:
     tool: Any = None
     encode_prompt: Optional[Callable[[str], List[int]]] = None
     decode_weights: Optional[DecodeWeights] = None
+    shard: Optional[Tuple[Any, Any]] = None
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -138,12 +144,13 @@ class Policy:
              *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              epsilon: float = 0.0) -> SampleOutput:
         """The jitted sampler on padded prompts (see :func:`gfn_jax.sampling.sample`)."""
-        return sample_fn(
-            self.model_config, self.params, rng, jnp.asarray(prompt_tokens),
-            jnp.asarray(prompt_mask), self.spec, num_samples=num_samples,
-            temperature=temperature, top_k=top_k, top_p=top_p, epsilon=epsilon,
-            logit_bias=self.logit_bias, adapters=self.adapters, tool=self.tool,
-            pad_id=self.pad_id, decode_weights=self.decode_weights)
+        with activation_sharding(*self.shard) if self.shard else contextlib.nullcontext():
+            return sample_fn(
+                self.model_config, self.params, rng, jnp.asarray(prompt_tokens),
+                jnp.asarray(prompt_mask), self.spec, num_samples=num_samples,
+                temperature=temperature, top_k=top_k, top_p=top_p, epsilon=epsilon,
+                logit_bias=self.logit_bias, adapters=self.adapters, tool=self.tool,
+                pad_id=self.pad_id, decode_weights=self.decode_weights)
 
     def sample(self, prompts: Sequence[str], n: int, *, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 0,

@@ -14,6 +14,7 @@ with the same :mod:`gfn_jax.logprobs` functions as :func:`gfn_jax.scoring.score_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Optional, Protocol, Tuple
 
@@ -36,8 +37,12 @@ from gfn_jax.logprobs import (
 )
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import (
+    KV_AXES,
     KVCache,
+    activation_sharding,
     check_length,
+    constrain,
+    current_activation_sharding,
     decode_layout,
     decode_step,
     decode_weights,
@@ -234,7 +239,26 @@ def _repeat_cache(cache: KVCache, n: int) -> KVCache:
 
 
 #: :func:`_sample_jit`'s static arguments.
-SAMPLE_STATIC_ARGNAMES = ("cfg", "spec", "num_samples", "top_k", "tool")
+SAMPLE_STATIC_ARGNAMES = ("cfg", "spec", "num_samples", "top_k", "tool", "shard")
+
+
+def _rows_over_batch_axes(cache: KVCache) -> KVCache:
+    """The repeated cache with its rows on the mesh's batch axes (keys and values by
+    :data:`~gfn_jax.models.transformer.KV_AXES`, behind the layer axis when stacked)."""
+    def one(a: jax.Array, axis: int) -> jax.Array:
+        if a.ndim - axis == len(KV_AXES):
+            return constrain(a, (None,) * axis + KV_AXES)
+        return constrain(a, (None,) * axis + ("batch",) + (None,) * (a.ndim - axis - 1))
+
+    return cache.map_rows(one)
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    return constrain(x, (None,) * x.ndim)
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGNAMES)
@@ -257,18 +281,48 @@ def _sample_jit(
     num_samples: int,
     top_k: int,
     tool: Optional[Tool],
+    shard: Optional[Tuple[Any, Any]] = None,
 ) -> SampleOutput:
     _TRACES["sample"] += 1
+    # the caller's (mesh, rules): each draw's rows split over the mesh's batch axes
+    with activation_sharding(*shard) if shard is not None else contextlib.nullcontext():
+        out = _sample_body(params, rng, prompt_tokens, prompt_mask, temperature, top_p, epsilon,
+                           behaviour_bias, logit_bias, adapters, pad_id, laid_out, cfg=cfg,
+                           spec=spec, num_samples=num_samples, top_k=top_k, tool=tool)
+        # every process gets every row back (a host reads them), gathered once at the end
+        return jax.tree.map(_replicated, out)
+
+
+def _sample_body(
+    params: Any,
+    rng: jax.Array,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    epsilon: jax.Array,
+    behaviour_bias: Optional[jax.Array],
+    logit_bias: Optional[jax.Array],
+    adapters: Optional[Any],
+    pad_id: jax.Array,
+    laid_out: Optional[Any],
+    *,
+    cfg: ModelConfig,
+    spec: PolicySpec,
+    num_samples: int,
+    top_k: int,
+    tool: Optional[Tool],
+) -> SampleOutput:
     B, P = prompt_tokens.shape
     T = spec.max_len
     N = B * num_samples
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
-    cache = _repeat_cache(cache, num_samples)
+    cache = _rows_over_batch_axes(_repeat_cache(cache, num_samples))
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
     params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out,
                                             layers=cfg.decode_layers)
-    logits = jnp.repeat(logits_p, num_samples, axis=0)
+    logits = constrain(jnp.repeat(logits_p, num_samples, axis=0), ("batch", "vocab"))
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
     def cond(c):
@@ -315,14 +369,16 @@ def _sample_jit(
         jnp.zeros((), jnp.int32),
         logits,
         cache,
-        jnp.full((N, T), pad_id, jnp.int32),
-        jnp.zeros((N,), jnp.int32),
-        jnp.zeros((N,), bool),
-        jnp.zeros((N, T), jnp.float32),
-        jnp.zeros((N, T + 1), jnp.float32),
-        jnp.zeros((N, T), bool),
-        jnp.zeros((N, T), jnp.float32),
-        jnp.zeros((N, T + 1), jnp.float32),
+        *map(_rows, (
+            jnp.full((N, T), pad_id, jnp.int32),
+            jnp.zeros((N,), jnp.int32),
+            jnp.zeros((N,), bool),
+            jnp.zeros((N, T), jnp.float32),
+            jnp.zeros((N, T + 1), jnp.float32),
+            jnp.zeros((N, T), bool),
+            jnp.zeros((N, T), jnp.float32),
+            jnp.zeros((N, T + 1), jnp.float32),
+        )),
     )
     k = int(cfg.decode_chunk)
     if k > 1:
@@ -405,6 +461,10 @@ def sample(
         ignored when made from other arrays than ``params``.
 
     Deterministic given ``rng``; one jitted call keyed on cfg/spec/shapes/num_samples/top_k/tool.
+    Under :func:`~gfn_jax.models.transformer.activation_sharding` (a mesh and its rules: the
+    trainer's :class:`~gfn_jax.policy.Policy` samples inside it) the rows are split over the
+    mesh's batch axes, each sampled on one device, not on every device; the samples are the
+    same, and every process gets all of them back.
     """
     prompt_tokens, prompt_mask = check_prompts(prompt_tokens, prompt_mask)
     check_spec(spec, cfg.vocab_size)
@@ -434,4 +494,5 @@ def sample(
         num_samples=int(num_samples),
         top_k=int(top_k),
         tool=tool,
+        shard=current_activation_sharding(),
     )

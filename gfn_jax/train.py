@@ -339,7 +339,7 @@ class Trainer:
         policy = Policy(model_config=self.model_cfg, params=params, adapters=adapters,
                         spec=self.spec, tokenizer=self.tokenizer, logit_bias=self.logit_bias,
                         tool=self.tool, encode_prompt=self.task.encode_prompt,
-                        decode_weights=self._decode_weights)
+                        decode_weights=self._decode_weights, shard=(self.mesh, self.rules))
         if self._keep_decode_weights and self._decode_weights is None:
             self._decode_weights = cache_decode_weights(params)
             policy = dataclasses.replace(policy, decode_weights=self._decode_weights)

@@ -407,6 +407,53 @@ def test_scanned_decode_layers_under_a_sharded_mesh(monkeypatch):
     np.testing.assert_allclose(out.log_pf, ref.log_pf, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)], ids=["data8", "2x2x2"])
+def test_sampler_splits_rows_over_the_mesh_batch_axes(monkeypatch, mesh_shape):
+    """Under ``activation_sharding`` (the trainer's policies sample inside it) each row is
+    sampled on one device of the mesh's batch axes, not on every device: the compiled
+    sampler's KV cache per device shrinks by the batch axes' size (closed form), the rows
+    come back whole on every device, their log-probs are the one-pass scorer's of the tokens
+    drawn, and they are the rows sampled without the mesh up to float rounding."""
+    from gfn_jax import memory, parallel
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    cfg = ModelConfig(family="llama", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, d_ff=64, max_seq_len=24)
+    params = tr.init_params(cfg, jax.random.PRNGKey(7), std=0.5)
+    _, _, _, spec, pt, pm = _gpt2_case()
+    kw = dict(num_samples=16, temperature=1.1, pad_id=0)
+    ref = sample(cfg, params, jax.random.PRNGKey(8), pt, pm, spec, **kw)
+    d, f, t = mesh_shape
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=d, fsdp=f, tensor=t))
+    rules = parallel.DEFAULT_RULES
+    sharded = jax.device_put(params, parallel.tree_shardings(tr.param_axes(cfg), params, mesh))
+    with tr.activation_sharding(mesh, rules):
+        out = sample(cfg, sharded, jax.random.PRNGKey(8), pt, pm, spec, **kw)
+    for a in jax.tree.leaves(out):
+        assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 8
+    toks = np.asarray(out.tokens)
+    same = (toks == np.asarray(ref.tokens)).all(1)
+    assert same.mean() >= 0.9  # a row may part ways where rounding moves a draw
+    np.testing.assert_allclose(np.asarray(out.log_pf)[same], np.asarray(ref.log_pf)[same],
+                               atol=1e-4)
+    ns = kw["num_samples"]
+    sc = score_policy(cfg, params, np.repeat(pt, ns, 0), np.repeat(pm, ns, 0), out.tokens,
+                      out.lengths, spec, action_mask=out.action_mask)
+    np.testing.assert_allclose(out.log_pf, sc.log_pf, atol=1e-4)
+    # the compiled program: rows x (P + T) slots x 2 x layers x kv heads x head_dim floats
+    # of cache, split over data x fsdp devices (kv heads also over tensor)
+    N, P, T = pt.shape[0] * 512, pt.shape[1], spec.max_len
+    cache = N * (P + T) * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    one = parallel.make_mesh(parallel.MeshConfig(), jax.devices()[:1])
+    plan = lambda m: memory.estimate_sampler_memory(  # noqa: E731
+        cfg, prompts=pt.shape[0], num_samples=512, prompt_len=P, traj_len=T, mesh=m)
+    whole, split = plan(one), plan(mesh)
+    assert whole.temp_bytes >= cache
+    assert whole.temp_bytes - split.temp_bytes >= 0.9 * cache * (1 - 1 / (d * f * t))
+
+
 def test_bad_sampler_inputs_raise():
     spec = CASES[0][1]
     with pytest.raises(ValueError, match="temperature"):

@@ -141,6 +141,16 @@ def test_params_are_sharded_by_the_rules(tmp_path, monkeypatch):
                       std=cfg.model.init_std)
     for a, b in zip(jax.tree_util.tree_leaves(tr.state.trainable), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the trainer's draws sample under its mesh and rules: each row on one device of the
+    # batch axes (tests/test_sampling.py checks the split program and its samples)
+    from gfn_jax.models.transformer import current_activation_sharding
+
+    seen = []
+    real_sample = policy_mod.sample_fn
+    monkeypatch.setattr(policy_mod, "sample_fn", lambda *a, **k: seen.append(
+        current_activation_sharding()) or real_sample(*a, **k))
+    tr.make_batch(0)
+    assert seen and all(s == (tr.mesh, tr.rules) for s in seen)
 
 
 def test_trainer_lays_out_the_lora_base_once_for_the_sampler(tmp_path, monkeypatch):
