@@ -32,6 +32,7 @@ CPU devices (set before JAX starts).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,14 +44,25 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--devices", type=int, default=8,
                     help="virtual CPU devices (XLA_FLAGS, CPU only); default 8")
     ap.add_argument("--only", choices=("gptj", "llama3", "sampler", "all"), default="all")
-    ap.add_argument("--device-gb", type=float, default=80.0,
-                    help="device memory the plan is checked against (GB = 1e9 bytes)")
+    ap.add_argument("--device-gb", type=float, default=None,
+                    help="device memory the plan is checked against (GB = 1e9 bytes); "
+                         "default 80, or a --target chip's HBM")
     ap.add_argument("--json", default="", help="write every figure to this file")
-    return ap.parse_args()
+    ap.add_argument("--target", default="",
+                    help="compile for this TPU slice's chips with the TPU compiler instead "
+                         "(gfn_jax.targets; needs the tpu extra), e.g. v5p-16 (8 chips); "
+                         "--device-gb then defaults to a chip's HBM")
+    args = ap.parse_args()
+    args.device_gb_given = args.device_gb is not None
+    if args.device_gb is None:
+        args.device_gb = 80.0
+    return args
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.devices > 1:
+if ARGS is not None and ARGS.target:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # nothing runs; compile-only TPU devices
+elif ARGS is not None and ARGS.devices > 1:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count="
@@ -66,6 +78,16 @@ from gfn_jax.models import ModelConfig  # noqa: E402
 from gfn_jax.policy import lora_config  # noqa: E402
 
 GB = 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _devices():
+    """The devices plans are compiled for: the target's chips, or this host's devices."""
+    if ARGS is not None and ARGS.target:
+        from gfn_jax.targets import parse_target
+
+        return tuple(parse_target(ARGS.target).devices())
+    return tuple(jax.devices())
 
 GPTJ_6B = ModelConfig(family="gptj", vocab_size=50400, d_model=4096, n_layers=28, n_heads=16,
                       d_ff=16384, max_seq_len=2048, rotary_dim=64, dtype="bfloat16",
@@ -107,7 +129,7 @@ def _config(s):
 
 
 def _estimate(model_cfg, s, n_dev, mc, shared=True):
-    devices = jax.devices()[:n_dev]
+    devices = list(_devices()[:n_dev])
     mesh = parallel.make_mesh(mc, devices)
     cfg = _config(s)
     t0 = time.perf_counter()
@@ -133,12 +155,17 @@ HEADER = ("| setting | mesh | arguments GB | temporaries GB | outputs (not donat
 
 def main() -> None:
     args = ARGS
-    n = len(jax.devices())
-    print(f"backend {jax.default_backend()}, {n} device(s): {jax.devices()[0].device_kind}; "
+    devices = _devices()
+    n = len(devices)
+    if args.target and not args.device_gb_given:
+        args.device_gb = memory.device_memory_bytes(devices[0]) / GB
+    print(f"backend {devices[0].platform}, {n} device(s): {devices[0].device_kind}"
+          f"{' (compile-only, target ' + args.target + ')' if args.target else ''}; "
           f"jax {jax.__version__}")
     print("figures per device from compiled.memory_analysis() of the whole train step; "
           "GB = 1e9 bytes")
-    out = {"backend": jax.default_backend(), "jax": jax.__version__, "devices": n, "rows": []}
+    out = {"backend": devices[0].platform, "target": args.target or None,
+           "jax": jax.__version__, "devices": n, "rows": []}
 
     if args.only in ("gptj", "all"):
         print("\nGPT-J 6B (bfloat16 weights and compute, LoRA adapters float32), SubTB, AdamW:\n")
@@ -206,7 +233,7 @@ def sampler_plans(args, n, out) -> None:
             n_dev, mc = MESHES[mesh_name]
             if n_dev > n:
                 continue
-            mesh = parallel.make_mesh(mc, jax.devices()[:n_dev])
+            mesh = parallel.make_mesh(mc, list(_devices()[:n_dev]))
             step, step_secs = _estimate(  # every prompt's samples: one group each
                 model_cfg, dict(s, rows=s["rows"] * s.get("prompts", 1), group=s["rows"]),
                 n_dev, mc)
