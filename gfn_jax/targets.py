@@ -20,11 +20,12 @@ widens bfloat16 matmuls to float32 (``docs/performance.md``). Nothing runs on th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["TpuTarget", "TargetError", "TPU_GENERATIONS", "parse_target", "hbm_bytes_of_kind"]
 
@@ -106,6 +107,12 @@ class TpuTarget:
         return self._gen.hbm_bytes
 
     @property
+    def accelerator_type(self) -> str:
+        """The slice's name as Cloud TPU gives it (``v5p-16``, ``v5litepod-8``, ``v6e-8``)."""
+        prefix = "v5litepod" if self.generation == "v5e" else self.generation
+        return f"{prefix}-{self.chips * self._gen.cores_in_name}"
+
+    @property
     def topology_name(self) -> str:
         return f"{self.generation}:{'x'.join(str(a) for a in self.shape)}"
 
@@ -125,7 +132,7 @@ class TpuTarget:
         if self._gen.chip_config:
             kwargs["chip_config_name"] = self._gen.chip_config
         try:
-            with _quiet_libtpu():
+            with _quiet_libtpu(self.accelerator_type):
                 desc = topologies.get_topology_desc(platform="tpu",
                                                     topology_name=self.topology_name, **kwargs)
         except Exception as e:  # noqa: BLE001 - libtpu missing, or a topology it rejects
@@ -146,22 +153,20 @@ def _has_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-class _quiet_libtpu:
+@contextlib.contextmanager
+def _quiet_libtpu(accelerator_type: str) -> Iterator[None]:
     """libtpu reads the TPU VM's environment when it starts and prints warnings where it
     finds none (any host that is not a TPU VM). While compile-only devices are built, set
-    the variables it looks for to a local, single-worker value where they are unset, and
-    put the environment back afterwards; they do not change the topology built."""
-
-    _VARS = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
-             "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
-
-    def __enter__(self) -> None:
-        self._set = [k for k in self._VARS if k not in os.environ]
-        for k in self._set:
-            os.environ[k] = self._VARS[k]
-
-    def __exit__(self, *exc: Any) -> None:
-        for k in self._set:
+    the variables it looks for where they are unset (the metadata server not asked, one local
+    worker), and put the environment back afterwards; the topology built is the one named."""
+    values = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": accelerator_type,
+              "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+    unset = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in unset})
+    try:
+        yield
+    finally:
+        for k in unset:
             os.environ.pop(k, None)
 
 

@@ -2,6 +2,7 @@
 the TPU compiler's devices on this CPU host (libtpu, no TPU), plans compiled for them, and
 ``gfn-jax plan --target``."""
 
+import dataclasses
 import json
 import os
 
@@ -38,6 +39,11 @@ def test_parse_target_matches_cloud_tpu_slices(spec, gen, shape, chips, hosts, h
     assert (t.generation, t.shape, t.chips, t.hosts) == (gen, shape, chips, hosts)
     assert t.hbm_bytes == hbm_gib * GiB
     assert t.topology_name == f"{gen}:{'x'.join(map(str, shape))}"
+    if ":" not in spec.lower().removeprefix("tpu:"):  # a standard slice: its name round-trips
+        assert t.accelerator_type.lower() == spec.lower().removeprefix("tpu:").replace(
+            "v5e-", "v5litepod-")
+        assert parse_target(t.accelerator_type) == dataclasses.replace(
+            t, name=t.accelerator_type)
 
 
 @pytest.mark.parametrize("spec, says", [
