@@ -132,7 +132,7 @@ class TpuTarget:
         if self._gen.chip_config:
             kwargs["chip_config_name"] = self._gen.chip_config
         try:
-            with _quiet_libtpu(self.accelerator_type):
+            with _compile_only_env(self.accelerator_type):
                 desc = topologies.get_topology_desc(platform="tpu",
                                                     topology_name=self.topology_name, **kwargs)
         except Exception as e:  # noqa: BLE001 - libtpu missing, or a topology it rejects
@@ -154,13 +154,16 @@ def _has_libtpu() -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_libtpu(accelerator_type: str) -> Iterator[None]:
-    """libtpu reads the TPU VM's environment when it starts and prints warnings where it
-    finds none (any host that is not a TPU VM). While compile-only devices are built, set
-    the variables it looks for where they are unset (the metadata server not asked, one local
-    worker), and put the environment back afterwards; the topology built is the one named."""
+def _compile_only_env(accelerator_type: str) -> Iterator[None]:
+    """The environment libtpu starts in, set where unset while compile-only devices are
+    built, then put back: one local worker and no metadata-server query (else, on a host
+    that is not a TPU VM, it prints warnings), and no single-process lock file (libtpu takes
+    /tmp/libtpu_lockfile for the chips it drives; compile-only devices drive none, so two
+    plans at once, e.g. two test workers, must not refuse each other). The topology built
+    is the one named."""
     values = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": accelerator_type,
-              "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+              "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     unset = [k for k in values if k not in os.environ]
     os.environ.update({k: values[k] for k in unset})
     try:

@@ -171,3 +171,22 @@ def test_plan_command_for_a_tpu_slice(tmp_path, capsys):
     # nothing ran on a TPU: this process's own devices are still the CPU's
     assert jax.default_backend() == "cpu"
     assert jnp.ones(2).devices() == {jax.devices()[0]}
+
+
+@needs_libtpu
+def test_two_processes_build_compile_only_devices_at_once():
+    """libtpu locks /tmp/libtpu_lockfile for the process that drives a host's chips; a plan
+    drives none, so two plans at once (two test workers, two users) both get their devices."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom gfn_jax.targets import parse_target\n"
+            "print(len(parse_target('v5e-4').devices()), flush=True)\ntime.sleep(5)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "4", err[-2000:]
