@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax import parallel
 from gfn_jax.logprobs import (
     DISALLOWED,
     NEG_INF,
@@ -253,6 +254,25 @@ def _rows_over_batch_axes(cache: KVCache) -> KVCache:
     return cache.map_rows(one)
 
 
+def _batch_axes_size(shard: Optional[Tuple[Any, Any]]) -> int:
+    """How many devices a row dimension splits over under ``shard`` (mesh, rules): the size
+    of the mesh axes the logical ``batch`` axis maps to; 1 without a mesh."""
+    if shard is None:
+        return 1
+    mesh, rules = shard
+    entry = parallel.logical_to_pspec(("batch",), rules, mesh)[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def _pad_rows(a: jax.Array, rows: int, axis: int = 0) -> jax.Array:
+    """``a`` with ``rows`` entries along ``axis``: the first ones repeated at the end."""
+    n = a.shape[axis]
+    if rows == n:
+        return a
+    return jnp.concatenate([a, jnp.take(a, jnp.arange(rows - n) % n, axis=axis)], axis=axis)
+
+
 def _rows(x: jax.Array) -> jax.Array:
     return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
@@ -288,7 +308,8 @@ def _sample_jit(
     with activation_sharding(*shard) if shard is not None else contextlib.nullcontext():
         out = _sample_body(params, rng, prompt_tokens, prompt_mask, temperature, top_p, epsilon,
                            behaviour_bias, logit_bias, adapters, pad_id, laid_out, cfg=cfg,
-                           spec=spec, num_samples=num_samples, top_k=top_k, tool=tool)
+                           spec=spec, num_samples=num_samples, top_k=top_k, tool=tool,
+                           rows_multiple=_batch_axes_size(shard))
         # every process gets every row back (a host reads them), gathered once at the end
         return jax.tree.map(_replicated, out)
 
@@ -312,17 +333,23 @@ def _sample_body(
     num_samples: int,
     top_k: int,
     tool: Optional[Tool],
+    rows_multiple: int = 1,
 ) -> SampleOutput:
     B, P = prompt_tokens.shape
     T = spec.max_len
     N = B * num_samples
+    # rows sampled: a multiple of the batch axes' size, so that they split evenly over the
+    # mesh; the extra rows start done (they never hold the loop up) and are dropped
+    M = N + (-N) % int(rows_multiple)
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
-    cache = _rows_over_batch_axes(_repeat_cache(cache, num_samples))
+    cache = _repeat_cache(cache, num_samples).map_rows(lambda a, axis: _pad_rows(a, M, axis))
+    cache = _rows_over_batch_axes(cache)
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
     params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out,
                                             layers=cfg.decode_layers)
-    logits = constrain(jnp.repeat(logits_p, num_samples, axis=0), ("batch", "vocab"))
+    logits = constrain(_pad_rows(jnp.repeat(logits_p, num_samples, axis=0), M),
+                       ("batch", "vocab"))
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
     def cond(c):
@@ -349,7 +376,7 @@ def _sample_body(
             force = jnp.asarray(force, bool) & ~done
             tok = jnp.where(force, jnp.asarray(forced, jnp.int32), tok)
         else:
-            force = jnp.zeros((N,), bool)
+            force = jnp.zeros((M,), bool)
         ends = ~done & ~force & is_term_vocab[tok]
         emits = ~done & ~ends
         chosen = emits & ~force
@@ -370,14 +397,14 @@ def _sample_body(
         logits,
         cache,
         *map(_rows, (
-            jnp.full((N, T), pad_id, jnp.int32),
-            jnp.zeros((N,), jnp.int32),
-            jnp.zeros((N,), bool),
-            jnp.zeros((N, T), jnp.float32),
-            jnp.zeros((N, T + 1), jnp.float32),
-            jnp.zeros((N, T), bool),
-            jnp.zeros((N, T), jnp.float32),
-            jnp.zeros((N, T + 1), jnp.float32),
+            jnp.full((M, T), pad_id, jnp.int32),
+            jnp.zeros((M,), jnp.int32),
+            jnp.arange(M) >= N,  # done
+            jnp.zeros((M, T), jnp.float32),
+            jnp.zeros((M, T + 1), jnp.float32),
+            jnp.zeros((M, T), bool),
+            jnp.zeros((M, T), jnp.float32),
+            jnp.zeros((M, T + 1), jnp.float32),
         )),
     )
     k = int(cfg.decode_chunk)
@@ -402,14 +429,14 @@ def _sample_body(
     log_pterm = log_pterm.at[:, T].set(jnp.where(done, 0.0, lp_term))
     b_pterm = b_pterm.at[:, T].set(0.0)
     return SampleOutput(
-        tokens=tokens,
-        lengths=lengths,
-        log_pf=log_pf,
-        log_pterm=log_pterm,
-        action_mask=act,
+        tokens=tokens[:N],
+        lengths=lengths[:N],
+        log_pf=log_pf[:N],
+        log_pterm=log_pterm[:N],
+        action_mask=act[:N],
         prompt_index=jnp.repeat(jnp.arange(B, dtype=jnp.int32), num_samples),
-        beh_log_pf=b_pf,
-        beh_log_pterm=b_pterm,
+        beh_log_pf=b_pf[:N],
+        beh_log_pterm=b_pterm[:N],
     )
 
 

@@ -407,13 +407,18 @@ def test_scanned_decode_layers_under_a_sharded_mesh(monkeypatch):
     np.testing.assert_allclose(out.log_pf, ref.log_pf, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)], ids=["data8", "2x2x2"])
-def test_sampler_splits_rows_over_the_mesh_batch_axes(monkeypatch, mesh_shape):
+@pytest.mark.parametrize("mesh_shape, ns, plan_ns", [
+    ((8, 1, 1), 16, 512),
+    ((2, 2, 2), 16, 512),
+    ((8, 1, 1), 5, 500),  # 15 and 1,500 rows: padded to a multiple of 8, the extra dropped
+], ids=["data8", "2x2x2", "data8-uneven"])
+def test_sampler_splits_rows_over_the_mesh_batch_axes(monkeypatch, mesh_shape, ns, plan_ns):
     """Under ``activation_sharding`` (the trainer's policies sample inside it) each row is
     sampled on one device of the mesh's batch axes, not on every device: the compiled
     sampler's KV cache per device shrinks by the batch axes' size (closed form), the rows
     come back whole on every device, their log-probs are the one-pass scorer's of the tokens
-    drawn, and they are the rows sampled without the mesh up to float rounding."""
+    drawn, and they are the rows sampled without the mesh up to float rounding. A row count
+    the batch axes do not divide is padded, and the padding is not returned."""
     from gfn_jax import memory, parallel
 
     if len(jax.devices()) < 8:
@@ -423,7 +428,7 @@ def test_sampler_splits_rows_over_the_mesh_batch_axes(monkeypatch, mesh_shape):
                       n_kv_heads=2, d_ff=64, max_seq_len=24)
     params = tr.init_params(cfg, jax.random.PRNGKey(7), std=0.5)
     _, _, _, spec, pt, pm = _gpt2_case()
-    kw = dict(num_samples=16, temperature=1.1, pad_id=0)
+    kw = dict(num_samples=ns, temperature=1.1, pad_id=0)
     ref = sample(cfg, params, jax.random.PRNGKey(8), pt, pm, spec, **kw)
     d, f, t = mesh_shape
     mesh = parallel.make_mesh(parallel.MeshConfig(data=d, fsdp=f, tensor=t))
@@ -433,22 +438,22 @@ def test_sampler_splits_rows_over_the_mesh_batch_axes(monkeypatch, mesh_shape):
         out = sample(cfg, sharded, jax.random.PRNGKey(8), pt, pm, spec, **kw)
     for a in jax.tree.leaves(out):
         assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 8
+        assert a.shape[0] == pt.shape[0] * ns
     toks = np.asarray(out.tokens)
     same = (toks == np.asarray(ref.tokens)).all(1)
     assert same.mean() >= 0.9  # a row may part ways where rounding moves a draw
     np.testing.assert_allclose(np.asarray(out.log_pf)[same], np.asarray(ref.log_pf)[same],
                                atol=1e-4)
-    ns = kw["num_samples"]
     sc = score_policy(cfg, params, np.repeat(pt, ns, 0), np.repeat(pm, ns, 0), out.tokens,
                       out.lengths, spec, action_mask=out.action_mask)
     np.testing.assert_allclose(out.log_pf, sc.log_pf, atol=1e-4)
     # the compiled program: rows x (P + T) slots x 2 x layers x kv heads x head_dim floats
     # of cache, split over data x fsdp devices (kv heads also over tensor)
-    N, P, T = pt.shape[0] * 512, pt.shape[1], spec.max_len
+    N, P, T = pt.shape[0] * plan_ns, pt.shape[1], spec.max_len
     cache = N * (P + T) * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
     one = parallel.make_mesh(parallel.MeshConfig(), jax.devices()[:1])
     plan = lambda m: memory.estimate_sampler_memory(  # noqa: E731
-        cfg, prompts=pt.shape[0], num_samples=512, prompt_len=P, traj_len=T, mesh=m)
+        cfg, prompts=pt.shape[0], num_samples=plan_ns, prompt_len=P, traj_len=T, mesh=m)
     whole, split = plan(one), plan(mesh)
     assert whole.temp_bytes >= cache
     assert whole.temp_bytes - split.temp_bytes >= 0.9 * cache * (1 - 1 / (d * f * t))
