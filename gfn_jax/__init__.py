@@ -24,7 +24,9 @@ Public API (see ``docs/architecture.md``):
   (:class:`MeshConfig`, :func:`make_mesh`, :func:`to_host`)
 * memory planning on abstract shapes: :func:`plan_run` (a run config's
   :class:`MemoryPlan`, no weight read), :func:`estimate_step_memory`,
-  :func:`estimate_sampler_memory`, :class:`MemoryEstimate`, :class:`DoesNotFitError`
+  :func:`estimate_sampler_memory`, :class:`MemoryEstimate`, :class:`DoesNotFitError`;
+  for a TPU slice compiled by the TPU compiler on any host: :func:`parse_target`,
+  :class:`TpuTarget`, :class:`TargetError` (``plan_run(config, target="v5p-64")``)
 """
 
 __version__ = "0.1.0"
@@ -78,6 +80,7 @@ from gfn_jax.memory import (
     estimate_sampler_memory,
     estimate_step_memory,
 )
+from gfn_jax.targets import TargetError, TpuTarget, parse_target
 from gfn_jax.decoding import (
     DecodeOutput,
     beam_search,
@@ -112,5 +115,5 @@ __all__ = [
     "keep_freed_memory",
     "unordered_collectives", "to_host", "StepProfiler", "kernel_spans", "summarize_kernels",
     "plan_run", "DoesNotFitError", "MemoryEstimate", "MemoryPlan", "estimate_sampler_memory",
-    "estimate_step_memory",
+    "estimate_step_memory", "parse_target", "TpuTarget", "TargetError",
 ]

@@ -574,6 +574,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(USAGE)
         return 0
     cmd = argv[1]
+    from gfn_jax.targets import quiet_tpu_probe
+
+    quiet_tpu_probe()  # libtpu installed (the tpu extra) on a host without a TPU
     if cmd == "sweep":
         from gfn_jax.sweep import main as sweep_main
 

@@ -282,34 +282,14 @@ def _replicated(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGNAMES)
-def _sample_jit(
-    params: Any,
-    rng: jax.Array,
-    prompt_tokens: jax.Array,
-    prompt_mask: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    epsilon: jax.Array,
-    behaviour_bias: Optional[jax.Array],
-    logit_bias: Optional[jax.Array],
-    adapters: Optional[Any],
-    pad_id: jax.Array,
-    laid_out: Optional[Any],
-    *,
-    cfg: ModelConfig,
-    spec: PolicySpec,
-    num_samples: int,
-    top_k: int,
-    tool: Optional[Tool],
-    shard: Optional[Tuple[Any, Any]] = None,
-) -> SampleOutput:
+def _sample_jit(*arrays: Any, cfg: ModelConfig, spec: PolicySpec, num_samples: int, top_k: int,
+                tool: Optional[Tool], shard: Optional[Tuple[Any, Any]] = None) -> SampleOutput:
+    """:func:`_sample_body` of ``arrays`` (its positional arguments), jitted; under ``shard``
+    (the caller's mesh and rules) each draw's rows split over the mesh's batch axes."""
     _TRACES["sample"] += 1
-    # the caller's (mesh, rules): each draw's rows split over the mesh's batch axes
     with activation_sharding(*shard) if shard is not None else contextlib.nullcontext():
-        out = _sample_body(params, rng, prompt_tokens, prompt_mask, temperature, top_p, epsilon,
-                           behaviour_bias, logit_bias, adapters, pad_id, laid_out, cfg=cfg,
-                           spec=spec, num_samples=num_samples, top_k=top_k, tool=tool,
-                           rows_multiple=_batch_axes_size(shard))
+        out = _sample_body(*arrays, cfg=cfg, spec=spec, num_samples=num_samples, top_k=top_k,
+                           tool=tool, rows_multiple=_batch_axes_size(shard))
         # every process gets every row back (a host reads them), gathered once at the end
         return jax.tree.map(_replicated, out)
 

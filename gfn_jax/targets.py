@@ -153,6 +153,11 @@ def _has_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+#: What libtpu reads of a TPU VM: one local worker, no metadata-server query.
+_LOCAL_WORKER_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                     "TPU_WORKER_ID": "0"}
+
+
 @contextlib.contextmanager
 def _compile_only_env(accelerator_type: str) -> Iterator[None]:
     """The environment libtpu starts in, set where unset while compile-only devices are
@@ -161,9 +166,8 @@ def _compile_only_env(accelerator_type: str) -> Iterator[None]:
     /tmp/libtpu_lockfile for the chips it drives; compile-only devices drive none, so two
     plans at once, e.g. two test workers, must not refuse each other). The topology built
     is the one named."""
-    values = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": accelerator_type,
-              "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
-              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    values = dict(_LOCAL_WORKER_ENV, TPU_ACCELERATOR_TYPE=accelerator_type,
+                  ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     unset = [k for k in values if k not in os.environ]
     os.environ.update({k: values[k] for k in unset})
     try:
@@ -171,6 +175,30 @@ def _compile_only_env(accelerator_type: str) -> Iterator[None]:
     finally:
         for k in unset:
             os.environ.pop(k, None)
+
+
+#: Device files of TPU chips (v4 / v5e: /dev/accel*; v5p / v6e: /dev/vfio).
+_TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def quiet_tpu_probe() -> bool:
+    """On a host with ``libtpu`` installed (the ``tpu`` extra) but no TPU chip and no
+    ``JAX_PLATFORMS`` choice, JAX probes for a TPU when it starts, and libtpu prints a few
+    lines of warnings about the TPU VM environment it cannot find before JAX falls back; it
+    also takes /tmp/libtpu_lockfile for the process's lifetime. Set that environment (where
+    unset) to one local worker, no metadata query and no lock (there is no chip to guard),
+    so the probe fails quietly; returns whether it did. Call before JAX starts its backends
+    (the CLI does)."""
+    import glob
+
+    if os.environ.get("JAX_PLATFORMS") or not _has_libtpu():
+        return False
+    if any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES):
+        return False  # a TPU host: its own environment applies
+    for k, v in dict(_LOCAL_WORKER_ENV, TPU_ACCELERATOR_TYPE="v5p-8",
+                     ALLOW_MULTIPLE_LIBTPU_LOAD="1").items():
+        os.environ.setdefault(k, v)
+    return True
 
 
 def parse_target(spec: str) -> TpuTarget:

@@ -190,3 +190,37 @@ def test_two_processes_build_compile_only_devices_at_once():
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.strip() == "4", err[-2000:]
+
+
+@needs_libtpu
+def test_quiet_tpu_probe_on_a_host_without_a_tpu(tmp_path, monkeypatch):
+    """With libtpu installed and no TPU chip, JAX's start-up probe makes libtpu print its
+    TPU VM warnings; the CLI's ``quiet_tpu_probe`` (before JAX starts) silences them, and
+    leaves a TPU host or an explicit ``JAX_PLATFORMS`` alone."""
+    import subprocess
+    import sys
+
+    def start_jax(quiet: bool) -> str:
+        code = ("from gfn_jax.targets import quiet_tpu_probe\n"
+                + ("assert quiet_tpu_probe()\n" if quiet else "")
+                + "import jax\nassert jax.default_backend() == 'cpu'\n")
+        env = {k: v for k, v in os.environ.items()
+               if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+        env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # another process's lock must not hide it
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stderr
+
+    assert "TPU_WORKER_HOSTNAMES" in start_jax(quiet=False)  # the noise, without it
+    assert "TPU" not in start_jax(quiet=True)
+    # an explicit platform choice, or a host with TPU device files: nothing is set
+    for k in ("TPU_SKIP_MDS_QUERY", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+              "TPU_WORKER_ID", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not targets.quiet_tpu_probe() and "TPU_WORKER_ID" not in os.environ
+    monkeypatch.delenv("JAX_PLATFORMS")
+    (tmp_path / "accel0").write_text("")
+    monkeypatch.setattr(targets, "_TPU_DEVICE_FILES", (str(tmp_path / "accel*"),))
+    assert not targets.quiet_tpu_probe() and "TPU_WORKER_ID" not in os.environ
