@@ -13,7 +13,8 @@ here turns (logical names, shape, mesh, rules) into ``PartitionSpec`` /
   the dimension, or one already used by another dimension is dropped (that dimension
   is then replicated over it), so any model fits any mesh.
 * :func:`tree_shardings`, :func:`shard_params`, :func:`batch_sharding`,
-  :func:`replicated`, :func:`with_logical_constraint`.
+  :func:`replicated`, :func:`with_logical_constraint`; :func:`split_rows` -- host rows
+  placed over the batch axes of the mesh a model lives on (a pass outside the train step).
 * :func:`initialize_distributed`, :func:`global_batch_from_local`,
   :func:`process_batch_slice`, :func:`is_main_process`, :func:`to_host` -- multi-process
   (multi-host) runs: one process per host (TPU VM worker, SLURM node) or per GPU.
@@ -315,6 +316,45 @@ def batch_pspec(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Partitio
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """``NamedSharding`` of :func:`batch_pspec`."""
     return NamedSharding(mesh, batch_pspec(mesh, ndim, rules))
+
+
+def mesh_of(tree: Any) -> Optional[Mesh]:
+    """The mesh of the first array of ``tree`` that has a ``NamedSharding``, else None."""
+    for x in jax.tree_util.tree_leaves(tree):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding):
+            return sh.mesh
+    return None
+
+
+def split_rows(like: Any, *arrays: Any) -> Tuple[Any, ...]:
+    """Host arrays whose first dimension is rows, placed for a jitted pass together with
+    ``like`` (arrays on a mesh, e.g. the weights of the run): the rows split over the mesh's
+    ``batch`` axes (``data`` x ``fsdp``), padded at the end with copies of the first rows to
+    a multiple of them, so that each device computes its share of the rows instead of every
+    device all of them (what host arrays next to replicated weights get). Read the result
+    with ``to_host(out)[:n]`` (every process gets every row). Plain ``jnp`` arrays where
+    ``like`` is on no mesh or the batch axes span one device."""
+    import jax.numpy as jnp
+
+    host = [np.asarray(a) for a in arrays]
+    mesh = mesh_of(like)
+    spec = None if mesh is None else logical_to_pspec(("batch",), DEFAULT_RULES, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    size = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64)) if axes else 1
+    if size == 1:
+        return tuple(jnp.asarray(a) for a in host)
+    n = host[0].shape[0]
+    if any(a.shape[0] != n for a in host):
+        raise ValueError(f"split_rows: the arrays have different row counts "
+                         f"{[a.shape[0] for a in host]}")
+    extra = np.arange((-n) % size) % max(n, 1)
+    out = []
+    for a in host:
+        a = np.concatenate([a, a[extra]]) if len(extra) else a
+        sh = NamedSharding(mesh, PartitionSpec(spec, *([None] * (a.ndim - 1))))
+        out.append(jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]))
+    return tuple(out)
 
 
 def with_logical_constraint(

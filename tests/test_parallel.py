@@ -333,3 +333,30 @@ def test_lora_adapter_shardings():
     assert {s.data.shape for s in placed["tree"]["layers"]["attn"]["q"]["kernel"]["a"].addressable_shards} == {
         (CFG.n_layers, CFG.d_model // 2, 4)
     }
+
+
+def test_split_rows_places_host_rows_over_the_batch_axes():
+    """A pass outside the train step (evaluation scoring) over weights replicated on a mesh:
+    its host rows split over data x fsdp (padded with copies of the first rows), so each
+    device computes its rows only; to_host(...)[:n] gives every row back."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    mesh = par.make_mesh(par.MeshConfig(data=4, fsdp=2, tensor=1))
+    w = jax.device_put(jnp.arange(15.0).reshape(3, 5), par.replicated(mesh))
+    x = np.arange(13 * 3, dtype=np.float32).reshape(13, 3)
+    n = np.arange(13, dtype=np.int32)
+    xs, ns = par.split_rows({"w": w}, x, n)
+    assert xs.shape == (16, 3) and ns.shape == (16,)
+    assert xs.sharding.spec == P(("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(xs)[13:], x[:3])  # padding: the first rows
+    out = jax.jit(lambda w, x, n: (x @ w).sum(-1) + n)(w, xs, ns)
+    assert {s.data.shape for s in out.addressable_shards} == {(2,)}  # 2 rows per device
+    np.testing.assert_allclose(par.to_host(out)[:13], (x @ np.asarray(w)).sum(-1) + n)
+    # weights on no mesh, or batch axes of one device: the arrays as they are
+    (a,) = par.split_rows({"w": jnp.ones(2)}, x)
+    assert a.shape == (13, 3)
+    tp = par.make_mesh(par.MeshConfig(data=1, fsdp=1, tensor=8))
+    (a,) = par.split_rows(jax.device_put(jnp.ones(2), par.replicated(tp)), x)
+    assert a.shape == (13, 3)
+    with pytest.raises(ValueError, match="different row counts"):
+        par.split_rows({"w": w}, x, n[:5])

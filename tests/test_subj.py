@@ -174,6 +174,16 @@ def test_candidate_log_probs_equal_policy_log_prob(setup):
     # without adapters: different numbers (the adapters are used)
     base = candidate_log_probs(cfg, params, ids, cands, batch_size=2)
     assert np.max(np.abs(base - got)) > 1e-2
+    # weights replicated on a data=8 mesh: the rows split over it (parallel.split_rows, 2
+    # rows per call padded to 8), the same scores
+    if len(jax.devices()) >= 8:
+        from gfn_jax import parallel
+
+        mesh = parallel.make_mesh(parallel.MeshConfig(data=8))
+        on_mesh = jax.device_put((params, ad), parallel.replicated(mesh))
+        split = candidate_log_probs(cfg, on_mesh[0], ids, cands, adapters=on_mesh[1],
+                                    batch_size=2)
+        np.testing.assert_allclose(split, got, atol=1e-5)
 
 
 def test_votes_and_predictions_on_hand_made_scores():

@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax import parallel
 from gfn_jax.logprobs import (PolicySpec, gather_logprobs, masked_cumsum, state_mask,
                               token_mask)
 from gfn_jax.models.config import ModelConfig
@@ -561,11 +562,10 @@ class ArithmeticTask(Task):
                 ct[j, Pr - len(c):], cm[j, Pr - len(c):] = c, 1
                 traj = list(trajectories[r])[:T]
                 z[j, :len(traj)], n[j] = traj, len(traj)
-            v = _final_log_reward(params, jnp.asarray(ct), jnp.asarray(cm), jnp.asarray(z),
-                                  jnp.asarray(n), jnp.asarray(sfx), jnp.asarray(sm), zb,
-                                  cfg=self.model_config, min_len=self.min_len,
+            v = _final_log_reward(params, *parallel.split_rows(params, ct, cm, z, n, sfx, sm),
+                                  zb, cfg=self.model_config, min_len=self.min_len,
                                   short_log_reward=self.short_log_reward)
-            out.append(np.asarray(v)[:len(rows)])
+            out.append(parallel.to_host(v)[:len(rows)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     # --- evaluation ---------------------------------------------------------

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax import parallel
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
@@ -459,11 +460,13 @@ class ContinuationTask(Task):
 
     def _final_batch_log_reward(self, pt: np.ndarray, pm: np.ndarray, z: np.ndarray,
                                 n: np.ndarray, samples: Sequence[Dict[str, Any]],
-                                rows: Sequence[int]) -> jax.Array:
-        """log R of each packed row's full trajectory (one jitted call, fixed shapes)."""
-        return _final_log_reward(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
-                                 jnp.asarray(z), jnp.asarray(n), self._reward_bias_array(),
-                                 cfg=self.model_config, term_ids=self.term_ids)
+                                rows: Sequence[int]) -> np.ndarray:
+        """log R of each packed row's full trajectory (one jitted call, fixed shapes; the
+        rows split over the mesh the reward parameters live on)."""
+        rows_in = parallel.split_rows(self._reward_params, pt, pm, z, n)
+        out = _final_log_reward(self._reward_params, *rows_in, self._reward_bias_array(),
+                                cfg=self.model_config, term_ids=self.term_ids)
+        return parallel.to_host(out)[:len(pt)]
 
     def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
                  tag: str = "") -> Dict[str, float]:

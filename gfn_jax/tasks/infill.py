@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax import parallel
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
 from gfn_jax.models.transformer import forward
@@ -354,12 +355,12 @@ class InfillTask(ContinuationTask):
     def _final_batch_log_reward(self, pt: np.ndarray, pm: np.ndarray, z: np.ndarray,
                                 n: np.ndarray, samples: Sequence[Dict[str, Any]],
                                 rows: Sequence[int],
-                                texts: Optional[List[str]] = None) -> jax.Array:
+                                texts: Optional[List[str]] = None) -> np.ndarray:
         sfx, sm = self._suffix_rows(samples, rows, texts)
-        return _final_infill(self._reward_params, jnp.asarray(pt), jnp.asarray(pm),
-                             jnp.asarray(z), jnp.asarray(n), jnp.asarray(sfx), jnp.asarray(sm),
-                             self._reward_bias_array(), cfg=self.model_config,
-                             term_ids=self.term_ids)
+        rows_in = parallel.split_rows(self._reward_params, pt, pm, z, n, sfx, sm)
+        out = _final_infill(self._reward_params, *rows_in, self._reward_bias_array(),
+                            cfg=self.model_config, term_ids=self.term_ids)
+        return parallel.to_host(out)[:len(pt)]
 
     def evaluate(self, samples: Sequence[Dict[str, Any]], out_dir: Optional[str] = None,
                  tag: str = "") -> Dict[str, float]:

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfn_jax import parallel
 from gfn_jax.logprobs import PolicySpec, gather_logprobs, state_mask
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.tokenizer import Tokenizer
@@ -364,9 +365,9 @@ def candidate_log_probs(cfg: ModelConfig, params: Any, prompt_ids: Sequence[Sequ
         for r, p in enumerate(part):
             pm[r] = 0
             pt[r, P - len(p):], pm[r, P - len(p):] = p, 1
-        v = _cand_scores(params, adapters, jnp.asarray(pt), jnp.asarray(pm), jnp.asarray(ct),
-                         jnp.asarray(cm), cfg=cfg)
-        out.append(np.asarray(v)[:len(part)])
+        v = _cand_scores(params, adapters, *parallel.split_rows(params, pt, pm),
+                         jnp.asarray(ct), jnp.asarray(cm), cfg=cfg)
+        out.append(parallel.to_host(v)[:len(part)])
     return np.concatenate(out) if out else np.zeros((0, len(candidates)), np.float32)
 
 
