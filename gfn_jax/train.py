@@ -408,7 +408,10 @@ class Trainer:
             b = self.rollouts.trajectories([t.prompt_index for t in part],
                                            [t.tokens for t in part],
                                            [t.action_mask for t in part])
-            lr = np.asarray(jax.device_get(final_log_r(self.frozen, b)))[:n]
+            # the rows split over the mesh (each device scores its share), read back whole
+            leaves, tree = jax.tree_util.tree_flatten(b)
+            placed = jax.tree_util.tree_unflatten(tree, parallel.split_rows(self.frozen, *leaves))
+            lr = np.asarray(parallel.to_host(final_log_r(self.frozen, placed)))[:n]
             self.rollouts.add_to_replay(b.take(range(n)), lr)
             added += n
         return added

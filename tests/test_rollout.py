@@ -30,11 +30,14 @@ def toy_config(**overrides):
 @pytest.mark.parametrize("lazily", [False, True])
 def test_replay_is_seeded_from_the_task_data_with_true_rewards(tmp_path, lazily):
     """Eagerly at start-up, or lazily when a replay batch first needs the prompt (then the
-    seeded prompts are in the checkpoint and a resumed run does not seed them twice)."""
+    seeded prompts are in the checkpoint and a resumed run does not seed them twice). The
+    toy run spans every (virtual) device: the seeding pass splits its rows over them
+    (``parallel.split_rows``), with the same rewards."""
     tr = Trainer(toy_config(**{"task.targets_num": 200, "replay.seed_from_data": True,
                                "replay.capacity": 64, "explore.p_replay": 0.5,
                                "replay.seed_lazily": lazily}),
                  str(tmp_path), restore=False)
+    assert tr.mesh.devices.size == len(jax.devices())
     assert len(tr.replay) == (0 if lazily else len({tuple(t.tokens) for t in tr.task.targets()}))
     if lazily:
         assert tr.rollouts.replay_batch([0], 8, temperature=None) is not None
