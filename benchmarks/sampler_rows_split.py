@@ -57,18 +57,18 @@ def main() -> None:
     toks = jnp.asarray([np.random.default_rng(0).integers(100, 1000, P).tolist()], jnp.int32)
     spec = PolicySpec(term_ids=(30,), max_len=T, min_len=T)
 
-    def call(split: bool, i: int = 0):
+    def call(split: bool):
         with activation_sharding(mesh, rules) if split else contextlib.nullcontext():
-            return sampling.sample(m.config, params, jax.random.PRNGKey(i), toks,
+            return sampling.sample(m.config, params, jax.random.PRNGKey(0), toks,
                                    jnp.ones_like(toks), spec, num_samples=K)
 
     sides = {"rows split": True, "every device, every row": False}
-    outs = {name: jax.block_until_ready(call(split, 0)) for name, split in sides.items()}
+    outs = {name: jax.block_until_ready(call(split)) for name, split in sides.items()}
     times = {name: [] for name in sides}
     for i in range(args.steps):
         for name, split in sides.items():
             t = time.perf_counter()
-            jax.block_until_ready(call(split, 0))
+            jax.block_until_ready(call(split))
             times[name].append(time.perf_counter() - t)
     a, b = (np.asarray(o.tokens) for o in outs.values())
     same = float((a == b).all(1).mean())

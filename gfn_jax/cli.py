@@ -473,8 +473,8 @@ def cmd_plan(fv: flags.FlagValues) -> int:
 
 def _compile_only_host() -> None:
     """A plan for a target runs nothing: keep JAX's own backend on the CPU (where
-    ``JAX_PLATFORMS`` does not choose), so a host with libtpu but no TPU does not try to
-    start one."""
+    ``JAX_PLATFORMS`` does not choose), so that planning another slice on a TPU or GPU host
+    does not take that host's own accelerator (a training run there may hold it)."""
     import jax
     from jax._src import xla_bridge
 

@@ -677,7 +677,8 @@ def device_memory_bytes(device: Any = None) -> Optional[int]:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - backends without memory stats
         stats = None
-    limit = (stats or {}).get("bytes_limit") or (stats or {}).get("bytes_reservable_limit")
+    stats = stats or {}
+    limit = stats.get("bytes_limit") or stats.get("bytes_reservable_limit")
     if limit:
         return int(limit)
     if getattr(device, "platform", "") == "tpu":

@@ -318,6 +318,16 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, batch_pspec(mesh, ndim, rules))
 
 
+def batch_axes_size(mesh: Optional[Mesh], rules: Rules = DEFAULT_RULES) -> int:
+    """How many devices a row dimension splits over: the size of the mesh axes the logical
+    ``batch`` axis maps to (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    spec = logical_to_pspec(("batch",), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
 def mesh_of(tree: Any) -> Optional[Mesh]:
     """The mesh of the first array of ``tree`` that has a ``NamedSharding``, else None."""
     for x in jax.tree_util.tree_leaves(tree):
@@ -339,11 +349,10 @@ def split_rows(like: Any, *arrays: Any) -> Tuple[Any, ...]:
 
     host = [np.asarray(a) for a in arrays]
     mesh = mesh_of(like)
-    spec = None if mesh is None else logical_to_pspec(("batch",), DEFAULT_RULES, mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    size = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64)) if axes else 1
+    size = batch_axes_size(mesh)
     if size == 1:
         return tuple(jnp.asarray(a) for a in host)
+    spec = logical_to_pspec(("batch",), DEFAULT_RULES, mesh)[0]
     n = host[0].shape[0]
     if any(a.shape[0] != n for a in host):
         raise ValueError(f"split_rows: the arrays have different row counts "

@@ -254,17 +254,6 @@ def _rows_over_batch_axes(cache: KVCache) -> KVCache:
     return cache.map_rows(one)
 
 
-def _batch_axes_size(shard: Optional[Tuple[Any, Any]]) -> int:
-    """How many devices a row dimension splits over under ``shard`` (mesh, rules): the size
-    of the mesh axes the logical ``batch`` axis maps to; 1 without a mesh."""
-    if shard is None:
-        return 1
-    mesh, rules = shard
-    entry = parallel.logical_to_pspec(("batch",), rules, mesh)[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
-
-
 def _pad_rows(a: jax.Array, rows: int, axis: int = 0) -> jax.Array:
     """``a`` with ``rows`` entries along ``axis``: the first ones repeated at the end."""
     n = a.shape[axis]
@@ -289,7 +278,7 @@ def _sample_jit(*arrays: Any, cfg: ModelConfig, spec: PolicySpec, num_samples: i
     _TRACES["sample"] += 1
     with activation_sharding(*shard) if shard is not None else contextlib.nullcontext():
         out = _sample_body(*arrays, cfg=cfg, spec=spec, num_samples=num_samples, top_k=top_k,
-                           tool=tool, rows_multiple=_batch_axes_size(shard))
+                           tool=tool, rows_multiple=parallel.batch_axes_size(*shard) if shard else 1)
         # every process gets every row back (a host reads them), gathered once at the end
         return jax.tree.map(_replicated, out)
 
@@ -470,8 +459,9 @@ def sample(
     Deterministic given ``rng``; one jitted call keyed on cfg/spec/shapes/num_samples/top_k/tool.
     Under :func:`~gfn_jax.models.transformer.activation_sharding` (a mesh and its rules: the
     trainer's :class:`~gfn_jax.policy.Policy` samples inside it) the rows are split over the
-    mesh's batch axes, each sampled on one device, not on every device; the samples are the
-    same, and every process gets all of them back.
+    mesh's batch axes, each sampled on one device, not on every device; the samples are those
+    drawn without the mesh up to float rounding (which can move a draw across a token
+    boundary), and every process gets all of them back.
     """
     prompt_tokens, prompt_mask = check_prompts(prompt_tokens, prompt_mask)
     check_spec(spec, cfg.vocab_size)
