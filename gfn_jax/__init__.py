@@ -26,7 +26,9 @@ Public API (see ``docs/architecture.md``):
   :class:`MemoryPlan`, no weight read), :func:`estimate_step_memory`,
   :func:`estimate_sampler_memory`, :class:`MemoryEstimate`, :class:`DoesNotFitError`;
   for a TPU slice compiled by the TPU compiler on any host: :func:`parse_target`,
-  :class:`TpuTarget`, :class:`TargetError` (``plan_run(config, target="v5p-64")``)
+  :class:`TpuTarget`, :class:`TargetError` (``plan_run(config, target="v5p-64")``, or
+  ``"2xv5p-64"`` for two slices); what a compiled program sends between devices and
+  between slices: :func:`collective_traffic`, :class:`CollectiveTraffic`
 """
 
 __version__ = "0.1.0"
@@ -81,6 +83,7 @@ from gfn_jax.memory import (
     estimate_step_memory,
 )
 from gfn_jax.targets import TargetError, TpuTarget, parse_target
+from gfn_jax.comms import CollectiveTraffic, collective_traffic
 from gfn_jax.decoding import (
     DecodeOutput,
     beam_search,
@@ -116,4 +119,5 @@ __all__ = [
     "unordered_collectives", "to_host", "StepProfiler", "kernel_spans", "summarize_kernels",
     "plan_run", "DoesNotFitError", "MemoryEstimate", "MemoryPlan", "estimate_sampler_memory",
     "estimate_step_memory", "parse_target", "TpuTarget", "TargetError",
+    "CollectiveTraffic", "collective_traffic",
 ]

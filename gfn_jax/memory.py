@@ -14,7 +14,8 @@ per-device memory figures, before any weight is loaded.
   :func:`plan_from_config` -- the run's :class:`MemoryPlan`: the step and the larger of its
   sampler calls (a training draw, an evaluation draw), while the train state is held.
 * :func:`estimate_compiled` -- the figures of any compiled (or lowered) step, e.g. the
-  trainer's own.
+  trainer's own; on several devices with what each sends to the others per call
+  (:mod:`gfn_jax.comms`: between devices, and between TPU slices over the DCN).
 * :func:`check_fits` -- raises :class:`DoesNotFitError` naming the config knobs that would
   make a step (or a plan's peak) fit a device's memory; :func:`device_memory_bytes` reads a
   device's limit.
@@ -32,6 +33,7 @@ an estimate and leave headroom.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -40,12 +42,15 @@ import numpy as np
 
 from gfn_jax import parallel
 from gfn_jax.batch import TrainBatch
+from gfn_jax.comms import CollectiveTraffic, collective_traffic
 from gfn_jax.logprobs import PolicySpec
 from gfn_jax.models import lora as lora_lib
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import (activation_sharding, for_backend, param_axes,
                                          param_shapes)
 from gfn_jax.scoring import score_reward_prefixes, score_suffix_prefixes
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MemoryEstimate",
@@ -108,6 +113,8 @@ class MemoryEstimate:
     mesh_shape: Mapping[str, int]
     backend: str
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: what one device sends to others per call (:mod:`gfn_jax.comms`); None on one device
+    comms: Optional[CollectiveTraffic] = None
 
     @property
     def total_bytes(self) -> int:
@@ -121,6 +128,7 @@ class MemoryEstimate:
         d["mesh_shape"] = dict(self.mesh_shape)
         d["knobs"] = dict(self.knobs)
         d["total_bytes"] = self.total_bytes
+        d["comms"] = None if self.comms is None else self.comms.as_dict()
         return d
 
     def summary(self) -> str:
@@ -184,6 +192,8 @@ class MemoryPlan:
     def summary(self) -> str:
         """The step's line, then the sampling phase's and the run's peak."""
         lines = [self.step.summary()]
+        if self.step.comms is not None:
+            lines.append(self.step.comms.summary("a train step"))
         if self.kept_bytes:
             lines.append(f"decode weights kept for the sampler: {format_bytes(self.kept_bytes)} "
                          f"per device through the run (model.cache_decode_weights)")
@@ -195,6 +205,8 @@ class MemoryPlan:
                 f"held {format_bytes(self.step.argument_bytes)}, sampler temporaries "
                 f"{format_bytes(sm.temp_bytes)} for {rows} rows, decode layers "
                 f"{sm.knobs.get('model.decode_layers', '?')})")
+            if sm.comms is not None:
+                lines.append(sm.comms.summary("a sampler call", "decode step"))
             lines.append(f"peak per device: {format_bytes(self.total_bytes)} "
                          f"({'sampling' if self.sampling_bytes > self.step_bytes else 'train step'})")
         return "\n".join(lines)
@@ -220,13 +232,20 @@ def estimate_compiled(compiled: Any, mesh: Optional[jax.sharding.Mesh] = None,
         backend = d0.platform if d0.platform == "cpu" else f"{d0.platform} ({d0.device_kind})"
     else:
         n, shape, backend = 1, {}, jax.default_backend()
+    traffic = None
+    if n > 1:
+        try:
+            traffic = collective_traffic(compiled, n)
+        except Exception as e:  # noqa: BLE001 - HLO text this reader does not know
+            logger.warning("collective traffic not read from the compiled program: %s", e)
     return MemoryEstimate(
         argument_bytes=_stat(ma, "argument_size_in_bytes"),
         output_bytes=_stat(ma, "output_size_in_bytes"),
         alias_bytes=_stat(ma, "alias_size_in_bytes"),
         temp_bytes=_stat(ma, "temp_size_in_bytes"),
         code_bytes=_stat(ma, "generated_code_size_in_bytes"),
-        num_devices=n, mesh_shape=shape, backend=backend, knobs=dict(knobs or {}))
+        num_devices=n, mesh_shape=shape, backend=backend, knobs=dict(knobs or {}),
+        comms=traffic)
 
 
 # ---------------------------------------------------------------------------

@@ -7,8 +7,9 @@ them and compiled, and ``memory_analysis()`` gives the TPU compiler's own per-de
 -- bfloat16 kept as bfloat16 and the TPU's fusion, where a plan compiled by the CPU backend
 widens bfloat16 matmuls to float32 (``docs/performance.md``). Nothing runs on them.
 
-* :func:`parse_target` -- ``"v5p-64"``, ``"v5litepod-8"``, ``"tpu:v6e-16"``, or an explicit
-  topology ``"v5p:4x4x2"`` -> :class:`TpuTarget` (chips, hosts, HBM per chip).
+* :func:`parse_target` -- ``"v5p-64"``, ``"v5litepod-8"``, ``"tpu:v6e-16"``, an explicit
+  topology ``"v5p:4x4x2"``, or several slices joined by the data-center network (Multislice)
+  ``"2xv5p-64"`` -> :class:`TpuTarget` (chips, hosts, HBM per chip).
 * :meth:`TpuTarget.devices` -- the compile-only devices (needs ``libtpu``:
   ``pip install "gfn-jax[tpu]"``).
 * :func:`hbm_bytes_of_kind` -- a TPU ``device_kind``'s memory per chip, for devices that
@@ -63,7 +64,8 @@ _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8
 _SINGLE_HOST_2D = 8
 
 _FORMS = ("an accelerator type such as v5p-64, v4-32, v5litepod-8 (v5e-8), v6e-16, or a "
-          "topology such as v5p:4x4x2, v6e:4x4 (an optional 'tpu:' prefix is allowed)")
+          "topology such as v5p:4x4x2, v6e:4x4 (an optional 'tpu:' prefix is allowed), "
+          "either after N x for N slices (2xv5p-64)")
 
 
 class TargetError(ValueError):
@@ -73,15 +75,22 @@ class TargetError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TpuTarget:
     """A TPU slice to compile for: ``generation`` (``v4 | v5p | v5e | v6e``) and ``shape``
-    (chips along each axis); ``name`` is the spec it was parsed from."""
+    (chips along each axis); ``name`` is the spec it was parsed from. ``slices`` > 1: that
+    many such slices, joined by the data-center network (DCN; Cloud TPU Multislice)."""
 
     name: str
     generation: str
     shape: Tuple[int, ...]
+    slices: int = 1
+
+    @property
+    def chips_per_slice(self) -> int:
+        return int(math.prod(self.shape))
 
     @property
     def chips(self) -> int:
-        return int(math.prod(self.shape))
+        """Chips of every slice."""
+        return self.slices * self.chips_per_slice
 
     @property
     def _gen(self) -> _Generation:
@@ -93,12 +102,13 @@ class TpuTarget:
         else the generation's host block (2 x 2 x 1)."""
         g = self._gen
         full = tuple(self.shape) + (1,) * (3 - len(self.shape))
-        if g.dims == 2 and self.chips <= _SINGLE_HOST_2D:
+        if g.dims == 2 and self.chips_per_slice <= _SINGLE_HOST_2D:
             return full  # type: ignore[return-value]
         return tuple(min(a, b) for a, b in zip(g.host_chips, full))  # type: ignore[return-value]
 
     @property
     def hosts(self) -> int:
+        """Hosts (TPU VM workers) of every slice."""
         return self.chips // int(math.prod(self.host_shape))
 
     @property
@@ -108,22 +118,28 @@ class TpuTarget:
 
     @property
     def accelerator_type(self) -> str:
-        """The slice's name as Cloud TPU gives it (``v5p-16``, ``v5litepod-8``, ``v6e-8``)."""
+        """One slice's name as Cloud TPU gives it (``v5p-16``, ``v5litepod-8``, ``v6e-8``):
+        what ``--accelerator-type`` takes, for each slice of a Multislice request."""
         prefix = "v5litepod" if self.generation == "v5e" else self.generation
-        return f"{prefix}-{self.chips * self._gen.cores_in_name}"
+        return f"{prefix}-{self.chips_per_slice * self._gen.cores_in_name}"
 
     @property
     def topology_name(self) -> str:
         return f"{self.generation}:{'x'.join(str(a) for a in self.shape)}"
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.chips} x {self._gen.kind} chip(s), topology "
-                f"{self.topology_name}, {self.hosts} host(s), {self.hbm_bytes / GiB:.0f} GiB "
+        per = (f"{self.chips} x {self._gen.kind} chip(s), topology {self.topology_name}"
+               if self.slices == 1 else
+               f"{self.slices} slices joined by the data-center network (DCN), each "
+               f"{self.chips_per_slice} x {self._gen.kind} chip(s), topology "
+               f"{self.topology_name}; {self.chips} chips")
+        return (f"{self.name}: {per}, {self.hosts} host(s), {self.hbm_bytes / GiB:.0f} GiB "
                 f"per chip")
 
     def devices(self) -> List[Any]:
-        """The slice's compile-only devices (one per chip). Raises :class:`TargetError` when
-        this host has no TPU compiler (``libtpu``) or it rejects the topology."""
+        """The compile-only devices (one per chip, every slice; ``slice_index`` tells the
+        slices apart). Raises :class:`TargetError` when this host has no TPU compiler
+        (``libtpu``) or it rejects the topology."""
         try:
             from jax.experimental import topologies
         except ImportError as e:  # pragma: no cover - every supported JAX has it
@@ -131,6 +147,8 @@ class TpuTarget:
         kwargs: Dict[str, Any] = {"chips_per_host_bounds": self.host_shape}
         if self._gen.chip_config:
             kwargs["chip_config_name"] = self._gen.chip_config
+        if self.slices > 1:
+            kwargs["num_slices"] = self.slices
         try:
             with _compile_only_env(self.accelerator_type):
                 desc = topologies.get_topology_desc(platform="tpu",
@@ -204,11 +222,24 @@ def quiet_tpu_probe() -> bool:
 def parse_target(spec: str) -> TpuTarget:
     """A :class:`TpuTarget` from ``spec``: an accelerator type (``v5p-64``: 64 TensorCores =
     32 chips for v4 / v5p; ``v5litepod-8`` / ``v5e-8`` / ``v6e-8``: 8 chips) or a topology
-    (``v5p:4x4x2``). Raises :class:`TargetError` naming the accepted forms."""
+    (``v5p:4x4x2``), either after ``N x`` for N slices joined by the data-center network
+    (``2xv5p-64``: Multislice). Raises :class:`TargetError` naming the accepted forms."""
     raw = str(spec).strip()
     s = raw.lower()
     if s.startswith("tpu:"):
         s = s[4:]
+    slices = 1
+    m = re.fullmatch(r"(\d+)\s*[x*]\s*(.+)", s)
+    if m:
+        slices, s = int(m.group(1)), m.group(2)
+        if slices < 1:
+            raise TargetError(f"target {raw!r}: the number of slices must be at least 1")
+        if s.startswith("tpu:"):
+            s = s[4:]
+    return dataclasses.replace(_parse_slice(raw, s), slices=slices)
+
+
+def _parse_slice(raw: str, s: str) -> TpuTarget:
     m = re.fullmatch(r"(v\d[a-z]*)[:](\d+(?:x\d+)*)", s)
     if m:
         gen = _generation(m.group(1), raw)

@@ -7,8 +7,8 @@
 #   launch/tpu.sh --tpu NAME --zone ZONE [--project PROJECT] [--repo GIT_URL] [--ref BRANCH]
 #       [--remote-dir DIR] [--no-setup] [--dry-run]
 #       [--accelerator-type TYPE --runtime-version VERSION [--spot | --preemptible]]
-#       [--queued-resource QR_ID] [--max-restarts N] [--max-failures N] [--poll SECONDS]
-#       -- <gfn-jax train args, including --workdir>
+#       [--queued-resource QR_ID [--slices N]] [--max-restarts N] [--max-failures N]
+#       [--poll SECONDS] -- <gfn-jax train args, including --workdir>
 #
 # Example (a v4-32 spot slice: 4 hosts x 4 chips; recreated when preempted):
 #   launch/tpu.sh --tpu my-v4-32 --zone us-central2-b --accelerator-type v4-32 \
@@ -16,17 +16,29 @@
 #       --config configs/rng.py --workdir gs://my-bucket/runs/rng \
 #       --config.mesh.data=1 --config.mesh.fsdp=16 --config.train.steps=1000
 #
+# Example (Multislice: two v5p-64 slices joined by the data-center network, as one queued
+# resource; the slices go along the mesh's data axis, so mesh.data must be a multiple of 2;
+# plan it first with `gfn-jax plan ... --target 2xv5p-64`):
+#   launch/tpu.sh --tpu my-v5p --zone us-east5-a --queued-resource my-qr --slices 2 \
+#       --accelerator-type v5p-64 --runtime-version v2-alpha-tpuv5 --spot -- \
+#       --config configs/rng.py --workdir gs://my-bucket/runs/rng-2x \
+#       --config.mesh.data=2 --config.mesh.fsdp=32
+#
 # Each attempt, on all workers at once (gcloud ... tpu-vm ssh --worker=all):
 #   0. makes sure the TPU is READY: waits while it is being created or repaired; when it is
 #      missing, PREEMPTED or TERMINATED, deletes and recreates it (needs --accelerator-type
 #      and --runtime-version), or, with --queued-resource, deletes and recreates the queued
 #      resource (node id = --tpu) when it is SUSPENDED or FAILED and waits until ACTIVE;
+#      with --slices N (N > 1, needs --queued-resource) the queued resource holds N slices
+#      of --accelerator-type (nodes --tpu-0 ... --tpu-<N-1>), and the steps below reach
+#      every worker of every slice (gcloud ... queued-resources ssh --node=all --worker=all);
 #   1. copies the code (after every (re)creation): clone GIT_URL at REF with --repo, else the
 #      local checkout this script lives in (tracked files at HEAD, `git archive` + scp);
 #   2. set-up (skip with --no-setup): `pip install -e DIR "jax[tpu]"`;
 #   3. runs `gfn-jax train <args>` with GFN_JAX_DISTRIBUTED=auto (every worker calls
-#      jax.distributed.initialize(); JAX reads the pod layout from the TPU metadata); the
-#      trainer resumes from the workdir's latest checkpoint by itself;
+#      jax.distributed.initialize(); JAX reads the pod layout, and with several slices
+#      each slice's id and the coordinator, from the TPU metadata); the trainer resumes
+#      from the workdir's latest checkpoint by itself;
 #   4. asks worker 0 whether the run is finished (`python3 gfn_jax/sweep.py status WORKDIR`:
 #      a DONE file, or a final summary.json with steps == train.steps). If it is,
 #      the script exits 0; if not (preempted, SIGTERM, lost ssh), it goes back to 0.
@@ -55,6 +67,7 @@ ACCEL=""
 RUNTIME=""
 PRICING=""                    # --spot | --preemptible
 QR=""
+SLICES=1
 MAX_RESTARTS=50
 MAX_FAILURES=2
 POLL=30
@@ -79,6 +92,7 @@ while [[ $# -gt 0 ]]; do
     --spot) PRICING="--spot"; shift ;;
     --preemptible) PRICING="--preemptible"; shift ;;
     --queued-resource) QR="$2"; shift 2 ;;
+    --slices) SLICES="$2"; shift 2 ;;
     --max-restarts) MAX_RESTARTS="$2"; shift 2 ;;
     --max-failures) MAX_FAILURES="$2"; shift 2 ;;
     --poll) POLL="$2"; shift 2 ;;
@@ -102,6 +116,14 @@ if [[ -n "$ACCEL" || -n "$RUNTIME" ]]; then
 fi
 if [[ -n "$QR" && "$CAN_CREATE" == 0 ]]; then
   echo "error: --queued-resource needs --accelerator-type and --runtime-version" >&2
+  exit 2
+fi
+if ! [[ "$SLICES" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: --slices takes a positive integer (got '$SLICES')" >&2
+  exit 2
+fi
+if [[ "$SLICES" -gt 1 && -z "$QR" ]]; then
+  echo "error: --slices $SLICES (Multislice) needs --queued-resource: Cloud TPU creates several slices only as one queued resource" >&2
   exit 2
 fi
 if [[ -n "$QR" && "$PRICING" == "--preemptible" ]]; then
@@ -165,7 +187,10 @@ get_state() {  # sets STATE (NOT_FOUND when describe fails)
 }
 
 create() {
-  if [[ -n "$QR" ]]; then
+  if [[ "$SLICES" -gt 1 ]]; then  # nodes $TPU-0 ... $TPU-<N-1>, one per slice
+    run "${QRCMD[@]}" create "$QR" --node-count "$SLICES" --node-prefix "$TPU" "${COMMON[@]}" \
+      --accelerator-type "$ACCEL" --runtime-version "$RUNTIME" ${PRICING:+"$PRICING"}
+  elif [[ -n "$QR" ]]; then
     run "${QRCMD[@]}" create "$QR" --node-id "$TPU" "${COMMON[@]}" \
       --accelerator-type "$ACCEL" --runtime-version "$RUNTIME" ${PRICING:+"$PRICING"}
   else
@@ -206,7 +231,7 @@ ensure_ready() {  # returns once the TPU is usable; recreates it when it is gone
           log "TPU ${QR:-$TPU} is $STATE; deleting it"
           delete
         fi
-        log "creating ${QR:+queued resource $QR for }TPU $TPU ($ACCEL, $RUNTIME${PRICING:+, ${PRICING#--}})"
+        log "creating ${QR:+queued resource $QR for }TPU $TPU ($([[ "$SLICES" -gt 1 ]] && echo "$SLICES x ")$ACCEL, $RUNTIME${PRICING:+, ${PRICING#--}})"
         create || log "create failed; will retry"
         FRESH=1 ;;
     esac
@@ -216,7 +241,16 @@ ensure_ready() {  # returns once the TPU is usable; recreates it when it is gone
 }
 
 # ---------------------------------------------------------------- remote steps
-ssh_all() { run "${TPUVM[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command "$1"; }
+# every worker (of every slice); one worker (worker 0 of the first slice)
+if [[ "$SLICES" -gt 1 ]]; then
+  ssh_all() { run "${QRCMD[@]}" ssh "$QR" "${COMMON[@]}" --node=all --worker=all --command "$1"; }
+  ssh_first() { run "${QRCMD[@]}" ssh "$QR" "${COMMON[@]}" --node=0 --worker=0 --command "$1"; }
+  scp_all() { run "${QRCMD[@]}" scp "$1" "$QR:$2" "${COMMON[@]}" --node=all --worker=all; }
+else
+  ssh_all() { run "${TPUVM[@]}" ssh "$TPU" "${COMMON[@]}" --worker=all --command "$1"; }
+  ssh_first() { run "${TPUVM[@]}" ssh "$TPU" "${COMMON[@]}" --worker=0 --command "$1"; }
+  scp_all() { run "${TPUVM[@]}" scp "$1" "$TPU:$2" "${COMMON[@]}" --worker=all; }
+fi
 
 copy_code() {
   if [[ -n "$REPO" ]]; then
@@ -229,7 +263,7 @@ copy_code() {
       else TARBALL="$(mktemp -t gfn-jax-XXXXXX.tar.gz)"; fi
       run git -C "$HERE" archive --format=tar.gz -o "$TARBALL" HEAD
     fi
-    run "${TPUVM[@]}" scp "$TARBALL" "$TPU:gfn-jax-src.tar.gz" "${COMMON[@]}" --worker=all
+    scp_all "$TARBALL" gfn-jax-src.tar.gz
     ssh_all "mkdir -p $RDIR && tar -xzf gfn-jax-src.tar.gz -C $RDIR && rm gfn-jax-src.tar.gz"
   fi
 }
@@ -245,8 +279,7 @@ train() {
 }
 
 finished() {  # worker 0 reads the workdir; no JAX import
-  run "${TPUVM[@]}" ssh "$TPU" "${COMMON[@]}" --worker=0 \
-    --command "cd $RDIR && python3 gfn_jax/sweep.py status $(printf '%q' "$WORKDIR")"
+  ssh_first "cd $RDIR && python3 gfn_jax/sweep.py status $(printf '%q' "$WORKDIR")"
 }
 
 # ---------------------------------------------------------------- the loop

@@ -67,7 +67,7 @@ case "$verb" in
       if [[ "$FAKE_MODE" == fail ]]; then exit 1; fi
       if [[ "$FAKE_MODE" == sigterm && $n == 1 ]]; then exit 3; fi  # VM stays READY
       if [[ $n == 1 ]]; then  # preempted mid-run: the VM goes away, ssh drops
-        if [[ "$kind" == tpu-vm && -f "$d/qr_state" ]]; then echo SUSPENDED > "$d/qr_state"
+        if [[ -f "$d/qr_state" ]]; then echo SUSPENDED > "$d/qr_state"
         else echo PREEMPTED > "$d/tpu_state"; fi
         exit 255
       fi
@@ -196,6 +196,41 @@ def test_tpu_queued_resource_is_recreated_when_suspended(fake_gcloud):
                           "v5litepod-16", "--runtime-version", "rt", "--spot"]
 
 
+def test_tpu_multislice_queued_resource_reaches_every_slice(fake_gcloud):
+    """--slices 2: one queued resource of two slices (--node-count / --node-prefix); the code
+    copy, set-up and training reach every worker of every node, the status check worker 0
+    of node 0; a suspended resource is recreated whole and the run resumed."""
+    args = ["--tpu", "gfn", "--zone", "z", "--queued-resource", "qr2", "--slices", "2",
+            "--accelerator-type", "v5p-16", "--runtime-version", "rt", "--spot", "--poll", "0",
+            "--"] + TRAIN
+    out, calls = fake_gcloud(args, qr_state="ACTIVE")
+    assert out.returncode == 0, out.stderr
+    assert {c[2] for c in calls} == {"queued-resources"}  # no per-VM command
+    assert [_verb(c) for c in calls] == [
+        "describe", "scp", "ssh:untar", "ssh:setup", "ssh:train", "ssh:status", "describe",
+        "describe", "delete", "create", "describe", "describe",
+        "scp", "ssh:untar", "ssh:setup", "ssh:train", "ssh:status"]
+    create = next(c for c in calls if c[3] == "create")
+    assert create[4:] == ["qr2", "--node-count", "2", "--node-prefix", "gfn", "--zone", "z",
+                          "--accelerator-type", "v5p-16", "--runtime-version", "rt", "--spot"]
+    for c in calls:
+        if c[3] == "scp":
+            assert c[5] == "qr2:gfn-jax-src.tar.gz" and c[-2:] == ["--node=all", "--worker=all"]
+        if _verb(c) in ("ssh:untar", "ssh:setup", "ssh:train"):
+            assert c[4] == "qr2" and "--node=all" in c and "--worker=all" in c
+        if _verb(c) == "ssh:status":
+            assert "--node=0" in c and "--worker=0" in c
+    assert "creating queued resource qr2 for TPU gfn (2 x v5p-16, rt, spot)" in out.stderr
+
+    (fake_gcloud.state / "gcloud.log").unlink()
+    out, calls = fake_gcloud(args[:-len(TRAIN) - 1] + ["--dry-run", "--"] + TRAIN,
+                             mode="forbid")
+    assert out.returncode == 0 and calls == [], out.stderr
+    lines = _lines(out.stdout)
+    assert lines[1][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    assert "--node-count" in lines[1] and "--node-id" not in lines[1]
+
+
 def test_tpu_sigterm_exit_3_on_a_healthy_tpu_is_resumed_not_a_failure(fake_gcloud):
     out, calls = fake_gcloud(["--tpu", "t1", "--zone", "z", "--poll", "0", "--max-failures",
                               "1", "--"] + TRAIN, mode="sigterm", tpu_state="READY")
@@ -232,6 +267,12 @@ def test_tpu_argument_errors(fake_gcloud):
     assert out.returncode == 2 and "needs both --accelerator-type and --runtime-version" in out.stderr
     out, _ = fake_gcloud(["--zone", "z", "--"] + TRAIN, mode="forbid")
     assert out.returncode == 2 and "--tpu and --zone" in out.stderr
+    out, _ = fake_gcloud(["--tpu", "t", "--zone", "z", "--slices", "2", "--accelerator-type",
+                          "v5p-16", "--runtime-version", "rt", "--"] + TRAIN, mode="forbid")
+    assert out.returncode == 2 and "needs --queued-resource" in out.stderr
+    out, _ = fake_gcloud(["--tpu", "t", "--zone", "z", "--slices", "0", "--"] + TRAIN,
+                         mode="forbid")
+    assert out.returncode == 2 and "--slices takes a positive integer" in out.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -46,7 +46,26 @@ def test_parse_target_matches_cloud_tpu_slices(spec, gen, shape, chips, hosts, h
             t, name=t.accelerator_type)
 
 
+@pytest.mark.parametrize("spec, slices, chips, hosts, accel, topology", [
+    ("2xv5p-16", 2, 16, 4, "v5p-16", "v5p:2x2x2"),
+    ("tpu:4 x v6e-16", 4, 64, 16, "v6e-16", "v6e:4x4"),
+    ("2*v5litepod-8", 2, 16, 2, "v5litepod-8", "v5e:2x4"),  # a single-host slice each
+    ("3xv4:2x2x4", 3, 48, 12, "v4-32", "v4:2x2x4"),
+    ("1xv5p-8", 1, 4, 1, "v5p-8", "v5p:2x2x1"),
+])
+def test_parse_multislice_targets(spec, slices, chips, hosts, accel, topology):
+    """``N x SLICE``: N slices joined by the data-center network; every slice is SLICE (what
+    a Multislice queued resource's --accelerator-type names)."""
+    t = parse_target(spec)
+    assert (t.slices, t.chips, t.hosts, t.accelerator_type, t.topology_name) == (
+        slices, chips, hosts, accel, topology)
+    assert t.chips == slices * t.chips_per_slice
+    assert ("data-center network" in t.describe()) == (slices > 1)
+
+
 @pytest.mark.parametrize("spec, says", [
+    ("0xv5p-16", "number of slices must be at least 1"),
+    ("2xv5p-12", "not a standard v5p slice"),
     ("v5p-12", "not a standard v5p slice"),  # 6 chips
     ("v5p-7", "not a standard v5p slice"),  # odd core count
     ("v7x-8", "unknown TPU generation 'v7x'"),
@@ -171,6 +190,52 @@ def test_plan_command_for_a_tpu_slice(tmp_path, capsys):
     # nothing ran on a TPU: this process's own devices are still the CPU's
     assert jax.default_backend() == "cpu"
     assert jnp.ones(2).devices() == {jax.devices()[0]}
+
+
+@needs_libtpu
+def test_multislice_devices_and_the_mesh_over_them(caplog):
+    """Two v5p-16 slices: 16 compile-only devices, two ``slice_index`` values, 2 hosts per
+    slice; the mesh puts the slices along ``data`` (so only data-parallel traffic crosses the
+    DCN) and says so when ``data`` cannot hold them."""
+    import numpy as np
+
+    devs = parse_target("2xv5p-16").devices()
+    assert len(devs) == 16 and sorted({d.slice_index for d in devs}) == [0, 1]
+    assert len({d.process_index for d in devs}) == 4
+    for data, fsdp in [(2, 8), (4, 4)]:
+        m = parallel.make_mesh(parallel.MeshConfig(data=data, fsdp=fsdp, tensor=1), devs)
+        slices = np.vectorize(lambda d: d.slice_index)(m.devices).reshape(data, -1)
+        assert all(len(set(row)) == 1 for row in slices.tolist())  # one slice per data row
+        assert sorted(set(slices[:, 0].tolist())) == [0, 1]
+    with caplog.at_level("WARNING", logger="gfn_jax.parallel"):
+        parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=16, tensor=1), devs)
+    assert "not a multiple of the 2 TPU slices" in caplog.text
+
+
+@needs_libtpu
+def test_plan_command_for_two_slices_reports_the_dcn_traffic(tmp_path, capsys):
+    """``gfn-jax plan --target 2xv5p-16``: the step's and the sampler's collectives per
+    device, the data-parallel gradient reduction crossing the DCN between the slices."""
+    from gfn_jax import cli
+
+    out_json = str(tmp_path / "plan.json")
+    capsys.readouterr()
+    assert cli.main(["gfn-jax", "plan", "--config", os.path.join(ROOT, "configs/toy_exact.py"),
+                     "--config.eval.num_samples=64", "--config.mesh.data=2",
+                     "--config.mesh.fsdp=8", "--target", "2xv5p-16", "--json", out_json]) == 0
+    out = capsys.readouterr().out
+    assert "2 slices joined by the data-center network (DCN), each 8 x TPU v5" in out
+    assert "on 16 device(s), mesh data=2 x fsdp=8" in out
+    step_line = next(x for x in out.splitlines() if "in a train step" in x)
+    assert "between slices over the DCN (all-reduce" in step_line
+    assert "in a sampler call" in out and "per decode step" in out
+    with open(out_json) as f:
+        plan = json.load(f)
+    step = plan["step"]["comms"]
+    assert step["total_dcn_bytes"] > 0 and step["per_iteration_dcn_bytes"] == {}
+    # the step's data-parallel reduction over the DCN moves at most the gradients' bytes per
+    # device (LoRA off: every trained weight, sharded fsdp=8) plus the loss's scalars
+    assert step["dcn_bytes"]["all-reduce"] <= plan["step"]["argument_bytes"]
 
 
 @needs_libtpu

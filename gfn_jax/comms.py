@@ -1,0 +1,395 @@
+"""Collective traffic of a compiled program, read from its optimized HLO: what a step sends
+between devices, and between TPU slices over the data-center network, before it runs.
+
+XLA writes every transfer between devices into the partitioned program: all-reduce,
+all-gather, reduce-scatter, all-to-all and collective-permute (and their asynchronous
+``-start`` forms), each with its shapes and its device groups. For a TPU Multislice program
+(:mod:`gfn_jax.targets`, ``2xv5p-64``) the TPU compiler splits a collective that crosses
+slices into its part inside each slice (the ops above) and host transfers to the other
+slices over the data-center network (DCN): ``send`` ops handled by the ``megascale``
+runtime, tagged with the collective they belong to.
+
+:func:`collective_traffic` adds them up per device, with the ring algorithm's bytes on the
+wire (what one device sends):
+
+* all-reduce of S bytes over n devices: 2 S (n - 1) / n;
+* all-gather: output - operand; reduce-scatter: operand - output;
+* all-to-all of S bytes: S (n - 1) / n; collective-permute: S;
+* DCN: the bytes of each megascale ``send`` (what one device hands the network).
+
+Ops in a ``while`` body count once per iteration: times its known trip count (scans, the
+layers of a scanned model, gradient accumulation), or, where XLA knows no trip count (the
+sampler's decode loop, which stops when every row is done), apart, as traffic per
+iteration. A ``conditional`` counts its heaviest branch. These are the compiler's own figures
+for one call; how long they take depends on the links (and on overlap with compute), which
+this does not model.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+__all__ = ["CollectiveTraffic", "collective_traffic", "traffic_of_hlo"]
+
+#: Collective opcodes, by the kind they count under (``-start`` forms; ``-done`` is not
+#: counted again).
+_KINDS = {
+    "all-reduce": "all-reduce", "all-reduce-start": "all-reduce",
+    "all-gather": "all-gather", "all-gather-start": "all-gather",
+    "reduce-scatter": "reduce-scatter",
+    "all-to-all": "all-to-all", "ragged-all-to-all": "all-to-all",
+    "collective-permute": "collective-permute", "collective-permute-start": "collective-permute",
+    "collective-broadcast": "collective-permute",
+}
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
+    "s2": 0.25, "u2": 0.25, "token": 0, "tuple": 0,
+}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_HEADER = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
+_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
+                     r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+def _shape_bytes(text: str) -> float:
+    """Bytes of every array shape in ``text`` (a result type; a tuple sums its elements)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(text):
+        size = _DTYPE_BYTES.get(dtype)
+        if size is None:
+            if dtype.startswith("f8") or dtype.startswith("f4") or dtype.startswith("f6"):
+                size = 1 if dtype.startswith("f8") else 0.5
+            else:
+                continue
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += size * n
+    return total
+
+
+def _split_type(rest: str) -> Tuple[str, str]:
+    """(result type, the text after it) of an instruction's right-hand side."""
+    rest = rest.lstrip()
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rest[:i + 1], rest[i + 1:].lstrip()
+    m = re.match(r"\S+", rest)
+    if not m:
+        return "", rest
+    return m.group(0), rest[m.end():].lstrip()
+
+
+def _operands(after_opcode: str) -> List[str]:
+    """The operand names of ``opcode(%a, %b), attrs``."""
+    depth, out = 0, []
+    for i, ch in enumerate(after_opcode):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            out = re.findall(r"%([\w.\-]+)", after_opcode[:i])
+            break
+    return out
+
+
+def _group_size(attrs: str, num_devices: int) -> Optional[int]:
+    """Devices per group of a collective's ``replica_groups`` in any of XLA's printed
+    forms: explicit ``{{0,1},{2,3}}``, iota ``[2,4]<=[8]``, mesh axes
+    ``mesh['a'=4,'b'=2] ... {'a'}``; ``{}`` is every device. None when unreadable."""
+    m = re.search(r"replica_groups=\{\{([0-9,\s]*)\}", attrs)
+    if m:
+        return len([x for x in m.group(1).split(",") if x.strip()])
+    if re.search(r"replica_groups=\{\}", attrs):
+        return num_devices
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\].*?\{((?:'[^']*',?\s*)+)\}", attrs)
+    if m:
+        sizes = dict((k, int(v)) for k, v in re.findall(r"'([^']*)'=(\d+)", m.group(1)))
+        axes = re.findall(r"'([^']*)'", m.group(2))
+        if axes and all(a in sizes for a in axes):
+            return int(math.prod(sizes[a] for a in axes))
+    return None
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    type_: str
+    opcode: str
+    rest: str
+
+
+def _parse(text: str) -> Tuple[Dict[str, List[_Instr]], Optional[str]]:
+    comps: Dict[str, List[_Instr]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        if current is None:
+            h = _HEADER.match(line)
+            if h and not line.lstrip().startswith("HloModule"):
+                current = h.group(2)
+                comps[current] = []
+                if h.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        type_, after = _split_type(m.group(2))
+        om = re.match(r"([\w\-]+)\((.*)$", after)
+        if not om:
+            continue
+        comps[current].append(_Instr(m.group(1), type_, om.group(1), "(" + om.group(2)))
+    return comps, entry
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveTraffic:
+    """Bytes one device sends in one call of a compiled program, by collective kind.
+
+    ``device_bytes``: between the devices of a slice (or of a host / GPU node), ring model;
+    ``dcn_bytes``: to other TPU slices over the data-center network; ``counts``: ops
+    executed (a loop's ops times its trip count). ``per_iteration_*``: ops inside loops
+    whose trip count XLA does not know (the sampler's decode loop), counted once, i.e. per
+    iteration. ``ungrouped``: all-reduce / all-to-all ops whose device groups could not be
+    read, counted as if over infinitely many devices (an upper bound)."""
+
+    device_bytes: Mapping[str, float]
+    dcn_bytes: Mapping[str, float]
+    counts: Mapping[str, int]
+    per_iteration_device_bytes: Mapping[str, float]
+    per_iteration_dcn_bytes: Mapping[str, float]
+    ungrouped: int = 0
+    max_iterations: Optional[int] = None  # the loop bound of those loops, where read
+
+    @property
+    def total_device_bytes(self) -> float:
+        return float(sum(self.device_bytes.values()))
+
+    @property
+    def total_dcn_bytes(self) -> float:
+        return float(sum(self.dcn_bytes.values()))
+
+    @property
+    def per_iteration_bytes(self) -> float:
+        return float(sum(self.per_iteration_device_bytes.values())
+                     + sum(self.per_iteration_dcn_bytes.values()))
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(total_device_bytes=self.total_device_bytes,
+                 total_dcn_bytes=self.total_dcn_bytes)
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+
+    def summary(self, what: str = "a call", loop: str = "loop iteration") -> str:
+        """One line: bytes per device between devices (by kind) and over the DCN."""
+        from gfn_jax.memory import format_bytes
+
+        def parts(d: Mapping[str, float]) -> str:
+            return ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(d.items()) if v)
+
+        s = f"collectives per device in {what}: {format_bytes(self.total_device_bytes)}"
+        if self.device_bytes and self.total_device_bytes:
+            s += f" between devices ({parts(self.device_bytes)})"
+        if self.total_dcn_bytes:
+            s += (f", {format_bytes(self.total_dcn_bytes)} between slices over the DCN "
+                  f"({parts(self.dcn_bytes)})")
+        if self.per_iteration_bytes:
+            upto = f", up to {self.max_iterations}" if self.max_iterations else ""
+            s += (f"; plus per {loop}{upto}: "
+                  f"{format_bytes(sum(self.per_iteration_device_bytes.values()))}")
+            if sum(self.per_iteration_dcn_bytes.values()):
+                s += (f" between devices, "
+                      f"{format_bytes(sum(self.per_iteration_dcn_bytes.values()))} over the DCN")
+        if self.ungrouped:
+            s += f" ({self.ungrouped} op(s) with unread device groups, counted as an upper bound)"
+        return s
+
+
+def _constant_int(ins: Optional[_Instr],
+                  named: Optional[Mapping[str, _Instr]] = None) -> Optional[int]:
+    """The integer a scalar ``constant`` holds (through copies and bitcasts), else None."""
+    for _ in range(8):
+        if ins is None or named is None or ins.opcode not in ("copy", "bitcast"):
+            break
+        ins = named.get((_operands(ins.rest) or [""])[0])
+    if ins is None or ins.opcode != "constant":
+        return None
+    m = re.fullmatch(r"\((-?\d+)\).*", ins.rest.strip())
+    return int(m.group(1)) if m else None
+
+
+def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str,
+                cond: str) -> Tuple[Optional[int], Optional[int]]:
+    """(trip count, bound) of a ``while``: its ``known_trip_count`` where XLA kept it; else
+    read from the loop: a condition that is only ``i < N`` on a counter starting at 0
+    (a scan or fori loop) runs N times; a condition ``i < N and ...`` (the sampler's
+    decode loop: stop when every row is done) runs at most N times: (None, N)."""
+    m = _TRIP.search(loop.rest)
+    if m:
+        return int(m.group(1)), int(m.group(1))
+    body = comps.get(cond, [])
+    if not body:
+        return None, None
+    named = {i.name: i for i in body}
+    bound, index = None, None
+    for ins in body:
+        if ins.opcode == "compare" and "direction=LT" in ins.rest:
+            a, b = (_operands(ins.rest) + [None, None])[:2]
+            n = _constant_int(named.get(b), named)
+            ga = named.get(a)
+            if n is not None and ga is not None and ga.opcode == "get-tuple-element":
+                im = re.search(r"index=(\d+)", ga.rest)
+                bound, index = n, int(im.group(1)) if im else None
+    if bound is None:
+        return None, None
+    root = body[-1]
+    only_bound = root.opcode == "compare" or (
+        root.opcode in ("bitcast", "copy") and named.get(
+            (_operands(root.rest) or [""])[0], root).opcode == "compare")
+    # the counter's start value: the loop's operand tuple, element ``index``
+    start = None
+    outer = {i.name: i for i in comps.get(where, [])}
+    tup = outer.get((_operands(loop.rest) or [""])[0])
+    if tup is not None and tup.opcode == "tuple" and index is not None:
+        elems = _operands(tup.rest)
+        if index < len(elems):
+            start = _constant_int(outer.get(elems[index]), outer)
+    if only_bound and start == 0:
+        return bound, bound
+    return None, bound
+
+
+def _dcn_kind(rest: str) -> str:
+    m = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', rest)
+    return m.group(1).lower().replace("_", "-") if m else "transfer"
+
+
+def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
+    """:class:`CollectiveTraffic` of an optimized HLO module's text (``compiled.as_text()``)
+    partitioned over ``num_devices`` devices."""
+    comps, entry = _parse(text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    Counter = collections.Counter
+    memo: Dict[str, Tuple[Any, ...]] = {}
+    ungrouped = [0]
+    bounds: List[Optional[int]] = []  # loop bounds of the loops of unknown trip count
+
+    def visit(name: str, stack: Tuple[str, ...] = ()) -> Tuple[Any, ...]:
+        """(device bytes, dcn bytes, counts, per-iteration device, per-iteration dcn)."""
+        if name in memo:
+            return memo[name]
+        dev, dcn, cnt, it_dev, it_dcn = Counter(), Counter(), Counter(), Counter(), Counter()
+        types = {i.name: i.type_ for i in comps.get(name, [])}
+        for ins in comps.get(name, []):
+            kind = _KINDS.get(ins.opcode)
+            if kind is not None:
+                ops = _operands(ins.rest)
+                in_bytes = sum(_shape_bytes(types.get(o, "")) for o in ops)
+                out_bytes = _shape_bytes(ins.type_)
+                if ins.opcode.endswith("-start") and ins.type_.startswith("("):
+                    out_bytes = max(out_bytes - in_bytes, 0.0)  # (operands, outputs, ...)
+                if kind == "all-gather":
+                    sent = max(out_bytes - in_bytes, 0.0)
+                elif kind == "reduce-scatter":
+                    sent = max(in_bytes - out_bytes, 0.0)
+                elif kind == "collective-permute":
+                    sent = in_bytes
+                else:
+                    n = _group_size(ins.rest, num_devices)
+                    if n is None:
+                        ungrouped[0] += 1
+                        frac = 1.0
+                    else:
+                        frac = (n - 1) / n if n > 0 else 0.0
+                    sent = (2.0 if kind == "all-reduce" else 1.0) * in_bytes * frac
+                if sent:
+                    dev[kind] += sent
+                cnt[kind] += 1
+            elif ins.opcode == "send" and "xla_megascale_runtime" in ins.rest:
+                kind = _dcn_kind(ins.rest)
+                first = _ARRAY.search(ins.type_)
+                dcn[kind] += _shape_bytes(first.group(0)) if first else 0.0
+                cnt["dcn " + kind] += 1
+            # computations this instruction runs (an async op's once, at its start)
+            if ins.opcode.endswith("-done") or ins.opcode == "async-update":
+                continue
+            called = _CALLED.findall(ins.rest)
+            if not called:
+                continue
+            if ins.opcode == "while":
+                attrs = dict(called)
+                body = attrs.get("body", "").lstrip("%")
+                cond = attrs.get("condition", "").lstrip("%")
+                if not body or body in stack:
+                    continue
+                parts = [visit(body, stack + (name,))]
+                if cond in comps and cond not in stack:  # runs once per iteration too
+                    parts.append(visit(cond, stack + (name,)))
+                trips, bound = _trip_count(ins, comps, name, cond)
+                for sub in parts:
+                    if trips is not None:
+                        for acc, part in zip((dev, dcn, cnt, it_dev, it_dcn), sub):
+                            for key, v in part.items():
+                                acc[key] += v * trips
+                    else:  # unknown trip count: everything in it is per iteration
+                        it_dev.update(sub[0]); it_dev.update(sub[3])
+                        it_dcn.update(sub[1]); it_dcn.update(sub[4])
+                        cnt.update(sub[2])
+                if trips is None:
+                    bounds.append(bound)
+                continue
+            names: List[str] = []
+            for attr, val in called:
+                if attr == "condition":
+                    continue
+                names += [v.lstrip("%") for v in re.findall(r"%?[\w.\-]+", val.strip("{}"))]
+            subs = [visit(c, stack + (name,)) for c in names if c in comps and c not in stack]
+            if not subs:
+                continue
+            if ins.opcode == "conditional":  # the heaviest branch
+                subs = [max(subs, key=lambda t: sum(t[0].values()) + sum(t[1].values()))]
+            for sub in subs:
+                for acc, part in zip((dev, dcn, cnt, it_dev, it_dcn), sub):
+                    acc.update(part)
+        memo[name] = (dev, dcn, cnt, it_dev, it_dcn)
+        return memo[name]
+
+    dev, dcn, cnt, it_dev, it_dcn = visit(entry)
+    return CollectiveTraffic(
+        device_bytes=dict(dev), dcn_bytes=dict(dcn), counts=dict(cnt),
+        per_iteration_device_bytes=dict(it_dev), per_iteration_dcn_bytes=dict(it_dcn),
+        ungrouped=ungrouped[0],
+        max_iterations=(max(bounds) if bounds and all(b is not None for b in bounds)
+                        else None))
+
+
+def collective_traffic(compiled: Any, num_devices: Optional[int] = None) -> CollectiveTraffic:
+    """:class:`CollectiveTraffic` of a ``jax.stages.Compiled`` (a ``Lowered`` is compiled
+    first); ``num_devices`` defaults to the program's device count."""
+    import jax
+
+    if isinstance(compiled, jax.stages.Lowered):
+        compiled = compiled.compile()
+    if num_devices is None:
+        try:
+            num_devices = len(compiled.input_shardings[0][0].device_set) if \
+                compiled.input_shardings[0] else 1
+        except Exception:  # noqa: BLE001 - no shardings to read
+            num_devices = 1
+    return traffic_of_hlo(compiled.as_text(), int(num_devices))
