@@ -18,6 +18,10 @@ shardings and compiled; XLA's ``memory_analysis()`` gives the bytes per device
   layers unrolled over a per-layer copy of the weights and scanned over the stacked weights
   (``model.decode_layers``), beside the train step; the run's peak is the larger phase
   (:class:`gfn_jax.memory.MemoryPlan`).
+* Collective traffic (``--only comms``; needs 16 devices, e.g. ``--target 2xv5p-16``): the
+  GPT-J subjectivity step and sampler over every device, data-parallel across the devices
+  or FSDP inside a slice; what each device sends per step and per decode step
+  (:mod:`gfn_jax.comms`), over the DCN apart on a multislice target.
 
 The compile uses whatever backend JAX has; on a CPU host the figures are the CPU backend's
 buffer assignment for the same program (not a GPU's: fusion differs, and the CPU backend may
@@ -27,6 +31,7 @@ CPU devices (set before JAX starts).
     python benchmarks/memory_plan.py                  # everything, 8 virtual devices
     python benchmarks/memory_plan.py --only llama3 --json plan.json
     python benchmarks/memory_plan.py --only sampler
+    python benchmarks/memory_plan.py --only comms --target 2xv5p-16
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=8,
                     help="virtual CPU devices (XLA_FLAGS, CPU only); default 8")
-    ap.add_argument("--only", choices=("gptj", "llama3", "sampler", "all"), default="all")
+    ap.add_argument("--only", choices=("gptj", "llama3", "sampler", "comms", "all"),
+                    default="all")
     ap.add_argument("--device-gb", type=float, default=None,
                     help="device memory the plan is checked against (GB = 1e9 bytes); "
                          "default 80, or a --target chip's HBM")
@@ -205,6 +211,9 @@ def main() -> None:
     if args.only in ("sampler", "all"):
         sampler_plans(args, n, out)
 
+    if args.only == "comms":
+        comms_plans(args, n, out)
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
@@ -255,6 +264,50 @@ def sampler_plans(args, n, out) -> None:
                 out["rows"].append({"model": name, "setting": f"sampling, {layers}",
                                     "mesh": mesh_name, **s, **plan.as_dict(),
                                     "compile_s": secs})
+
+
+COMMS_MESHES = {"data=16": parallel.MeshConfig(data=16, fsdp=1),
+                "data=2 x fsdp=8": parallel.MeshConfig(data=2, fsdp=8),
+                "data=1 x fsdp=16": parallel.MeshConfig(data=1, fsdp=16)}
+
+
+def comms_plans(args, n, out) -> None:
+    """What each device sends per train step and per sampler call, GPT-J subjectivity."""
+    if n != 16:
+        raise SystemExit(f"--only comms plans 16 devices; this target has {n}")
+    s = GPTJ_SETTINGS["subjectivity (§4.3)"]
+    slices = len({getattr(d, "slice_index", 0) for d in _devices()})
+    MiB = 2 ** 20
+
+    def mib(x):
+        return f"{x / MiB:,.1f}"
+
+    print(f"\nGPT-J 6B subjectivity (§4.3): the train step ({s['rows']} rows, LoRA r="
+          f"{s['rank']} on k, v, remat none) and the sampler ({s['rows']} samples of one "
+          f"prompt, decode layers unrolled); MiB sent per device ({slices} slice(s); DCN = "
+          f"between slices)\n")
+    print("| mesh | step: between devices | step: over the DCN | sampler, once: between "
+          "devices | sampler, once: DCN | per decode step: between devices | per decode "
+          "step: DCN | step GB / device | compile s |\n|---|---:|---:|---:|---:|---:|---:|"
+          "---:|---:|")
+    lora = lora_config(_config(s))
+    for mesh_name, mc in COMMS_MESHES.items():
+        mesh = parallel.make_mesh(mc, list(_devices()))
+        step, secs = _estimate(GPTJ_6B, s, 16, mc)
+        t0 = time.perf_counter()
+        sm = memory.estimate_sampler_memory(
+            GPTJ_6B, prompts=1, num_samples=s["rows"], prompt_len=s["P"], traj_len=s["T"],
+            mesh=mesh, lora=lora, term_ids=(198,), min_len=s["min_len"])
+        secs += time.perf_counter() - t0
+        st, sa = step.comms, sm.comms
+        print(f"| {mesh_name} | {mib(st.total_device_bytes)} | {mib(st.total_dcn_bytes)} | "
+              f"{mib(sa.total_device_bytes)} | {mib(sa.total_dcn_bytes)} | "
+              f"{mib(sum(sa.per_iteration_device_bytes.values()))} | "
+              f"{mib(sum(sa.per_iteration_dcn_bytes.values()))} | "
+              f"{step.total_bytes / GB:.2f} | {secs:.0f} |", flush=True)
+        out["rows"].append({"model": "gptj-6b", "setting": "subjectivity, collectives",
+                            "mesh": mesh_name, "step": step.as_dict(),
+                            "sampler": sm.as_dict(), "compile_s": secs})
 
 
 if __name__ == "__main__":

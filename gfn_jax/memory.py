@@ -540,6 +540,7 @@ def estimate_sampler_memory(
     min_len: int = 0,
     logit_bias: bool = False,
     kept_decode_weights: bool = False,
+    tool: Optional[Any] = None,
     knobs: Optional[Mapping[str, Any]] = None,
     compiler_options: Optional[Mapping[str, Any]] = None,
 ) -> MemoryEstimate:
@@ -551,7 +552,9 @@ def estimate_sampler_memory(
     an argument here, not a temporary). The temporaries hold the KV cache of every row
     (``prompts * num_samples`` rows of ``prompt_len + traj_len`` slots, all layers) and, with
     ``model_cfg.decode_layers == "unrolled"``, the per-layer copy of the layer weights that
-    the decode loop reads."""
+    the decode loop reads. ``tool``: the task's sampler tool (the arithmetic task's
+    calculator, :class:`~gfn_jax.tasks.calculator.CalculatorTool`), compiled into the loop
+    as the trainer's sampler has it."""
     from gfn_jax import sampling
     from gfn_jax.models.transformer import decode_weights
 
@@ -582,11 +585,12 @@ def estimate_sampler_memory(
         lowered = fn.lower(
             base, S((2,), jnp.uint32), S((B, P), jnp.int32), S((B, P), jnp.int32), scalar,
             scalar, scalar, None, bias, adapters, S((), jnp.int32), laid_out, cfg=model_cfg,
-            spec=spec, num_samples=int(num_samples), top_k=0, tool=None,
+            spec=spec, num_samples=int(num_samples), top_k=0, tool=tool,
             shard=(mesh, rules))
     all_knobs = {"sampler.rows": B * int(num_samples), "sampler.prompts": B,
                  "task.max_len": int(traj_len), "prompt_len": P,
                  "model.decode_layers": model_cfg.decode_layers,
+                 "sampler.tool": None if tool is None else type(tool).__name__,
                  **_shared_knobs(model_cfg, mesh)}
     all_knobs.update(knobs or {})
     return estimate_compiled(_compile(lowered, mesh, compiler_options), mesh, all_knobs)
@@ -646,14 +650,14 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
                      devices: Optional[Sequence[Any]] = None,
                      reward_prompt_len: Optional[int] = None, suffix_len: int = 0,
                      term_ids: Optional[Sequence[int]] = None,
-                     logit_bias: bool = False) -> MemoryPlan:
+                     logit_bias: bool = False, tool: Optional[Any] = None) -> MemoryPlan:
     """The run's :class:`MemoryPlan`: :func:`estimate_from_config`'s step, and the sampler
     for the larger of a training draw (``train.prompts_per_batch`` prompts x
     ``train.samples_per_prompt`` samples) and an evaluation draw (one prompt x
     ``min(eval.batch_size, eval.num_samples)`` samples, when ``eval.num_samples`` > 0; a task
     that evaluates without sampling makes this an upper bound), on the same mesh, with the
     decode weights the trainer keeps (LoRA with ``model.cache_decode_weights``, where the
-    sampler decodes feature-major: CPU backends)."""
+    sampler decodes feature-major: CPU backends) and the task's sampler ``tool``."""
     from gfn_jax.defaults import mesh_rules, run_mesh
     from gfn_jax.policy import lora_config, run_keeps_decode_weights
 
@@ -677,7 +681,7 @@ def plan_from_config(config: Any, model_cfg: ModelConfig, prompt_len: int, *,
         traj_len=int(config.task.max_len), mesh=mesh, rules=rules, lora=lora,
         term_ids=tuple(term_ids) if term_ids is not None else (model_cfg.vocab_size - 1,),
         min_len=int(config.task.get("min_len", 0) or 0), logit_bias=logit_bias,
-        kept_decode_weights=keep, knobs={"sampler.rows_from": which})
+        kept_decode_weights=keep, tool=tool, knobs={"sampler.rows_from": which})
     return MemoryPlan(step=step, sampler=sampler, kept_bytes=layer_bytes if keep else 0,
                       layer_weight_bytes=layer_bytes)
 

@@ -235,10 +235,6 @@ def inverse_cdf(logp: jax.Array, u: jax.Array, chunk: int = 256) -> jax.Array:
     return (j * chunk + i).astype(jnp.int32)
 
 
-def _repeat_cache(cache: KVCache, n: int) -> KVCache:
-    return cache.map_rows(lambda a, axis: jnp.repeat(a, n, axis=axis))
-
-
 #: :func:`_sample_jit`'s static arguments.
 SAMPLE_STATIC_ARGNAMES = ("cfg", "spec", "num_samples", "top_k", "tool", "shard")
 
@@ -254,12 +250,38 @@ def _rows_over_batch_axes(cache: KVCache) -> KVCache:
     return cache.map_rows(one)
 
 
-def _pad_rows(a: jax.Array, rows: int, axis: int = 0) -> jax.Array:
-    """``a`` with ``rows`` entries along ``axis``: the first ones repeated at the end."""
-    n = a.shape[axis]
-    if rows == n:
-        return a
-    return jnp.concatenate([a, jnp.take(a, jnp.arange(rows - n) % n, axis=axis)], axis=axis)
+_ROWS_BY = "auto"  # "repeat" | "gather": for benchmarks/sampler_row_traffic.py only
+
+
+def _prompt_rows(cache: KVCache, logits: jax.Array, num_samples: int,
+                 rows: int) -> Tuple[KVCache, jax.Array]:
+    """The prompts' cache and last logits (B rows) as the sampler's ``rows`` rows, split
+    over the mesh's batch axes: row i samples prompt (i mod N) // num_samples, N = B x
+    num_samples; the rows past N (padding to a multiple of the batch axes) repeat the first
+    ones. Without padding each prompt's rows are repeated where the prompt is (local when
+    the prompts split like the rows, or are on every device). With padding, the row blocks
+    of the devices no longer line up with the prompts, and repeat-then-pad made the SPMD
+    partitioner move row-split caches between devices (158 MiB per device for a 1,000-row
+    draw of SmolLM2-135M on 16 chips: docs/performance.md, stop 29); there each device
+    gathers its own rows from the prompts' cache, held whole (B rows, not N)."""
+    B = logits.shape[0]
+    N = B * num_samples
+    how = _ROWS_BY if _ROWS_BY != "auto" else ("repeat" if rows == N else "gather")
+    if how == "repeat":
+        def take(a: jax.Array, axis: int) -> jax.Array:
+            a = jnp.repeat(a, num_samples, axis=axis)
+            if rows == N:
+                return a
+            pad = jnp.take(a, jnp.arange(rows - N) % N, axis=axis)
+            return jnp.concatenate([a, pad], axis=axis)
+    else:
+        row_prompt = _rows((jnp.arange(rows, dtype=jnp.int32) % N) // num_samples)
+
+        def take(a: jax.Array, axis: int) -> jax.Array:
+            return jnp.take(_replicated(a), row_prompt, axis=axis)
+
+    return (_rows_over_batch_axes(cache.map_rows(take)),
+            constrain(take(logits, 0), ("batch", "vocab")))
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -312,13 +334,10 @@ def _sample_body(
     M = N + (-N) % int(rows_multiple)
     logits_p, cache = prefill(cfg, params, prompt_tokens, prompt_mask, P + T, adapters=adapters,
                               last_only=True)
-    cache = _repeat_cache(cache, num_samples).map_rows(lambda a, axis: _pad_rows(a, M, axis))
-    cache = _rows_over_batch_axes(cache)
+    cache, logits = _prompt_rows(cache, logits_p, num_samples, M)
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
     params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out,
                                             layers=cfg.decode_layers)
-    logits = constrain(_pad_rows(jnp.repeat(logits_p, num_samples, axis=0), M),
-                       ("batch", "vocab"))
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
     def cond(c):

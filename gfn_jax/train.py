@@ -288,7 +288,7 @@ class Trainer:
         est = memory.plan_from_config(
             self.config, self.model_cfg, self.prompt_len, devices=devices,
             reward_prompt_len=self.reward_prompt_len, term_ids=self.spec.term_ids,
-            logit_bias=self.logit_bias is not None,
+            logit_bias=self.logit_bias is not None, tool=self.tool,
             suffix_len=int(getattr(self.task, "suffix_len", 0) or 0))
         if jax.process_index() == 0:
             print(est.summary())

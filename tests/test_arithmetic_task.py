@@ -424,6 +424,17 @@ def test_two_training_steps(data_dir, tmp_path, objective):
         assert all(np.isfinite(r["log_r"]) for r in recs)
 
 
+def test_plan_compiles_the_sampler_with_the_calculator(data_dir):
+    """``gfn-jax plan`` (``plan_run``) compiles the sampler the trainer runs, with the
+    calculator that splices the results into Z (before, the plan left the tool out)."""
+    from gfn_jax.train import plan_run
+
+    c = train_config(data_dir, "subtb")
+    plan = plan_run(c, devices=jax.devices()[:1])
+    assert plan.sampler.knobs["sampler.tool"] == "CalculatorTool"
+    assert plan.sampler.knobs["task.max_len"] == TASK_KW["max_len"]
+
+
 @pytest.mark.parametrize("method", ["gfn", "sft", "ppo"])
 def test_experiment_driver_flags_give_valid_configs(method):
     """scripts/arithmetic_experiment.py: each method's overrides name real keys and pass the
