@@ -266,9 +266,11 @@ def sampler_plans(args, n, out) -> None:
                                     "compile_s": secs})
 
 
-COMMS_MESHES = {"data=16": parallel.MeshConfig(data=16, fsdp=1),
-                "data=2 x fsdp=8": parallel.MeshConfig(data=2, fsdp=8),
-                "data=1 x fsdp=16": parallel.MeshConfig(data=1, fsdp=16)}
+COMMS_MESHES = {"data=16": (parallel.MeshConfig(data=16, fsdp=1), False),
+                "data=2 x fsdp=8": (parallel.MeshConfig(data=2, fsdp=8), False),
+                "data=2 x fsdp=8, decode_gather_weights": (
+                    parallel.MeshConfig(data=2, fsdp=8), True),
+                "data=1 x fsdp=16": (parallel.MeshConfig(data=1, fsdp=16), False)}
 
 
 def comms_plans(args, n, out) -> None:
@@ -288,15 +290,15 @@ def comms_plans(args, n, out) -> None:
           f"between slices)\n")
     print("| mesh | step: between devices | step: over the DCN | sampler, once: between "
           "devices | sampler, once: DCN | per decode step: between devices | per decode "
-          "step: DCN | step GB / device | compile s |\n|---|---:|---:|---:|---:|---:|---:|"
-          "---:|---:|")
+          "step: DCN | step GB / device | sampler temporaries GB | compile s |\n|---|---:|---:|"
+          "---:|---:|---:|---:|---:|---:|---:|")
     lora = lora_config(_config(s))
-    for mesh_name, mc in COMMS_MESHES.items():
+    for mesh_name, (mc, gather) in COMMS_MESHES.items():
         mesh = parallel.make_mesh(mc, list(_devices()))
         step, secs = _estimate(GPTJ_6B, s, 16, mc)
         t0 = time.perf_counter()
         sm = memory.estimate_sampler_memory(
-            GPTJ_6B, prompts=1, num_samples=s["rows"], prompt_len=s["P"], traj_len=s["T"],
+            GPTJ_6B.replace(decode_gather_weights=gather), prompts=1, num_samples=s["rows"], prompt_len=s["P"], traj_len=s["T"],
             mesh=mesh, lora=lora, term_ids=(198,), min_len=s["min_len"])
         secs += time.perf_counter() - t0
         st, sa = step.comms, sm.comms
@@ -304,7 +306,8 @@ def comms_plans(args, n, out) -> None:
               f"{mib(sa.total_device_bytes)} | {mib(sa.total_dcn_bytes)} | "
               f"{mib(sum(sa.per_iteration_device_bytes.values()))} | "
               f"{mib(sum(sa.per_iteration_dcn_bytes.values()))} | "
-              f"{step.total_bytes / GB:.2f} | {secs:.0f} |", flush=True)
+              f"{step.total_bytes / GB:.2f} | {sm.temp_bytes / GB:.2f} | {secs:.0f} |",
+              flush=True)
         out["rows"].append({"model": "gptj-6b", "setting": "subjectivity, collectives",
                             "mesh": mesh_name, "step": step.as_dict(),
                             "sampler": sm.as_dict(), "compile_s": secs})

@@ -33,6 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
     # (fastest on CPU; as many bytes again as the layer weights while sampling) or "scanned"
     # over the stacked weights (no copy; for a model whose second copy would not fit)
     c.model.decode_layers = "unrolled"
+    # with mesh.fsdp > 1: the sampler gathers the weights over fsdp once per call instead of
+    # on every decode step (more memory while sampling, far less traffic; `gfn-jax plan`
+    # prints both)
+    c.model.decode_gather_weights = False
     # LoRA on CPU: keep the frozen base's layer weights laid out feature-major for the
     # sampler once (one more copy of them in memory) instead of a transposed copy per call
     c.model.cache_decode_weights = True

@@ -591,6 +591,7 @@ def estimate_sampler_memory(
                  "task.max_len": int(traj_len), "prompt_len": P,
                  "model.decode_layers": model_cfg.decode_layers,
                  "sampler.tool": None if tool is None else type(tool).__name__,
+                 "model.decode_gather_weights": bool(model_cfg.decode_gather_weights),
                  **_shared_knobs(model_cfg, mesh)}
     all_knobs.update(knobs or {})
     return estimate_compiled(_compile(lowered, mesh, compiler_options), mesh, all_knobs)
@@ -787,6 +788,12 @@ def _sampling_does_not_fit(plan: MemoryPlan, budget: float, device_bytes: float,
         first.append((copy, f"set model.decode_layers='scanned' (now 'unrolled'): the decode "
                             f"loop then reads the stacked weights instead of a per-layer copy of "
                             f"them, {format_bytes(copy)} per device"))
+    gathered = sm.comms.device_bytes.get("all-gather", 0.0) if sm.comms is not None else 0.0
+    if sm.knobs.get("model.decode_gather_weights") and gathered:
+        first.append((gathered, f"set model.decode_gather_weights=False: the sampler then "
+                                f"reads the fsdp-sharded weights (gathered on every decode "
+                                f"step) instead of holding them whole, about "
+                                f"{format_bytes(gathered)} per device"))
     if plan.kept_bytes:
         first.append((plan.kept_bytes, f"set model.cache_decode_weights=False: frees the kept "
                                        f"decode weights, {format_bytes(plan.kept_bytes)} per "

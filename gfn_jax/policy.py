@@ -305,7 +305,8 @@ def _run_options(m: Any) -> Dict[str, Any]:
                 logits_chunk=int(m.get("logits_chunk", 0)),
                 share_prompt=bool(m.get("share_prompt", True)),
                 decode_chunk=int(m.get("decode_chunk", 1)),
-                decode_layers=str(m.get("decode_layers", "unrolled")))
+                decode_layers=str(m.get("decode_layers", "unrolled")),
+                decode_gather_weights=bool(m.get("decode_gather_weights", False)))
 
 
 def _for_run(cfg: ModelConfig, m: Any) -> ModelConfig:

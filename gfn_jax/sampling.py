@@ -36,8 +36,10 @@ from gfn_jax.logprobs import (
     policy_logprobs,
     term_id_mask,
 )
+from gfn_jax.models.adapters import as_adapters
 from gfn_jax.models.config import ModelConfig
 from gfn_jax.models.transformer import (
+    FM_MARK,
     KV_AXES,
     KVCache,
     activation_sharding,
@@ -48,6 +50,7 @@ from gfn_jax.models.transformer import (
     decode_step,
     decode_weights,
     default_feature_major,
+    param_axes,
     prefill,
 )
 
@@ -284,6 +287,35 @@ def _prompt_rows(cache: KVCache, logits: jax.Array, num_samples: int,
             constrain(take(logits, 0), ("batch", "vocab")))
 
 
+def _gathered_over_fsdp(cfg: ModelConfig, params: Any,
+                        adapters: Optional[Any]) -> Tuple[Any, Optional[Any]]:
+    """``params`` constrained to their shardings without the ``fsdp`` mesh axis (kept over
+    ``tensor``) and LoRA ``adapters`` (small) to whole on every device, under the active
+    :func:`activation_sharding`: gathered once before the decode loop instead of on every
+    decode step (``ModelConfig.decode_gather_weights``)."""
+    ctx = current_activation_sharding()
+    if ctx is None or dict(ctx[0].shape).get("fsdp", 1) == 1 or FM_MARK in params:
+        return params, adapters  # (feature-major decode weights: a CPU layout, no fsdp)
+    mesh, rules = ctx
+    axes = param_axes(cfg)
+    if isinstance(params["layers"], (tuple, list)):  # the decode layout: one dict per layer
+        per_layer = jax.tree.map(lambda a: tuple(a[1:]), axes["layers"],
+                                 is_leaf=parallel._is_axes_leaf)
+        axes = dict(axes, layers=tuple(per_layer for _ in params["layers"]))
+
+    def drop(names: Any) -> Any:
+        names = (names,) if isinstance(names, str) else tuple(names or ())
+        return tuple(a for a in names if a != "fsdp") or None
+
+    rules = tuple((name, drop(names)) for name, names in rules)
+    params = jax.lax.with_sharding_constraint(
+        params, parallel.tree_shardings(axes, params, mesh, rules))
+    a = as_adapters(adapters)
+    if a is not None:
+        adapters = a.replace(tree=jax.tree.map(_replicated, a.tree))
+    return params, adapters
+
+
 def _rows(x: jax.Array) -> jax.Array:
     return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
@@ -338,6 +370,8 @@ def _sample_body(
     # one array per layer for the loop: no per-step weight slicing or whole-cache copies
     params, cache, adapters = decode_layout(params, cache, adapters, steps=T, laid_out=laid_out,
                                             layers=cfg.decode_layers)
+    if cfg.decode_gather_weights:
+        params, adapters = _gathered_over_fsdp(cfg, params, adapters)
     is_term_vocab = term_id_mask(cfg.vocab_size, spec.term_ids)
 
     def cond(c):

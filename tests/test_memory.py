@@ -439,6 +439,36 @@ def test_run_plan_takes_the_larger_phase_and_names_the_sampling_knobs(monkeypatc
                                    devices=devs, term_ids=(255,)).kept_bytes == 0
 
 
+def test_plan_of_weights_gathered_for_decoding_names_the_knob(monkeypatch):
+    """With ``model.decode_gather_weights`` on an fsdp=8 mesh the sampling phase holds the
+    gathered weights: its plan is larger than the per-step-gather plan's, shows no gather per
+    decode step, and a plan that does not fit names the knob to turn off."""
+    from gfn_jax.defaults import default_config
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
+    cfg = _sampler_cfg()
+    config = default_config()
+    config.lora.rank = 4
+    config.task.max_len = 8
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    config.train.prompts_per_batch, config.train.samples_per_prompt = 2, 4
+    config.eval.num_samples, config.eval.batch_size = 400, 500  # sampling the larger phase
+    devs = jax.devices()[:8]
+    each = memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,))
+    once = memory.plan_from_config(config, cfg.replace(decode_gather_weights=True), 16,
+                                   devices=devs, term_ids=(255,))
+    assert once.sampler.knobs["model.decode_gather_weights"] is True
+    assert each.sampler.comms.per_iteration_device_bytes.get("all-gather", 0) > 0
+    assert "all-gather" not in once.sampler.comms.per_iteration_device_bytes
+    assert once.sampler.temp_bytes > each.sampler.temp_bytes
+    assert once.sampling_bytes > once.step_bytes and "per decode step" in once.summary()
+    msg = str(_fit_error(once, once.step_bytes / 0.9 + 1))
+    assert msg.startswith("sampling needs") and "model.decode_gather_weights=False" in msg
+    assert "decode_gather_weights" not in str(_fit_error(each, each.total_bytes / 0.9 - 1))
+
+
 def _fit_error(plan, device_bytes):
     with pytest.raises(memory.DoesNotFitError) as err:
         memory.check_fits(plan, device_bytes)

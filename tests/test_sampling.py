@@ -481,6 +481,51 @@ def test_padded_rows_move_no_cache_between_devices():
     assert padded.temp_bytes <= 1.05 * even.temp_bytes
 
 
+def test_weights_gathered_once_leave_the_decode_loop_without_collectives(monkeypatch):
+    """``decode_gather_weights`` on an fsdp=8 mesh: the compiled sampler all-gathers the
+    fsdp-sharded weights once before the decode loop (7/8 of their bytes per device, ring
+    closed form) and sends nothing per decode step, where without it every decode step
+    gathers them again; the samples are the same up to float rounding, with LoRA adapters."""
+    from gfn_jax import memory, parallel
+    from gfn_jax.models import lora as lora_lib
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")  # a CPU-only layout, no fsdp
+    cfg = ModelConfig(family="llama", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, d_ff=64, max_seq_len=24)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=8, tensor=1))
+    lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=(r"layers/attn/(q|v)/kernel",))
+    plan = lambda c: memory.estimate_sampler_memory(  # noqa: E731
+        c, prompts=2, num_samples=8, prompt_len=6, traj_len=5, mesh=mesh, lora=lcfg)
+    per_step, once = plan(cfg), plan(cfg.replace(decode_gather_weights=True))
+    params = tr.init_params(cfg, jax.random.PRNGKey(7), std=0.5)
+    sharding = parallel.tree_shardings(tr.param_axes(cfg), params, mesh)
+    fsdp_bytes = sum(x.size * x.dtype.itemsize
+                     for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(sharding))
+                     if "fsdp" in str(sh.spec))
+    assert fsdp_bytes > 0
+    assert per_step.comms.per_iteration_device_bytes.get("all-gather", 0) >= 0.5 * fsdp_bytes * 7 / 8
+    # per decode step only the loop condition's "every row done?" (one byte per device)
+    assert "all-gather" not in once.comms.per_iteration_device_bytes
+    assert once.comms.per_iteration_bytes < 16
+    assert once.comms.device_bytes["all-gather"] >= fsdp_bytes * 7 / 8
+
+    adapters = lora_lib.init_lora(cfg, params, lcfg, jax.random.PRNGKey(3))
+    adapters["tree"] = jax.tree.map(lambda a: a + 0.05, adapters["tree"])  # B starts at 0
+    _, _, _, spec, pt, pm = _gpt2_case()
+    kw = dict(num_samples=8, temperature=1.1, pad_id=0, adapters=adapters)
+    placed = jax.device_put(params, sharding)
+    with tr.activation_sharding(mesh, parallel.DEFAULT_RULES):
+        a = sample(cfg, placed, jax.random.PRNGKey(8), pt, pm, spec, **kw)
+        b = sample(cfg.replace(decode_gather_weights=True), placed, jax.random.PRNGKey(8),
+                   pt, pm, spec, **kw)
+    same = (np.asarray(a.tokens) == np.asarray(b.tokens)).all(1)
+    assert same.mean() >= 0.9
+    np.testing.assert_allclose(np.asarray(a.log_pf)[same], np.asarray(b.log_pf)[same],
+                               atol=1e-4)
+
+
 def test_bad_sampler_inputs_raise():
     spec = CASES[0][1]
     with pytest.raises(ValueError, match="temperature"):

@@ -111,6 +111,12 @@ class ModelConfig:
     # the cache updated in place, and copies no weight (one layer's slice at a time), for
     # models whose second copy of the layer weights would not fit (DECODE_LAYERS).
     decode_layers: str = "unrolled"
+    # The sampler's decode loop on a mesh with fsdp > 1: False reads the fsdp-sharded weights
+    # as the train state holds them, so XLA all-gathers them on every decode step (inside
+    # the loop); True gathers them once before the loop (held whole over fsdp through it:
+    # the weights' bytes x (1 - 1/fsdp) more per device while sampling). No effect without
+    # fsdp. ``gfn-jax plan`` prints both the traffic per decode step and the memory.
+    decode_gather_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
