@@ -223,55 +223,73 @@ class CollectiveTraffic:
 def _constant_int(ins: Optional[_Instr],
                   named: Optional[Mapping[str, _Instr]] = None) -> Optional[int]:
     """The integer a scalar ``constant`` holds (through copies and bitcasts), else None."""
-    for _ in range(8):
-        if ins is None or named is None or ins.opcode not in ("copy", "bitcast"):
-            break
-        ins = named.get((_operands(ins.rest) or [""])[0])
+    if named is not None:
+        ins = _through_copies(ins, named)
     if ins is None or ins.opcode != "constant":
         return None
     m = re.fullmatch(r"\((-?\d+)\).*", ins.rest.strip())
     return int(m.group(1)) if m else None
 
 
-def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str,
-                cond: str) -> Tuple[Optional[int], Optional[int]]:
+def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, cond: str,
+                body: str) -> Tuple[Optional[int], Optional[int]]:
     """(trip count, bound) of a ``while``: its ``known_trip_count`` where XLA kept it; else
-    read from the loop: a condition that is only ``i < N`` on a counter starting at 0
-    (a scan or fori loop) runs N times; a condition ``i < N and ...`` (the sampler's
-    decode loop: stop when every row is done) runs at most N times: (None, N)."""
+    read from the loop (the TPU compiler drops the annotation): a condition that is only
+    ``i < N``, on a counter that starts at a constant s and that the body steps by a
+    constant d > 0, runs ceil((N - s) / d) times (a scan or fori loop; s = 1 after XLA peeled
+    the first trip out of the loop). A condition ``i < N and ...`` (the sampler's decode
+    loop: stop when every row is done) runs at most N times: (None, N)."""
     m = _TRIP.search(loop.rest)
     if m:
         return int(m.group(1)), int(m.group(1))
-    body = comps.get(cond, [])
-    if not body:
+    cond_ins = comps.get(cond, [])
+    if not cond_ins:
         return None, None
-    named = {i.name: i for i in body}
+    named = {i.name: i for i in cond_ins}
     bound, index = None, None
-    for ins in body:
+    for ins in cond_ins:
         if ins.opcode == "compare" and "direction=LT" in ins.rest:
             a, b = (_operands(ins.rest) + [None, None])[:2]
             n = _constant_int(named.get(b), named)
-            ga = named.get(a)
+            ga = _through_copies(named.get(a), named)
             if n is not None and ga is not None and ga.opcode == "get-tuple-element":
                 im = re.search(r"index=(\d+)", ga.rest)
                 bound, index = n, int(im.group(1)) if im else None
-    if bound is None:
-        return None, None
-    root = body[-1]
-    only_bound = root.opcode == "compare" or (
-        root.opcode in ("bitcast", "copy") and named.get(
-            (_operands(root.rest) or [""])[0], root).opcode == "compare")
-    # the counter's start value: the loop's operand tuple, element ``index``
-    start = None
+    if bound is None or index is None:
+        return None, bound
+    root = cond_ins[-1]
+    only_bound = _through_copies(root, named).opcode == "compare"
+    # the counter's start: element ``index`` of the loop's operand tuple
     outer = {i.name: i for i in comps.get(where, [])}
     tup = outer.get((_operands(loop.rest) or [""])[0])
-    if tup is not None and tup.opcode == "tuple" and index is not None:
+    start = None
+    if tup is not None and tup.opcode == "tuple":
         elems = _operands(tup.rest)
         if index < len(elems):
             start = _constant_int(outer.get(elems[index]), outer)
-    if only_bound and start == 0:
-        return bound, bound
+    # its step: element ``index`` of the body's result is counter + constant
+    step = None
+    body_ins = comps.get(body, [])
+    if body_ins and body_ins[-1].opcode == "tuple":
+        bnamed = {i.name: i for i in body_ins}
+        elems = _operands(body_ins[-1].rest)
+        nxt = _through_copies(bnamed.get(elems[index]), bnamed) if index < len(elems) else None
+        if nxt is not None and nxt.opcode == "add":
+            for o in _operands(nxt.rest):
+                c = _constant_int(bnamed.get(o), bnamed)
+                if c is not None:
+                    step = c
+    if only_bound and start is not None and step is not None and step > 0:
+        return max(0, -(-(bound - start) // step)), bound
     return None, bound
+
+
+def _through_copies(ins: Optional[_Instr], named: Mapping[str, _Instr]) -> Optional[_Instr]:
+    for _ in range(8):
+        if ins is None or ins.opcode not in ("copy", "bitcast"):
+            break
+        ins = named.get((_operands(ins.rest) or [""])[0])
+    return ins
 
 
 def _dcn_kind(rest: str) -> str:
@@ -341,7 +359,7 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
                 parts = [visit(body, stack + (name,))]
                 if cond in comps and cond not in stack:  # runs once per iteration too
                     parts.append(visit(cond, stack + (name,)))
-                trips, bound = _trip_count(ins, comps, name, cond)
+                trips, bound = _trip_count(ins, comps, name, cond, body)
                 for sub in parts:
                     if trips is not None:
                         for acc, part in zip((dev, dcn, cnt, it_dev, it_dcn), sub):

@@ -1,7 +1,7 @@
 """Jitted trajectory sampling from the constrained policy q(Z | X) with a behaviour policy.
 
 :func:`sample` prefills the (left-padded) prompts once, repeats the KV cache ``num_samples``
-times, splits weights and cache into one array per layer
+times (under a mesh, each device takes its own rows: :func:`_prompt_rows`), splits weights and cache into one array per layer
 (:func:`~gfn_jax.models.transformer.decode_layout`; not with ``ModelConfig.decode_layers
 = "scanned"``, which keeps them stacked and copies no weight) and decodes with ``lax.while_loop`` over
 :func:`gfn_jax.models.transformer.decode_step` (static shapes, early exit once every row has

@@ -94,6 +94,63 @@ def test_device_groups_in_each_printed_form(attrs, n):
     assert comms._group_size(attrs, 8) == n
 
 
+PEELED = """HloModule peeled
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%cond (p: (s32[], f32[256])) -> pred[] {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %n = s32[]{:T(128)} constant(28)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (q: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %q = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  %x = f32[256]{0} get-tuple-element(%q), index=1
+  %r = f32[256]{0} all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %one = s32[] constant(1)
+  %c = s32[] copy(%i)
+  %j = s32[] add(%c, %one)
+  ROOT %t = (s32[], f32[256]{0}) tuple(%j, %r)
+}
+
+ENTRY %main (x: f32[256]) -> f32[256] {
+  %x = f32[256]{0} parameter(0)
+  %r0 = f32[256]{0} all-reduce(%x), channel_id=2, replica_groups=[2,4]<=[8], to_apply=%add
+  %k = s32[] constant(START)
+  %k1 = s32[] copy(%k)
+  %init = (s32[], f32[256]{0}) tuple(%k1, %r0)
+  %w = (s32[], f32[256]{0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[256]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("start, trips", [(0, 28), (1, 27), (30, 0)])
+def test_trip_count_read_from_a_loop_without_the_annotation(start, trips):
+    """The TPU compiler drops ``known_trip_count`` and may peel a loop's first trip out of
+    it (the counter then starts at 1): the trips are read from the counter's start, the
+    condition's bound and the body's step. Each all-reduce of 1 KiB over groups of 4 sends
+    2 x 1024 x 3/4 bytes; the peeled one outside the loop counts once."""
+    t = comms.traffic_of_hlo(PEELED.replace("START", str(start)), 8)
+    assert t.device_bytes == {"all-reduce": 1536.0 * (1 + trips)}
+    assert t.counts == {"all-reduce": 1 + trips} and t.per_iteration_bytes == 0
+    # a condition with more than the bound (the sampler's "and not every row done"): the
+    # loop's traffic is per iteration, up to the bound
+    t = comms.traffic_of_hlo(PEELED.replace("START", str(start)).replace(
+        "ROOT %lt = pred[] compare(%i, %n), direction=LT",
+        "%lt = pred[] compare(%i, %n), direction=LT\n  %f = pred[] constant(true)\n"
+        "  ROOT %and = pred[] and(%lt, %f)"), 8)
+    assert t.device_bytes == {"all-reduce": 1536.0}
+    assert t.per_iteration_device_bytes == {"all-reduce": 1536.0} and t.max_iterations == 28
+
+
 def test_hlo_without_entry_is_an_error():
     with pytest.raises(ValueError, match="no ENTRY"):
         comms.traffic_of_hlo("HloModule m\n", 2)
