@@ -19,8 +19,9 @@ its own), so a listed pair is a place to look, not a proven deadlock.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
+
+from gfn_jax.hlo import parse_module
 
 __all__ = ["CollectivePair", "unordered_collectives", "format_pairs"]
 
@@ -29,13 +30,6 @@ _COLLECTIVES = (
     "all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
     "collective-permute", "collective-broadcast", "send", "recv",
 )
-_CALL_ATTRS = re.compile(
-    r"\b(?:to_apply|body|condition|calls|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_NAME = re.compile(r"%?([\w.\-]+)")
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,61 +54,9 @@ class CollectivePair:
         return not (_is_collective(self.first_op) and _is_collective(self.second_op))
 
 
-@dataclasses.dataclass
-class _Instr:
-    name: str
-    opcode: str
-    operands: List[str]
-    calls: List[str]
-    source: str
-
-
 def _is_collective(opcode: str) -> bool:
     op = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
     return op in _COLLECTIVES
-
-
-def _skip_type(rest: str) -> str:
-    """``rest`` after ``name =``: drop the result type (a tuple type has nested parens)."""
-    rest = rest.lstrip()
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rest[i + 1:].lstrip()
-        return ""
-    parts = rest.split(None, 1)
-    return parts[1] if len(parts) > 1 else ""
-
-
-def _parse_instr(line: str) -> Optional[_Instr]:
-    m = _INSTR.match(line)
-    if not m:
-        return None
-    name, rest = m.group(1), _skip_type(m.group(2))
-    om = re.match(r"([\w\-]+)\(", rest)
-    if not om:
-        return None
-    opcode = om.group(1)
-    depth, i = 0, om.end() - 1
-    for i in range(om.end() - 1, len(rest)):
-        depth += rest[i] == "("
-        depth -= rest[i] == ")"
-        if depth == 0:
-            break
-    args, attrs = rest[om.end():i], rest[i + 1:]
-    operands = re.findall(r"%([\w.\-]+)", args)
-    if not operands and args.strip():
-        # HLO printed without '%' sigils: operands are the bare tokens after their types
-        operands = [tok.split()[-1] for tok in args.split(",") if tok.strip()
-                    and re.match(r"^[\w.\-]+$", tok.split()[-1])]
-    calls = _CALL_ATTRS.findall(attrs)
-    for group in _BRANCHES.findall(attrs):
-        calls += _NAME.findall(group)
-    src = _OP_NAME.search(attrs)
-    return _Instr(name, opcode, operands, calls, src.group(1) if src else "")
 
 
 def _topological(preds: List[List[int]]) -> List[int]:
@@ -140,26 +82,6 @@ def _topological(preds: List[List[int]]) -> List[int]:
     return order
 
 
-def _parse(hlo_text: str) -> Dict[str, List[_Instr]]:
-    """Each computation's instructions, by computation name."""
-    comps: Dict[str, List[_Instr]] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            h = _HEADER.match(line)
-            if h and not line.startswith("HloModule"):
-                current = h.group(1)
-                comps[current] = []
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        ins = _parse_instr(line)
-        if ins is not None:
-            comps[current].append(ins)
-    return comps
-
-
 def unordered_collectives(program: Any, *, include_bare: bool = False) -> List[CollectivePair]:
     """Every pair of communicating operations the program leaves unordered.
 
@@ -177,7 +99,7 @@ def unordered_collectives(program: Any, *, include_bare: bool = False) -> List[C
       computation is ordered by data dependencies.
     """
     text = program if isinstance(program, str) else program.as_text()
-    comps = _parse(text)
+    comps, _ = parse_module(text)
 
     memo: Dict[str, bool] = {}
 
@@ -187,7 +109,7 @@ def unordered_collectives(program: Any, *, include_bare: bool = False) -> List[C
         if comp in stack or comp not in comps:
             return False
         out = any(_is_collective(i.opcode) or any(communicates(c, stack + (comp,))
-                                                  for c in i.calls)
+                                                  for _, c in i.calls)
                   for i in comps[comp])
         memo[comp] = out
         return out
@@ -196,7 +118,7 @@ def unordered_collectives(program: Any, *, include_bare: bool = False) -> List[C
     for comp, instrs in comps.items():
         index = {ins.name: k for k, ins in enumerate(instrs)}
         units = [k for k, ins in enumerate(instrs)
-                 if _is_collective(ins.opcode) or any(communicates(c) for c in ins.calls)]
+                 if _is_collective(ins.opcode) or any(communicates(c) for _, c in ins.calls)]
         if len(units) < 2:
             continue
         # ancestors as bitsets, visiting instructions in a topological order

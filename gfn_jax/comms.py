@@ -17,12 +17,15 @@ wire (what one device sends):
 * all-to-all of S bytes: S (n - 1) / n; collective-permute: S;
 * DCN: the bytes of each megascale ``send`` (what one device hands the network).
 
-Ops in a ``while`` body count once per iteration: times its known trip count (scans, the
-layers of a scanned model, gradient accumulation), or, where XLA knows no trip count (the
-sampler's decode loop, which stops when every row is done), apart, as traffic per
-iteration. A ``conditional`` counts its heaviest branch. These are the compiler's own figures
-for one call; how long they take depends on the links (and on overlap with compute), which
-this does not model.
+Ops in a ``while`` body (and its condition) count once per iteration: times its trip
+count -- XLA's ``known_trip_count``, or, where the TPU compiler dropped it, read from the
+loop (a counter from a constant start, stepped by a constant, below a constant bound: scans,
+the layers of a scanned model, gradient accumulation, loops XLA peeled a trip from) -- or,
+where neither is known (the sampler's decode loop, which stops when every row is done),
+apart, as traffic per iteration (with the loop's bound where it is read). A
+``conditional`` counts its heaviest branch. These are the compiler's own figures for one
+call; how long they take depends on the links (and on overlap with compute), which this
+does not model.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import dataclasses
 import math
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from gfn_jax.hlo import Instruction, parse_module, shape_bytes
 
 __all__ = ["CollectiveTraffic", "collective_traffic", "traffic_of_hlo"]
 
@@ -46,60 +51,7 @@ _KINDS = {
     "collective-broadcast": "collective-permute",
 }
 
-_DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
-    "s2": 0.25, "u2": 0.25, "token": 0, "tuple": 0,
-}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_HEADER = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
-                     r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
-
-
-def _shape_bytes(text: str) -> float:
-    """Bytes of every array shape in ``text`` (a result type; a tuple sums its elements)."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(text):
-        size = _DTYPE_BYTES.get(dtype)
-        if size is None:
-            if dtype.startswith("f8") or dtype.startswith("f4") or dtype.startswith("f6"):
-                size = 1 if dtype.startswith("f8") else 0.5
-            else:
-                continue
-        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += size * n
-    return total
-
-
-def _split_type(rest: str) -> Tuple[str, str]:
-    """(result type, the text after it) of an instruction's right-hand side."""
-    rest = rest.lstrip()
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rest[:i + 1], rest[i + 1:].lstrip()
-    m = re.match(r"\S+", rest)
-    if not m:
-        return "", rest
-    return m.group(0), rest[m.end():].lstrip()
-
-
-def _operands(after_opcode: str) -> List[str]:
-    """The operand names of ``opcode(%a, %b), attrs``."""
-    depth, out = 0, []
-    for i, ch in enumerate(after_opcode):
-        depth += ch == "("
-        depth -= ch == ")"
-        if depth == 0:
-            out = re.findall(r"%([\w.\-]+)", after_opcode[:i])
-            break
-    return out
 
 
 def _group_size(attrs: str, num_devices: int) -> Optional[int]:
@@ -123,47 +75,13 @@ def _group_size(attrs: str, num_devices: int) -> Optional[int]:
     return None
 
 
-@dataclasses.dataclass
-class _Instr:
-    name: str
-    type_: str
-    opcode: str
-    rest: str
-
-
-def _parse(text: str) -> Tuple[Dict[str, List[_Instr]], Optional[str]]:
-    comps: Dict[str, List[_Instr]] = {}
-    entry, current = None, None
-    for line in text.splitlines():
-        if current is None:
-            h = _HEADER.match(line)
-            if h and not line.lstrip().startswith("HloModule"):
-                current = h.group(2)
-                comps[current] = []
-                if h.group(1):
-                    entry = current
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        type_, after = _split_type(m.group(2))
-        om = re.match(r"([\w\-]+)\((.*)$", after)
-        if not om:
-            continue
-        comps[current].append(_Instr(m.group(1), type_, om.group(1), "(" + om.group(2)))
-    return comps, entry
-
-
 @dataclasses.dataclass(frozen=True)
 class CollectiveTraffic:
     """Bytes one device sends in one call of a compiled program, by collective kind.
 
     ``device_bytes``: between the devices of a slice (or of a host / GPU node), ring model;
     ``dcn_bytes``: to other TPU slices over the data-center network; ``counts``: ops
-    executed (a loop's ops times its trip count). ``per_iteration_*``: ops inside loops
+    executed (a loop's ops times its trip count; DCN transfers as ``"dcn <kind>"``). ``per_iteration_*``: ops inside loops
     whose trip count XLA does not know (the sampler's decode loop), counted once, i.e. per
     iteration. ``ungrouped``: all-reduce / all-to-all ops whose device groups could not be
     read, counted as if over infinitely many devices (an upper bound)."""
@@ -220,18 +138,18 @@ class CollectiveTraffic:
         return s
 
 
-def _constant_int(ins: Optional[_Instr],
-                  named: Optional[Mapping[str, _Instr]] = None) -> Optional[int]:
+def _constant_int(ins: Optional[Instruction],
+                  named: Optional[Mapping[str, Instruction]] = None) -> Optional[int]:
     """The integer a scalar ``constant`` holds (through copies and bitcasts), else None."""
     if named is not None:
         ins = _through_copies(ins, named)
     if ins is None or ins.opcode != "constant":
         return None
-    m = re.fullmatch(r"\((-?\d+)\).*", ins.rest.strip())
+    m = re.fullmatch(r"\s*(-?\d+)\s*", ins.args)
     return int(m.group(1)) if m else None
 
 
-def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, cond: str,
+def _trip_count(loop: Instruction, comps: Mapping[str, List[Instruction]], where: str, cond: str,
                 body: str) -> Tuple[Optional[int], Optional[int]]:
     """(trip count, bound) of a ``while``: its ``known_trip_count`` where XLA kept it; else
     read from the loop (the TPU compiler drops the annotation): a condition that is only
@@ -239,7 +157,7 @@ def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, con
     constant d > 0, runs ceil((N - s) / d) times (a scan or fori loop; s = 1 after XLA peeled
     the first trip out of the loop). A condition ``i < N and ...`` (the sampler's decode
     loop: stop when every row is done) runs at most N times: (None, N)."""
-    m = _TRIP.search(loop.rest)
+    m = _TRIP.search(loop.attrs)
     if m:
         return int(m.group(1)), int(m.group(1))
     cond_ins = comps.get(cond, [])
@@ -248,12 +166,12 @@ def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, con
     named = {i.name: i for i in cond_ins}
     bound, index = None, None
     for ins in cond_ins:
-        if ins.opcode == "compare" and "direction=LT" in ins.rest:
-            a, b = (_operands(ins.rest) + [None, None])[:2]
+        if ins.opcode == "compare" and "direction=LT" in ins.attrs:
+            a, b = (list(ins.operands) + [None, None])[:2]
             n = _constant_int(named.get(b), named)
             ga = _through_copies(named.get(a), named)
             if n is not None and ga is not None and ga.opcode == "get-tuple-element":
-                im = re.search(r"index=(\d+)", ga.rest)
+                im = re.search(r"index=(\d+)", ga.attrs)
                 bound, index = n, int(im.group(1)) if im else None
     if bound is None or index is None:
         return None, bound
@@ -261,10 +179,10 @@ def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, con
     only_bound = _through_copies(root, named).opcode == "compare"
     # the counter's start: element ``index`` of the loop's operand tuple
     outer = {i.name: i for i in comps.get(where, [])}
-    tup = outer.get((_operands(loop.rest) or [""])[0])
+    tup = outer.get((loop.operands or ("",))[0])
     start = None
     if tup is not None and tup.opcode == "tuple":
-        elems = _operands(tup.rest)
+        elems = tup.operands
         if index < len(elems):
             start = _constant_int(outer.get(elems[index]), outer)
     # its step: element ``index`` of the body's result is counter + constant
@@ -272,10 +190,10 @@ def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, con
     body_ins = comps.get(body, [])
     if body_ins and body_ins[-1].opcode == "tuple":
         bnamed = {i.name: i for i in body_ins}
-        elems = _operands(body_ins[-1].rest)
+        elems = body_ins[-1].operands
         nxt = _through_copies(bnamed.get(elems[index]), bnamed) if index < len(elems) else None
         if nxt is not None and nxt.opcode == "add":
-            for o in _operands(nxt.rest):
+            for o in nxt.operands:
                 c = _constant_int(bnamed.get(o), bnamed)
                 if c is not None:
                     step = c
@@ -284,12 +202,31 @@ def _trip_count(loop: _Instr, comps: Mapping[str, List[_Instr]], where: str, con
     return None, bound
 
 
-def _through_copies(ins: Optional[_Instr], named: Mapping[str, _Instr]) -> Optional[_Instr]:
+def _through_copies(ins: Optional[Instruction], named: Mapping[str, Instruction]) -> Optional[Instruction]:
     for _ in range(8):
         if ins is None or ins.opcode not in ("copy", "bitcast"):
             break
-        ins = named.get((_operands(ins.rest) or [""])[0])
+        ins = named.get((ins.operands or ("",))[0])
     return ins
+
+
+def _split_tuple(type_text: str) -> List[str]:
+    """The element types of a tuple type ``(a, b, ...)`` (one element for an array)."""
+    t = type_text.strip()
+    if not t.startswith("("):
+        return [t]
+    out, depth, cur = [], 0, ""
+    for ch in t[1:-1]:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur.strip()] if cur.strip() else out
 
 
 def _dcn_kind(rest: str) -> str:
@@ -300,7 +237,7 @@ def _dcn_kind(rest: str) -> str:
 def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
     """:class:`CollectiveTraffic` of an optimized HLO module's text (``compiled.as_text()``)
     partitioned over ``num_devices`` devices."""
-    comps, entry = _parse(text)
+    comps, entry = parse_module(text)
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
     Counter = collections.Counter
@@ -313,14 +250,13 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
         if name in memo:
             return memo[name]
         dev, dcn, cnt, it_dev, it_dcn = Counter(), Counter(), Counter(), Counter(), Counter()
-        types = {i.name: i.type_ for i in comps.get(name, [])}
+        types = {i.name: i.type for i in comps.get(name, [])}
         for ins in comps.get(name, []):
             kind = _KINDS.get(ins.opcode)
             if kind is not None:
-                ops = _operands(ins.rest)
-                in_bytes = sum(_shape_bytes(types.get(o, "")) for o in ops)
-                out_bytes = _shape_bytes(ins.type_)
-                if ins.opcode.endswith("-start") and ins.type_.startswith("("):
+                in_bytes = sum(shape_bytes(types.get(o, "")) for o in ins.operands)
+                out_bytes = shape_bytes(ins.type)
+                if ins.opcode.endswith("-start") and ins.type.startswith("("):
                     out_bytes = max(out_bytes - in_bytes, 0.0)  # (operands, outputs, ...)
                 if kind == "all-gather":
                     sent = max(out_bytes - in_bytes, 0.0)
@@ -329,7 +265,7 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
                 elif kind == "collective-permute":
                     sent = in_bytes
                 else:
-                    n = _group_size(ins.rest, num_devices)
+                    n = _group_size(ins.attrs, num_devices)
                     if n is None:
                         ungrouped[0] += 1
                         frac = 1.0
@@ -339,21 +275,21 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
                 if sent:
                     dev[kind] += sent
                 cnt[kind] += 1
-            elif ins.opcode == "send" and "xla_megascale_runtime" in ins.rest:
-                kind = _dcn_kind(ins.rest)
-                first = _ARRAY.search(ins.type_)
-                dcn[kind] += _shape_bytes(first.group(0)) if first else 0.0
+            elif ins.opcode == "send" and "xla_megascale_runtime" in ins.attrs:
+                kind = _dcn_kind(ins.attrs)
+                # the payload: the first element of the (data, context, token) result
+                dcn[kind] += shape_bytes(_split_tuple(ins.type)[0])
                 cnt["dcn " + kind] += 1
             # computations this instruction runs (an async op's once, at its start)
             if ins.opcode.endswith("-done") or ins.opcode == "async-update":
                 continue
-            called = _CALLED.findall(ins.rest)
+            called = ins.calls
             if not called:
                 continue
             if ins.opcode == "while":
                 attrs = dict(called)
-                body = attrs.get("body", "").lstrip("%")
-                cond = attrs.get("condition", "").lstrip("%")
+                body = attrs.get("body", "")
+                cond = attrs.get("condition", "")
                 if not body or body in stack:
                     continue
                 parts = [visit(body, stack + (name,))]
@@ -372,11 +308,7 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
                 if trips is None:
                     bounds.append(bound)
                 continue
-            names: List[str] = []
-            for attr, val in called:
-                if attr == "condition":
-                    continue
-                names += [v.lstrip("%") for v in re.findall(r"%?[\w.\-]+", val.strip("{}"))]
+            names = [c for attr, c in called if attr != "condition"]
             subs = [visit(c, stack + (name,)) for c in names if c in comps and c not in stack]
             if not subs:
                 continue
