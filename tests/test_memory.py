@@ -382,19 +382,24 @@ def test_sampler_estimate_counts_the_kv_cache_and_the_decode_layout_copy(monkeyp
     assert with_lora.argument_bytes - scanned.argument_bytes >= adapters
 
 
+def _sampler_run_config():
+    """A run config for the plans of _sampler_cfg's model: LoRA r=4, 8 tokens, 2 x 4 rows."""
+    from gfn_jax.defaults import default_config
+
+    config = default_config()
+    config.lora.rank = 4
+    config.task.max_len = 8
+    config.train.prompts_per_batch, config.train.samples_per_prompt = 2, 4
+    return config
+
+
 def test_run_plan_takes_the_larger_phase_and_names_the_sampling_knobs(monkeypatch):
     """plan_from_config plans the sampler for the larger of the training and evaluation
     draws; the run's peak is the larger of the step and sampling phases; a plan whose
     sampling phase does not fit names the sampler's knobs, the largest saving first, and one
     whose step does not fit names the step's."""
-    from gfn_jax.defaults import default_config
-
     monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
-    cfg = _sampler_cfg()
-    config = default_config()
-    config.lora.rank = 4
-    config.task.max_len = 8
-    config.train.prompts_per_batch, config.train.samples_per_prompt = 2, 4
+    cfg, config = _sampler_cfg(), _sampler_run_config()
     config.eval.num_samples, config.eval.batch_size = 0, 500
     devs = jax.devices()[:1]
     plan = memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,))
@@ -443,17 +448,11 @@ def test_plan_of_weights_gathered_for_decoding_names_the_knob(monkeypatch):
     """With ``model.decode_gather_weights`` on an fsdp=8 mesh the sampling phase holds the
     gathered weights: its plan is larger than the per-step-gather plan's, shows no gather per
     decode step, and a plan that does not fit names the knob to turn off."""
-    from gfn_jax.defaults import default_config
-
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (virtual) devices")
     monkeypatch.setenv("GFN_JAX_DECODE_FEATURE_MAJOR", "0")
-    cfg = _sampler_cfg()
-    config = default_config()
-    config.lora.rank = 4
-    config.task.max_len = 8
+    cfg, config = _sampler_cfg(), _sampler_run_config()
     config.mesh.data, config.mesh.fsdp = 1, 8
-    config.train.prompts_per_batch, config.train.samples_per_prompt = 2, 4
     config.eval.num_samples, config.eval.batch_size = 400, 500  # sampling the larger phase
     devs = jax.devices()[:8]
     each = memory.plan_from_config(config, cfg, 16, devices=devs, term_ids=(255,))
