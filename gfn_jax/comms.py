@@ -36,7 +36,7 @@ import math
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from gfn_jax.hlo import Instruction, parse_module, shape_bytes
+from gfn_jax.hlo import Instruction, array_types, parse_module, shape_bytes
 
 __all__ = ["CollectiveTraffic", "collective_traffic", "traffic_of_hlo"]
 
@@ -81,9 +81,9 @@ class CollectiveTraffic:
 
     ``device_bytes``: between the devices of a slice (or of a host / GPU node), ring model;
     ``dcn_bytes``: to other TPU slices over the data-center network; ``counts``: ops
-    executed (a loop's ops times its trip count; DCN transfers as ``"dcn <kind>"``). ``per_iteration_*``: ops inside loops
-    whose trip count XLA does not know (the sampler's decode loop), counted once, i.e. per
-    iteration. ``ungrouped``: all-reduce / all-to-all ops whose device groups could not be
+    executed (a loop's ops times its trip count; DCN transfers as ``"dcn <kind>"``).
+    ``per_iteration_*``: ops inside loops whose trip count XLA does not know (the sampler's
+    decode loop), counted once, i.e. per iteration. ``ungrouped``: all-reduce / all-to-all ops whose device groups could not be
     read, counted as if over infinitely many devices (an upper bound)."""
 
     device_bytes: Mapping[str, float]
@@ -139,31 +139,32 @@ class CollectiveTraffic:
 
 
 def _constant_int(ins: Optional[Instruction],
-                  named: Optional[Mapping[str, Instruction]] = None) -> Optional[int]:
+                  named: Mapping[str, Instruction]) -> Optional[int]:
     """The integer a scalar ``constant`` holds (through copies and bitcasts), else None."""
-    if named is not None:
-        ins = _through_copies(ins, named)
+    ins = _through_copies(ins, named)
     if ins is None or ins.opcode != "constant":
         return None
     m = re.fullmatch(r"\s*(-?\d+)\s*", ins.args)
     return int(m.group(1)) if m else None
 
 
-def _trip_count(loop: Instruction, comps: Mapping[str, List[Instruction]], where: str, cond: str,
+def _trip_count(loop: Instruction, comps: Mapping[str, List[Instruction]],
+                named_in: Mapping[str, Mapping[str, Instruction]], where: str, cond: str,
                 body: str) -> Tuple[Optional[int], Optional[int]]:
     """(trip count, bound) of a ``while``: its ``known_trip_count`` where XLA kept it; else
     read from the loop (the TPU compiler drops the annotation): a condition that is only
     ``i < N``, on a counter that starts at a constant s and that the body steps by a
     constant d > 0, runs ceil((N - s) / d) times (a scan or fori loop; s = 1 after XLA peeled
     the first trip out of the loop). A condition ``i < N and ...`` (the sampler's decode
-    loop: stop when every row is done) runs at most N times: (None, N)."""
+    loop: stop when every row is done) runs at most N times: (None, N). ``named_in``: each
+    computation's instructions by name."""
     m = _TRIP.search(loop.attrs)
     if m:
         return int(m.group(1)), int(m.group(1))
     cond_ins = comps.get(cond, [])
     if not cond_ins:
         return None, None
-    named = {i.name: i for i in cond_ins}
+    named = named_in[cond]
     bound, index = None, None
     for ins in cond_ins:
         if ins.opcode == "compare" and "direction=LT" in ins.attrs:
@@ -178,7 +179,7 @@ def _trip_count(loop: Instruction, comps: Mapping[str, List[Instruction]], where
     root = cond_ins[-1]
     only_bound = _through_copies(root, named).opcode == "compare"
     # the counter's start: element ``index`` of the loop's operand tuple
-    outer = {i.name: i for i in comps.get(where, [])}
+    outer = named_in[where]
     tup = outer.get((loop.operands or ("",))[0])
     start = None
     if tup is not None and tup.opcode == "tuple":
@@ -189,7 +190,7 @@ def _trip_count(loop: Instruction, comps: Mapping[str, List[Instruction]], where
     step = None
     body_ins = comps.get(body, [])
     if body_ins and body_ins[-1].opcode == "tuple":
-        bnamed = {i.name: i for i in body_ins}
+        bnamed = named_in[body]
         elems = body_ins[-1].operands
         nxt = _through_copies(bnamed.get(elems[index]), bnamed) if index < len(elems) else None
         if nxt is not None and nxt.opcode == "add":
@@ -202,31 +203,14 @@ def _trip_count(loop: Instruction, comps: Mapping[str, List[Instruction]], where
     return None, bound
 
 
-def _through_copies(ins: Optional[Instruction], named: Mapping[str, Instruction]) -> Optional[Instruction]:
+def _through_copies(ins: Optional[Instruction],
+                    named: Mapping[str, Instruction]) -> Optional[Instruction]:
+    """``ins``, or what it copies or bitcasts (a few levels deep)."""
     for _ in range(8):
         if ins is None or ins.opcode not in ("copy", "bitcast"):
             break
         ins = named.get((ins.operands or ("",))[0])
     return ins
-
-
-def _split_tuple(type_text: str) -> List[str]:
-    """The element types of a tuple type ``(a, b, ...)`` (one element for an array)."""
-    t = type_text.strip()
-    if not t.startswith("("):
-        return [t]
-    out, depth, cur = [], 0, ""
-    for ch in t[1:-1]:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return out + [cur.strip()] if cur.strip() else out
 
 
 def _dcn_kind(rest: str) -> str:
@@ -240,6 +224,7 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
     comps, entry = parse_module(text)
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
+    named_in = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
     Counter = collections.Counter
     memo: Dict[str, Tuple[Any, ...]] = {}
     ungrouped = [0]
@@ -250,11 +235,11 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
         if name in memo:
             return memo[name]
         dev, dcn, cnt, it_dev, it_dcn = Counter(), Counter(), Counter(), Counter(), Counter()
-        types = {i.name: i.type for i in comps.get(name, [])}
+        named = named_in.get(name, {})
         for ins in comps.get(name, []):
             kind = _KINDS.get(ins.opcode)
             if kind is not None:
-                in_bytes = sum(shape_bytes(types.get(o, "")) for o in ins.operands)
+                in_bytes = sum(shape_bytes(named[o].type) for o in ins.operands if o in named)
                 out_bytes = shape_bytes(ins.type)
                 if ins.opcode.endswith("-start") and ins.type.startswith("("):
                     out_bytes = max(out_bytes - in_bytes, 0.0)  # (operands, outputs, ...)
@@ -277,8 +262,8 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
                 cnt[kind] += 1
             elif ins.opcode == "send" and "xla_megascale_runtime" in ins.attrs:
                 kind = _dcn_kind(ins.attrs)
-                # the payload: the first element of the (data, context, token) result
-                dcn[kind] += shape_bytes(_split_tuple(ins.type)[0])
+                # the payload: the first array of the (data, context, token) result
+                dcn[kind] += shape_bytes((array_types(ins.type) or [""])[0])
                 cnt["dcn " + kind] += 1
             # computations this instruction runs (an async op's once, at its start)
             if ins.opcode.endswith("-done") or ins.opcode == "async-update":
@@ -295,7 +280,7 @@ def traffic_of_hlo(text: str, num_devices: int) -> CollectiveTraffic:
                 parts = [visit(body, stack + (name,))]
                 if cond in comps and cond not in stack:  # runs once per iteration too
                     parts.append(visit(cond, stack + (name,)))
-                trips, bound = _trip_count(ins, comps, name, cond, body)
+                trips, bound = _trip_count(ins, comps, named_in, name, cond, body)
                 for sub in parts:
                     if trips is not None:
                         for acc, part in zip((dev, dcn, cnt, it_dev, it_dcn), sub):

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["Instruction", "parse_module", "parse_instruction", "shape_bytes"]
+__all__ = ["Instruction", "parse_module", "parse_instruction", "array_types", "shape_bytes"]
 
 _HEADER = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -113,6 +113,12 @@ def parse_module(text: str) -> Tuple[Dict[str, List[Instruction]], Optional[str]
         if ins is not None:
             comps[current].append(ins)
     return comps, entry
+
+
+def array_types(type_text: str) -> List[str]:
+    """The array types in a result type, in order (``(f32[8], u32[], token[])`` ->
+    ``["f32[8]", "u32[]", "token[]"]``)."""
+    return [m.group(0) for m in _ARRAY.finditer(type_text)]
 
 
 def shape_bytes(type_text: str) -> float:
