@@ -176,6 +176,12 @@ _LOCAL_WORKER_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localho
                      "TPU_WORKER_ID": "0"}
 
 
+def _local_libtpu_env(accelerator_type: str) -> Dict[str, str]:
+    """One local worker of ``accelerator_type``, no metadata query, no lock file."""
+    return dict(_LOCAL_WORKER_ENV, TPU_ACCELERATOR_TYPE=accelerator_type,
+                ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+
+
 @contextlib.contextmanager
 def _compile_only_env(accelerator_type: str) -> Iterator[None]:
     """The environment libtpu starts in, set where unset while compile-only devices are
@@ -184,8 +190,7 @@ def _compile_only_env(accelerator_type: str) -> Iterator[None]:
     /tmp/libtpu_lockfile for the chips it drives; compile-only devices drive none, so two
     plans at once, e.g. two test workers, must not refuse each other). The topology built
     is the one named."""
-    values = dict(_LOCAL_WORKER_ENV, TPU_ACCELERATOR_TYPE=accelerator_type,
-                  ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    values = _local_libtpu_env(accelerator_type)
     unset = [k for k in values if k not in os.environ]
     os.environ.update({k: values[k] for k in unset})
     try:
@@ -213,8 +218,7 @@ def quiet_tpu_probe() -> bool:
         return False
     if any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES):
         return False  # a TPU host: its own environment applies
-    for k, v in dict(_LOCAL_WORKER_ENV, TPU_ACCELERATOR_TYPE="v5p-8",
-                     ALLOW_MULTIPLE_LIBTPU_LOAD="1").items():
+    for k, v in _local_libtpu_env("v5p-8").items():
         os.environ.setdefault(k, v)
     return True
 
